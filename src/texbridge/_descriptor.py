@@ -1,0 +1,232 @@
+"""Handles and the API-neutral resource descriptor.
+
+A descriptor tells an importer everything it needs to map the memory in its own API, the way D3DKMT's shared
+resource description does: the geometry and format, the memory handle type, the exporting device's identity, and two
+opaque blobs (runtime private data: a D3D11_TEXTURE2D_DESC; driver private data: backend import details). It is
+plain data: validation happens here, once, both when a client builds one and when the broker receives one.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+import struct
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ._errors import InvalidDescriptor
+from ._formats import get_format
+
+MAX_DIMENSION = 65536
+MAX_MIP_LEVELS = 17
+MAX_ARRAY_SIZE = 2048
+MAX_BYTES = 1 << 40  # 1 TiB: far above any real allocation, far below integer trouble in any consumer
+MAX_BLOB = 4096
+MAX_PLANES = 4
+MAX_FDS = 4
+
+KINDS = ("texture2d", "buffer", "keyed_mutex")
+MEMORY_TYPES = ("memfd", "opaque_fd", "dma_buf", "cuda_vmm")
+KEYED_MUTEX_STATE_SIZE = 4096
+
+
+class Usage(enum.IntFlag):
+    """What the memory may be used for; backends translate these into their own usage bits."""
+
+    SHADER_READ = 1
+    RENDER_TARGET = 2
+    TRANSFER_SRC = 4
+    TRANSFER_DST = 8
+    STORAGE = 16
+    CPU_READ = 32
+    CPU_WRITE = 64
+    DEFAULT = SHADER_READ | RENDER_TARGET | TRANSFER_SRC | TRANSFER_DST | CPU_READ | CPU_WRITE
+
+
+_HANDLE_RE = re.compile(r"^tb:([0-9a-f]{16})$")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Handle:
+    """An unguessable 64-bit resource id. Printable form: ``tb:`` + 16 lowercase hex digits."""
+
+    value: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, int) or not 0 < self.value < 1 << 64:
+            raise ValueError(f"a handle is a non-zero 64-bit integer, not {self.value!r}")
+
+    @classmethod
+    def new(cls) -> "Handle":
+        return cls(secrets.randbits(64) or 1)
+
+    @classmethod
+    def parse(cls, text: "str | Handle | int") -> "Handle":
+        """Accept a Handle, its int value, or its printable form; anything else is ValueError."""
+        if isinstance(text, Handle):
+            return text
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls(text)
+        m = _HANDLE_RE.match(text.strip().lower()) if isinstance(text, str) else None
+        if not m:
+            raise ValueError(f"not a texbridge handle: {text!r} (expected 'tb:' + 16 hex digits)")
+        return cls(int(m.group(1), 16))
+
+    @staticmethod
+    def looks_like(text: str) -> bool:
+        return bool(_HANDLE_RE.match(text.strip().lower()))
+
+    def __str__(self) -> str:
+        return f"tb:{self.value:016x}"
+
+    def __repr__(self) -> str:
+        return f"Handle('{self}')"
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """What a resource is. Immutable; `validate()` is called by every constructor path that takes outside data."""
+
+    kind: str
+    size: int  # bytes of the memory object (fd 0)
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    mip_levels: int = 1
+    array_size: int = 1
+    planes: tuple[tuple[int, int], ...] = ()  # (offset, row_pitch) per plane; CPU-visible layouts only
+    memory: str = "memfd"
+    backend: str = "memfd"  # the API that created it
+    driver_uuid: bytes = b""
+    device_uuid: bytes = b""
+    usage: int = int(Usage.DEFAULT)
+    keyed_mutex: bool = False  # when true, fd 1 is the keyed-mutex state memfd
+    runtime_private: bytes = b""
+    driver_private: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nfds(self) -> int:
+        """How many fds travel with this descriptor: the memory, then the keyed mutex state if any."""
+        return 1 + int(self.keyed_mutex and self.kind != "keyed_mutex")
+
+    @property
+    def row_pitch(self) -> int:
+        return self.planes[0][1] if self.planes else 0
+
+    @property
+    def offset(self) -> int:
+        return self.planes[0][0] if self.planes else 0
+
+    def required_size(self) -> int:
+        """Bytes the memory must have for every CPU-visible byte the descriptor promises (memfd layouts)."""
+        if self.kind == "texture2d" and self.planes:
+            return max(off + pitch * self.height * self.array_size for off, pitch in self.planes)
+        return self.size
+
+    def validate(self) -> "Descriptor":
+        _check(self.kind in KINDS, f"kind must be one of {KINDS}, not {self.kind!r}")
+        _check(self.memory in MEMORY_TYPES, f"memory must be one of {MEMORY_TYPES}, not {self.memory!r}")
+        _check(_is_int(self.size) and 0 < self.size <= MAX_BYTES, f"size must be 1..{MAX_BYTES}, not {self.size!r}")
+        for name in ("width", "height", "mip_levels", "array_size", "usage"):
+            _check(_is_int(getattr(self, name)), f"{name} must be an integer")
+        _check(isinstance(self.backend, str) and len(self.backend) <= 32, "backend must be a short string")
+        for name in ("driver_uuid", "device_uuid"):
+            v = getattr(self, name)
+            _check(isinstance(v, bytes) and len(v) in (0, 16), f"{name} must be empty or 16 bytes")
+        _check(isinstance(self.runtime_private, bytes) and len(self.runtime_private) <= MAX_BLOB,
+               f"runtime_private must be at most {MAX_BLOB} bytes")
+        _check(isinstance(self.driver_private, dict), "driver_private must be a mapping")
+        if self.kind == "texture2d":
+            fmt = get_format(self.format)
+            for name, hi in (("width", MAX_DIMENSION), ("height", MAX_DIMENSION), ("mip_levels", MAX_MIP_LEVELS),
+                             ("array_size", MAX_ARRAY_SIZE)):
+                v = getattr(self, name)
+                _check(1 <= v <= hi, f"{name} must be 1..{hi}, not {v}")
+            _check(len(self.planes) <= MAX_PLANES, f"at most {MAX_PLANES} planes")
+            for plane in self.planes:
+                _check(isinstance(plane, tuple) and len(plane) == 2 and all(_is_int(x) for x in plane),
+                       "each plane is (offset, row_pitch)")
+                off, pitch = plane
+                _check(0 <= off <= MAX_BYTES, f"plane offset {off} out of range")
+                _check(self.width * fmt.bytes_per_pixel <= pitch <= MAX_BYTES,
+                       f"row pitch {pitch} is below width*bytes_per_pixel = {self.width * fmt.bytes_per_pixel}")
+            if self.memory == "memfd":
+                _check(len(self.planes) >= 1, "a memfd texture needs its plane layout")
+                _check(self.mip_levels == 1, "memfd textures have one mip level")
+            _check(self.required_size() <= self.size,
+                   f"layout needs {self.required_size()} bytes but size is {self.size}")
+        elif self.kind == "buffer":
+            _check(not self.planes and not self.format, "a buffer has no format or planes")
+        else:
+            _check(self.size >= KEYED_MUTEX_STATE_SIZE, "keyed mutex state is one page")
+        return self
+
+    # -- wire form ------------------------------------------------------------------------------------------------
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["planes"] = [list(p) for p in self.planes]
+        return d
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "Descriptor":
+        """Build and validate a descriptor from untrusted wire data; every failure is InvalidDescriptor."""
+        if not isinstance(data, dict):
+            raise InvalidDescriptor("descriptor must be a map")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidDescriptor(f"unknown descriptor fields: {sorted(map(str, unknown))}")
+        try:
+            planes = tuple(tuple(p) for p in data.get("planes", ()))
+            desc = cls(**{**data, "planes": planes})
+        except TypeError as e:
+            raise InvalidDescriptor(f"malformed descriptor: {e}") from None
+        return desc.validate()
+
+    def with_(self, **changes: Any) -> "Descriptor":
+        return replace(self, **changes)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidDescriptor(message)
+
+
+def align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def texture_layout(width: int, height: int, format: str, *, pitch_align: int = 256) -> tuple[int, int]:
+    """(row_pitch, size) of a tightly packed CPU texture, rows aligned like D3D's 256-byte pitch rule."""
+    fmt = get_format(format)
+    pitch = align(width * fmt.bytes_per_pixel, pitch_align)
+    return pitch, pitch * height
+
+
+# D3D11_TEXTURE2D_DESC, as runtime private data: Width, Height, MipLevels, ArraySize, Format, SampleDesc.Count,
+# SampleDesc.Quality, Usage, BindFlags, CPUAccessFlags, MiscFlags.
+_D3D11_DESC = struct.Struct("<11I")
+D3D11_BIND_SHADER_RESOURCE, D3D11_BIND_RENDER_TARGET = 0x8, 0x20
+D3D11_RESOURCE_MISC_SHARED, D3D11_RESOURCE_MISC_SHARED_KEYEDMUTEX, D3D11_RESOURCE_MISC_SHARED_NTHANDLE = 0x2, 0x100, 0x800
+
+
+def d3d11_texture_desc(width: int, height: int, format: str, *, mip_levels: int = 1, array_size: int = 1,
+                       keyed_mutex: bool = False) -> bytes:
+    """A DXGI-compatible D3D11_TEXTURE2D_DESC, so Wine/Proton can describe the texture to D3D without guessing."""
+    misc = D3D11_RESOURCE_MISC_SHARED_NTHANDLE | (
+        D3D11_RESOURCE_MISC_SHARED_KEYEDMUTEX if keyed_mutex else D3D11_RESOURCE_MISC_SHARED)
+    return _D3D11_DESC.pack(width, height, mip_levels, array_size, get_format(format).dxgi, 1, 0, 0,
+                            D3D11_BIND_SHADER_RESOURCE | D3D11_BIND_RENDER_TARGET, 0, misc)
+
+
+def parse_d3d11_texture_desc(blob: bytes) -> dict[str, int]:
+    names = ("Width", "Height", "MipLevels", "ArraySize", "Format", "SampleCount", "SampleQuality", "Usage",
+             "BindFlags", "CPUAccessFlags", "MiscFlags")
+    if len(blob) != _D3D11_DESC.size:
+        raise InvalidDescriptor(f"a D3D11_TEXTURE2D_DESC is {_D3D11_DESC.size} bytes, not {len(blob)}")
+    return dict(zip(names, _D3D11_DESC.unpack(blob)))
