@@ -1,0 +1,51 @@
+"""texbridge: DXGI-style shared textures and buffers for Linux.
+
+A process creates a texture or buffer (memfd, Vulkan, OpenGL or CUDA memory) and gets a shared handle; any process
+in the same namespace opens the handle and gets the same memory, zero-copy. A keyed mutex hands frames back and forth.
+
+    import texbridge
+    with texbridge.connect() as s:
+        tex = s.create_texture(1920, 1080, "rgba8", name="camera", keyed_mutex=True)
+        ...  # another process: texbridge.connect().open("camera")
+
+Layers (see docs/architecture.md): _protocol (pure) → _broker (registry pure, server thin) → _client → backends
+(memfd, vulkan, gl, cuda) → keyed_mutex → senders → _cli.
+"""
+
+from ._client import Event as Event
+from ._client import Session as Session
+from ._client import connect as connect
+from ._descriptor import Descriptor as Descriptor
+from ._descriptor import Handle as Handle
+from ._descriptor import Usage as Usage
+from ._errors import AccessDenied as AccessDenied
+from ._errors import BackendError as BackendError
+from ._errors import BrokenError as BrokenError
+from ._errors import BrokerUnavailable as BrokerUnavailable
+from ._errors import ClosedError as ClosedError
+from ._errors import IncompatibleDevice as IncompatibleDevice
+from ._errors import InvalidDescriptor as InvalidDescriptor
+from ._errors import KeyedMutexAbandoned as KeyedMutexAbandoned
+from ._errors import KeyedMutexError as KeyedMutexError
+from ._errors import KeyedMutexTimeout as KeyedMutexTimeout
+from ._errors import LocalProtocolError as LocalProtocolError
+from ._errors import NameInUse as NameInUse
+from ._errors import NotFound as NotFound
+from ._errors import ProtocolError as ProtocolError
+from ._errors import QuotaExceeded as QuotaExceeded
+from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._errors import TexbridgeError as TexbridgeError
+from ._errors import TexbridgeTimeout as TexbridgeTimeout
+from ._errors import WouldBlock as WouldBlock
+from ._formats import FORMATS as FORMATS
+from ._resources import Resource as Resource
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied", "BackendError", "BrokenError", "BrokerUnavailable", "ClosedError", "Descriptor", "Event",
+    "FORMATS", "Handle", "IncompatibleDevice", "InvalidDescriptor", "KeyedMutexAbandoned", "KeyedMutexError",
+    "KeyedMutexTimeout", "LocalProtocolError", "NameInUse", "NotFound", "ProtocolError", "QuotaExceeded",
+    "RemoteProtocolError", "Resource", "Session", "TexbridgeError", "TexbridgeTimeout", "Usage", "WouldBlock",
+    "connect",
+]

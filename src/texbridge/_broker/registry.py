@@ -1,0 +1,374 @@
+"""The broker's state and rules, pure: no sockets, no syscalls, no clock of its own.
+
+Inputs are (client id, decoded Message, received fds with the facts the server observed about them); outputs are
+Effects: messages to send (with fds), fds to close, keyed mutexes to abandon. The registry OWNS every fd handed to
+`handle()`: it keeps it (a registered resource) or returns it in `Effects.close`. That single rule is what keeps the
+broker from leaking fds whatever a client sends.
+
+A resource lives while any client holds a reference; each OPEN or REGISTER takes one, CLOSE or a disconnect drops
+it. Names are published by a holder and vanish when the resource dies or the publisher disconnects (a dead sender is
+retired at once).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .._descriptor import Descriptor, Handle
+from .._errors import (AccessDenied, InvalidDescriptor, NameInUse, NotFound, QuotaExceeded, RemoteProtocolError,
+                       TexbridgeError)
+from .._memfd import FdFacts
+from .._protocol import MAX_NAME, Message, Op
+
+LIST_PAGE = 200
+MAX_META = 2048  # bytes of packed sender metadata; enforced by the server, which sees the frame
+
+
+@dataclass(frozen=True)
+class Quotas:
+    resources: int = 1_000_000  # distinct resources a client may reference at once
+    bytes: int = 1 << 40  # bytes of resources a client may register
+    names: int = 4096  # names a client may publish
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Who may connect: the broker's own uid, root, and an explicit allow-list."""
+
+    broker_uid: int
+    allowed_uids: frozenset[int] = frozenset()
+
+    def admits(self, uid: int) -> bool:
+        return uid in (self.broker_uid, 0) or uid in self.allowed_uids
+
+
+@dataclass(slots=True)
+class Record:
+    """One registered resource. Kept small: 100,000 of them must fit in well under 100 MB."""
+
+    handle: int
+    descriptor: Descriptor
+    fds: tuple[int, ...]
+    creator_pid: int
+    creator: int  # client id
+    created: float
+    refs: int = 1
+    names: list[str] = field(default_factory=list)
+    meta: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Client:
+    id: int
+    pid: int
+    uid: int
+    name: str = ""
+    refs: dict[int, int] = field(default_factory=dict)  # handle -> references held
+    names: set[str] = field(default_factory=set)
+    bytes: int = 0
+    watching: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    client: int
+    message: Message
+    fds: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class Effects:
+    out: list[Outgoing] = field(default_factory=list)
+    close: list[int] = field(default_factory=list)
+    abandon: list[tuple[int, int]] = field(default_factory=list)  # (keyed-mutex state fd, session id)
+    shutdown: bool = False
+
+    def reply(self, client: int, request_id: int, fds: tuple[int, ...] = (), /, **fields: Any) -> None:
+        self.out.append(Outgoing(client, Message(Op.REPLY, request_id, fields, len(fds)), fds))
+
+    def error(self, client: int, request_id: int, exc: TexbridgeError) -> None:
+        self.out.append(Outgoing(client, Message(Op.ERROR, request_id, {"code": exc.code, "message": str(exc)})))
+
+
+class Registry:
+    def __init__(self, *, namespace: str = "default", broker_pid: int = 0, quotas: Quotas = Quotas(),
+                 policy: Policy | None = None, clock: Callable[[], float] = lambda: 0.0,
+                 new_handle: Callable[[], int] = lambda: secrets.randbits(64)) -> None:
+        self.namespace, self.broker_pid = namespace, broker_pid
+        self.quotas, self.policy = quotas, policy or Policy(broker_uid=0)
+        self.clock, self._new_handle = clock, new_handle
+        self.resources: dict[int, Record] = {}
+        self.names: dict[str, int] = {}
+        self.clients: dict[int, Client] = {}
+        self.counters = {"requests": 0, "errors": 0, "registered": 0, "opened": 0, "retired": 0}
+
+    # -- connection lifecycle -------------------------------------------------------------------------------------
+    def connect(self, client_id: int, pid: int, uid: int) -> None:
+        if not self.policy.admits(uid):
+            raise AccessDenied(f"uid {uid} may not use the broker of namespace {self.namespace!r} "
+                               f"(allowed: broker uid {self.policy.broker_uid}, root, {sorted(self.policy.allowed_uids)})")
+        self.clients[client_id] = Client(client_id, pid, uid)
+
+    def disconnect(self, client_id: int) -> Effects:
+        """Drop everything the client held at once: references, names, and keyed mutexes it may own."""
+        fx = Effects()
+        client = self.clients.pop(client_id, None)
+        if client is None:
+            return fx
+        for name in sorted(client.names):
+            self._unpublish(name, fx)
+        for handle, count in client.refs.items():
+            rec = self.resources.get(handle)
+            if rec is None:
+                continue
+            if rec.descriptor.keyed_mutex or rec.descriptor.kind == "keyed_mutex":
+                fx.abandon.append((rec.fds[-1], client_id))
+            self._unref(rec, count, client, fx)
+        return fx
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def handle(self, client_id: int, msg: Message, fds: Iterable[tuple[int, FdFacts]] = ()) -> Effects:
+        """Apply one request. Never raises for anything a client can send: errors become error replies."""
+        fx = Effects()
+        fd_list = list(fds)
+        self.counters["requests"] += 1
+        client = self.clients.get(client_id)
+        try:
+            if client is None:
+                raise AccessDenied("not connected")
+            method = getattr(self, f"_op_{msg.op.value}", None)
+            if method is None:
+                raise RemoteProtocolError(f"{msg.op.value} is not a request")
+            kept = method(client, msg, fd_list, fx)
+            if not kept:
+                fx.close.extend(fd for fd, _ in fd_list)
+        except TexbridgeError as e:
+            self.counters["errors"] += 1
+            fx.close.extend(fd for fd, _ in fd_list)
+            fx.error(client_id, msg.request_id, e)
+        return fx
+
+    def _op_hello(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        client.name = msg.fields["name"][:MAX_NAME]
+        fx.reply(client.id, msg.request_id, session_id=client.id, broker_pid=self.broker_pid,
+                 namespace=self.namespace, version=msg.fields["version"])
+        return False
+
+    def _op_register(self, client: Client, msg: Message, fds: list[tuple[int, FdFacts]], fx: Effects) -> bool:
+        desc = Descriptor.from_wire(msg.fields["descriptor"])
+        if len(fds) != desc.nfds:
+            raise InvalidDescriptor(f"descriptor needs {desc.nfds} fd(s), {len(fds)} arrived")
+        self._check_memory(desc, fds[0][1])
+        if len(fds) > 1:
+            self._check_mutex_state(fds[1][1])
+        name = msg.fields.get("name")
+        if name is not None:
+            self._check_name(client, name)
+        if len(client.refs) >= self.quotas.resources:
+            raise QuotaExceeded(f"client holds {len(client.refs)} resources (quota {self.quotas.resources})")
+        if client.bytes + desc.size > self.quotas.bytes:
+            raise QuotaExceeded(f"registering {desc.size} bytes exceeds the quota of {self.quotas.bytes}")
+        handle = self._new_handle() or 1
+        while handle in self.resources:
+            handle = self._new_handle() or 1
+        rec = Record(handle, desc, tuple(fd for fd, _ in fds), client.pid, client.id, self.clock(),
+                     meta=msg.fields.get("meta"))
+        self.resources[handle] = rec
+        client.refs[handle] = 1
+        client.bytes += desc.size
+        self.counters["registered"] += 1
+        if name is not None:
+            self._publish(client, rec, name, fx)
+        fx.reply(client.id, msg.request_id, handle=handle)
+        return True
+
+    def _op_open(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        rec = self._lookup(msg.fields)
+        if rec.handle not in client.refs and len(client.refs) >= self.quotas.resources:
+            raise QuotaExceeded(f"client holds {len(client.refs)} resources (quota {self.quotas.resources})")
+        client.refs[rec.handle] = client.refs.get(rec.handle, 0) + 1
+        rec.refs += 1
+        self.counters["opened"] += 1
+        fx.reply(client.id, msg.request_id, rec.fds, handle=rec.handle, descriptor=rec.descriptor.to_wire(),
+                 creator_pid=rec.creator_pid, names=list(rec.names), meta=rec.meta)
+        return False
+
+    def _op_close(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        handle = msg.fields["handle"]
+        rec = self.resources.get(handle)
+        if rec is None or handle not in client.refs:
+            raise NotFound(f"{_fmt(handle)} is not held by this client (already closed?)")
+        self._unref(rec, 1, client, fx)
+        fx.reply(client.id, msg.request_id)
+        return False
+
+    def _op_publish(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        handle, name = msg.fields["handle"], msg.fields["name"]
+        rec = self.resources.get(handle)
+        if rec is None:
+            raise NotFound(f"no resource {_fmt(handle)}")
+        if handle not in client.refs:
+            raise AccessDenied(f"only a holder of {_fmt(handle)} may publish it")
+        self._check_name(client, name)
+        self._publish(client, rec, name, fx)
+        fx.reply(client.id, msg.request_id)
+        return False
+
+    def _op_unpublish(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        name = msg.fields["name"]
+        if name not in self.names:
+            raise NotFound(f"no resource is published as {name!r}")
+        if name not in client.names:
+            raise AccessDenied(f"{name!r} was published by another client")
+        self._unpublish(name, fx)
+        fx.reply(client.id, msg.request_id)
+        return False
+
+    def _op_update(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        handle = msg.fields["handle"]
+        rec = self.resources.get(handle)
+        if rec is None or handle not in client.refs:
+            raise NotFound(f"{_fmt(handle)} is not held by this client")
+        rec.meta = msg.fields["meta"]
+        self._event(fx, "updated", handle=handle, names=list(rec.names), meta=rec.meta)
+        fx.reply(client.id, msg.request_id)
+        return False
+
+    def _op_list(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        offset = max(0, msg.fields.get("offset", 0))
+        limit = min(LIST_PAGE, max(1, msg.fields.get("limit", LIST_PAGE)))
+        kind = msg.fields.get("kind")
+        recs = [r for r in self.resources.values() if kind is None or r.descriptor.kind == kind]
+        page = [self.summary(r) for r in recs[offset:offset + limit]]
+        fx.reply(client.id, msg.request_id, resources=page, total=len(recs))
+        return False
+
+    def _op_info(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        rec = self._lookup(msg.fields)
+        fx.reply(client.id, msg.request_id, **self.summary(rec), descriptor=rec.descriptor.to_wire())
+        return False
+
+    def _op_watch(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        client.watching = True
+        fx.reply(client.id, msg.request_id)
+        return False
+
+    def _op_stats(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        fx.reply(client.id, msg.request_id, **self.stats())
+        return False
+
+    def _op_shutdown(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        if client.uid not in (self.policy.broker_uid, 0):
+            raise AccessDenied("only the broker's own uid or root may stop it")
+        fx.shutdown = True
+        fx.reply(client.id, msg.request_id)
+        return False
+
+    def _op_bye(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
+        fx.reply(client.id, msg.request_id)
+        return False  # the server hangs up after sending the reply, which drops everything
+
+    # -- queries ----------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        return {"clients": len(self.clients), "resources": len(self.resources), "names": len(self.names),
+                "bytes": sum(r.descriptor.size for r in self.resources.values()),
+                "fds": sum(len(r.fds) for r in self.resources.values()), **self.counters}
+
+    def summary(self, rec: Record) -> dict[str, Any]:
+        d = rec.descriptor
+        return {"handle": rec.handle, "names": list(rec.names), "kind": d.kind, "width": d.width, "height": d.height,
+                "format": d.format, "size": d.size, "backend": d.backend, "memory": d.memory,
+                "creator_pid": rec.creator_pid, "open_count": rec.refs, "keyed_mutex": d.keyed_mutex,
+                "meta": rec.meta}
+
+    @property
+    def idle(self) -> bool:
+        return not self.clients and not self.resources
+
+    # -- internals -----------------------------------------------------------------------------------------------------
+    def _lookup(self, fields: dict[str, Any]) -> Record:
+        if "name" in fields:
+            handle = self.names.get(fields["name"])
+            if handle is None:
+                raise NotFound(f"no resource is published as {fields['name']!r} in namespace {self.namespace!r}")
+        else:
+            handle = fields["handle"]
+        rec = self.resources.get(handle)
+        if rec is None:
+            raise NotFound(f"no resource {_fmt(handle)} in namespace {self.namespace!r}")
+        return rec
+
+    @staticmethod
+    def _check_memory(desc: Descriptor, facts: FdFacts) -> None:
+        if facts.kind in ("socket", "directory", "fifo", "other", "regular"):
+            raise InvalidDescriptor(f"the memory fd is a {facts.kind}, not shareable memory")
+        if desc.memory == "memfd":
+            if facts.kind != "memfd":
+                raise InvalidDescriptor(f"memory 'memfd' needs a memfd, got a {facts.kind}")
+            if not facts.size_sealed:
+                raise InvalidDescriptor("the memfd is not sealed against shrinking and growing "
+                                        "(F_SEAL_SHRINK|F_SEAL_GROW): importers could take SIGBUS")
+            if facts.size < desc.required_size() or facts.size < desc.size:
+                raise InvalidDescriptor(f"the memfd has {facts.size} bytes; the descriptor needs {desc.size}")
+
+    @staticmethod
+    def _check_mutex_state(facts: FdFacts) -> None:
+        from .._descriptor import KEYED_MUTEX_STATE_SIZE
+        if not (facts.size_sealed and facts.size >= KEYED_MUTEX_STATE_SIZE):
+            raise InvalidDescriptor("the keyed mutex state must be a size-sealed memfd of at least one page")
+
+    def _check_name(self, client: Client, name: str) -> None:
+        if not name or len(name) > MAX_NAME or not name.isprintable():
+            raise InvalidDescriptor(f"names are 1..{MAX_NAME} printable characters")
+        if name in self.names:
+            raise NameInUse(f"{name!r} is already published in namespace {self.namespace!r}")
+        if len(client.names) >= self.quotas.names:
+            raise QuotaExceeded(f"client published {len(client.names)} names (quota {self.quotas.names})")
+
+    def _publish(self, client: Client, rec: Record, name: str, fx: Effects) -> None:
+        self.names[name] = rec.handle
+        rec.names.append(name)
+        client.names.add(name)
+        self._event(fx, "published", name=name, handle=rec.handle, pid=client.pid, app=client.name,
+                    summary=self.summary(rec))
+
+    def _unpublish(self, name: str, fx: Effects) -> None:
+        handle = self.names.pop(name)
+        rec = self.resources.get(handle)
+        if rec is not None and name in rec.names:
+            rec.names.remove(name)
+        for c in self.clients.values():
+            c.names.discard(name)
+        self._event(fx, "unpublished", name=name, handle=handle)
+
+    def _unref(self, rec: Record, count: int, client: Client, fx: Effects) -> None:
+        held = client.refs.get(rec.handle, 0)
+        if held <= count:
+            client.refs.pop(rec.handle, None)
+        else:
+            client.refs[rec.handle] = held - count
+        if rec.creator == client.id and rec.handle not in client.refs:
+            client.bytes -= rec.descriptor.size
+        rec.refs -= min(held, count)
+        self._event(fx, "released", handle=rec.handle, pid=client.pid, open_count=rec.refs)
+        if rec.refs <= 0:
+            for name in list(rec.names):
+                self._unpublish(name, fx)
+            del self.resources[rec.handle]
+            fx.close.extend(rec.fds)
+            self.counters["retired"] += 1
+            self._event(fx, "retired", handle=rec.handle)
+
+    def _event(self, fx: Effects, event: str, **fields: Any) -> None:
+        for c in self.clients.values():
+            if c.watching:
+                fx.out.append(Outgoing(c.id, Message(Op.EVENT, 0, {"event": event, **fields})))
+
+
+def _fmt(handle: int) -> str:
+    try:
+        return str(Handle(handle))
+    except ValueError:
+        return repr(handle)

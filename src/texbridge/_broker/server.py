@@ -1,0 +1,226 @@
+"""The broker's IO layer: accept, recvmsg, protocol, registry, sendmsg. Thin on purpose; the rules live in registry.
+
+Fd ownership, the part that matters: fds arrive via SCM_RIGHTS into this process. Each is either handed to the
+registry (which keeps it or returns it to close) or closed here when its frame is rejected; a frame cut short by the
+kernel (MSG_CTRUNC) still closes whatever did arrive. An OPEN reply sends the registry's own fds: the kernel installs
+fresh copies in the receiver, so the broker never dups for a reply sent at once. A reply that cannot be sent at once
+(the client's queue is full) keeps dups, because the originals may be closed before the queue drains.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from .._errors import AccessDenied, RemoteProtocolError, TexbridgeError
+from .._memfd import inspect_fd
+from .._protocol import Connection, Message, Op, State, peek_request_id
+from .._unix import close_fds as _close_all
+from .._unix import recv_frame, send_frame
+from .registry import Effects, Outgoing, Registry
+
+log = logging.getLogger("texbridge.broker")
+_MAX_QUEUE = 1024  # frames queued to a client that does not read; past this it is disconnected
+_UCRED = struct.Struct("3i")
+
+
+@dataclass
+class _Peer:
+    id: int
+    sock: socket.socket
+    pid: int
+    uid: int
+    conn: Connection = field(default_factory=lambda: Connection(broker_side=True))
+    queue: collections.deque = field(default_factory=collections.deque)  # (bytes, dup'd fds)
+    hangup: bool = False
+
+
+def raise_fd_limit(want: int = 1 << 20) -> int:
+    """Lift RLIMIT_NOFILE as far as allowed: the broker keeps one fd per resource plus one per client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (max(want, hard), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+class BrokerServer:
+    def __init__(self, listener: socket.socket, registry: Registry, *, idle_timeout: float | None,
+                 abandon=None) -> None:
+        self.listener = listener
+        self.registry = registry
+        self.idle_timeout = idle_timeout
+        self._abandon = abandon  # callable(fd, session_id) from the keyed mutex module, if built
+        self.sel = selectors.DefaultSelector()
+        self.peers: dict[int, _Peer] = {}
+        self._next_id = 1
+        self._running = True
+        self._idle_since = time.monotonic()
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ, None)
+
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        while self._running:
+            for key, mask in self.sel.select(timeout=0.5):
+                if key.data is None:
+                    self._accept()
+                    continue
+                peer = key.data
+                if mask & selectors.EVENT_WRITE:
+                    self._flush(peer)
+                if mask & selectors.EVENT_READ and peer.id in self.peers:
+                    self._read(peer)
+            if self.registry.idle and self.peers == {}:
+                if self.idle_timeout is not None and time.monotonic() - self._idle_since >= self.idle_timeout:
+                    log.info("idle for %.1fs: exiting", self.idle_timeout)
+                    break
+            else:
+                self._idle_since = time.monotonic()
+        for peer in list(self.peers.values()):
+            self._drop(peer)
+
+    # -- connections --------------------------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: keep serving the clients we have
+                log.warning("accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            peer = _Peer(self._next_id, sock, pid, uid)
+            self._next_id += 1
+            try:
+                self.registry.connect(peer.id, pid, uid)
+            except AccessDenied as e:
+                self._send_now(peer, Message(Op.ERROR, 0, {"code": e.code, "message": str(e)}), ())
+                sock.close()
+                continue
+            self.peers[peer.id] = peer
+            self.sel.register(sock, selectors.EVENT_READ, peer)
+
+    def _drop(self, peer: _Peer) -> None:
+        if self.peers.pop(peer.id, None) is None:
+            return
+        self.sel.unregister(peer.sock)
+        peer.sock.close()
+        for _, fds in peer.queue:
+            _close_all(fds)
+        peer.queue.clear()
+        self._apply(self.registry.disconnect(peer.id))
+
+    # -- receiving ------------------------------------------------------------------------------------------------------
+    def _read(self, peer: _Peer) -> None:
+        for _ in range(64):  # bounded, so one chatty client cannot starve the rest
+            try:
+                data, fds, truncated = recv_frame(peer.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(peer)
+                return
+            if not data and not fds:
+                self._drop(peer)
+                return
+            try:
+                msg = peer.conn.receive(data, len(fds), truncated=truncated)
+            except RemoteProtocolError as e:
+                _close_all(fds)
+                self.registry.counters["errors"] += 1
+                self._send(peer, Message(Op.ERROR, peek_request_id(data), {"code": e.code, "message": str(e)}), ())
+                if peer.conn.state is State.AWAITING_HELLO:
+                    peer.hangup = True
+                    self._maybe_hangup(peer)
+                    return
+                continue
+            facts = [(fd, inspect_fd(fd)) for fd in fds]
+            try:
+                fx = self.registry.handle(peer.id, msg, facts)
+            except Exception:  # a broker bug must cost one request, never the broker
+                log.exception("internal error on %s from client %d", msg.op.value, peer.id)
+                _close_all(fds)
+                fx = Effects()
+                fx.error(peer.id, msg.request_id, TexbridgeError("internal broker error (see the broker log)"))
+            self._apply(fx)
+            if msg.op is Op.BYE:
+                peer.hangup = True
+            if self._maybe_hangup(peer):
+                return
+
+    def _maybe_hangup(self, peer: _Peer) -> bool:
+        if peer.hangup and not peer.queue and peer.id in self.peers:
+            self._drop(peer)
+            return True
+        return False
+
+    # -- effects and sending --------------------------------------------------------------------------------------------
+    def _apply(self, fx: Effects) -> None:
+        for out in fx.out:
+            peer = self.peers.get(out.client)
+            if peer is not None:
+                self._send(peer, out.message, out.fds)
+        for fd, session in fx.abandon:
+            if self._abandon is not None:
+                try:
+                    self._abandon(fd, session)
+                except (TexbridgeError, OSError, ValueError) as e:
+                    log.warning("could not abandon keyed mutex of session %d: %s", session, e)
+        _close_all(fx.close)
+        if fx.shutdown:
+            self._running = False
+
+    def _send(self, peer: _Peer, msg: Message, fds: tuple[int, ...]) -> None:
+        data = peer.conn.send(msg)
+        if not peer.queue and self._send_now(peer, data, fds):
+            return
+        if len(peer.queue) >= _MAX_QUEUE:
+            log.warning("client %d (pid %d) does not read its replies: disconnecting", peer.id, peer.pid)
+            self._drop(peer)
+            return
+        peer.queue.append((data, tuple(os.dup(fd) for fd in fds)))
+        self.sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
+
+    def _send_now(self, peer: _Peer, data: bytes | Message, fds: tuple[int, ...]) -> bool:
+        if isinstance(data, Message):
+            data = peer.conn.send(data)
+        try:
+            send_frame(peer.sock, data, fds)
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.warning("send to client %d failed: %s", peer.id, e)
+            peer.hangup = True
+            return True  # nothing more will reach this peer; its read side will notice the hang-up
+
+    def _flush(self, peer: _Peer) -> None:
+        while peer.queue:
+            data, fds = peer.queue[0]
+            if not self._send_now(peer, data, fds):
+                return
+            peer.queue.popleft()
+            _close_all(fds)
+        if peer.id in self.peers:
+            self.sel.modify(peer.sock, selectors.EVENT_READ, peer)
+            self._maybe_hangup(peer)

@@ -1,0 +1,216 @@
+"""The wire protocol, as a pure state machine: bytes and fd counts in, typed messages out. No IO here.
+
+Transport: one SOCK_SEQPACKET unix socket per client, so the kernel keeps message boundaries and every message's fds
+arrive with it (SCM_RIGHTS). A message is one msgpack array:
+
+    [version, request_id, op, fields, nfds]
+
+`request_id` pairs a reply with its request (events use 0); `nfds` is how many fds the sender attached, checked
+against what actually arrived so a lost or extra fd is a protocol error, not a silent mix-up. Frames are capped at
+MAX_FRAME bytes and MAX_FDS fds. Which ops a side may send in which state lives in one table, `ALLOWED`.
+
+Errors say whose fault it was (h11's rule): encode() raises LocalProtocolError, decode() RemoteProtocolError.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ._descriptor import MAX_FDS
+from ._errors import LocalProtocolError, RemoteProtocolError
+
+VERSION = 1
+MAX_FRAME = 64 * 1024
+MAX_REQUEST_ID = (1 << 63) - 1
+MAX_NAME = 128
+
+
+class Op(str, enum.Enum):
+    HELLO = "hello"  # version, name, pid -> session_id, broker_pid, namespace
+    REGISTER = "register"  # descriptor [+ name] + fds -> handle
+    OPEN = "open"  # handle | name -> handle, descriptor, creator_pid + fds
+    CLOSE = "close"  # handle
+    PUBLISH = "publish"  # handle, name
+    UNPUBLISH = "unpublish"  # name
+    UPDATE = "update"  # handle, meta: small map shown in LIST/INFO and pushed to watchers (senders' fps, frame...)
+    LIST = "list"  # [offset, limit, kind] -> resources, total
+    INFO = "info"  # handle | name -> summary with descriptor
+    WATCH = "watch"  # -> ok; then EVENT messages are pushed on this connection
+    STATS = "stats"  # -> counters
+    SHUTDOWN = "shutdown"  # ask the broker to exit (broker's own uid or root only)
+    BYE = "bye"  # polite disconnect: drops all references, like a hang-up
+    REPLY = "reply"  # broker -> client: request_id echoes the request
+    ERROR = "error"  # broker -> client: code, message
+    EVENT = "event"  # broker -> client (watchers): event, ...
+
+
+REQUESTS = frozenset(Op) - {Op.REPLY, Op.ERROR, Op.EVENT}
+RESPONSES = frozenset({Op.REPLY, Op.ERROR, Op.EVENT})
+
+
+class State(enum.Enum):
+    AWAITING_HELLO = "awaiting_hello"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+ALLOWED: dict[State, frozenset[Op]] = {
+    State.AWAITING_HELLO: frozenset({Op.HELLO}),
+    State.READY: REQUESTS - {Op.HELLO},
+    State.CLOSED: frozenset(),
+}
+
+# Per-op field schema: name -> (type, required). Fields not listed are rejected: the schema is the contract.
+_INT, _STR, _MAP, _LIST = int, str, dict, list
+SCHEMA: dict[Op, dict[str, tuple[type, bool]]] = {
+    Op.HELLO: {"version": (_INT, True), "name": (_STR, True), "pid": (_INT, True)},
+    Op.REGISTER: {"descriptor": (_MAP, True), "name": (_STR, False), "meta": (_MAP, False)},
+    Op.OPEN: {"handle": (_INT, False), "name": (_STR, False)},
+    Op.CLOSE: {"handle": (_INT, True)},
+    Op.PUBLISH: {"handle": (_INT, True), "name": (_STR, True)},
+    Op.UNPUBLISH: {"name": (_STR, True)},
+    Op.UPDATE: {"handle": (_INT, True), "meta": (_MAP, True)},
+    Op.LIST: {"offset": (_INT, False), "limit": (_INT, False), "kind": (_STR, False)},
+    Op.INFO: {"handle": (_INT, False), "name": (_STR, False)},
+    Op.WATCH: {},
+    Op.STATS: {},
+    Op.SHUTDOWN: {},
+    Op.BYE: {},
+}
+FD_LIMITS: dict[Op, tuple[int, int]] = {Op.REGISTER: (1, MAX_FDS), Op.REPLY: (0, MAX_FDS)}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    op: Op
+    request_id: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+    nfds: int = 0
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message we are about to send. Anything illegal is a LocalProtocolError (our bug)."""
+    lo, hi = FD_LIMITS.get(msg.op, (0, 0))
+    if not lo <= msg.nfds <= hi:
+        raise LocalProtocolError(f"{msg.op.value} carries {lo}..{hi} fds, not {msg.nfds}")
+    try:
+        data = msgpack.packb([VERSION, msg.request_id, msg.op.value, msg.fields, msg.nfds], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise LocalProtocolError(f"cannot encode {msg.op.value}: {e}") from None
+    if len(data) > MAX_FRAME:
+        raise LocalProtocolError(f"{msg.op.value} is {len(data)} bytes; frames are at most {MAX_FRAME}")
+    return data
+
+
+def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
+    """Parse one received frame that arrived with `nfds` fds. Anything illegal is a RemoteProtocolError."""
+    if truncated or len(data) > MAX_FRAME:
+        raise RemoteProtocolError(f"frame over {MAX_FRAME} bytes or {MAX_FDS} fds (truncated by the kernel)")
+    if not data:
+        raise RemoteProtocolError("empty frame")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME, max_str_len=MAX_FRAME,
+                              max_array_len=4096, max_map_len=1024, max_ext_len=0)
+    except Exception as e:  # msgpack raises a zoo of types on garbage; all mean the same thing here
+        raise RemoteProtocolError(f"undecodable frame: {type(e).__name__}") from None
+    if not (isinstance(obj, list) and len(obj) == 5):
+        raise RemoteProtocolError("a frame is [version, request_id, op, fields, nfds]")
+    version, request_id, op_name, fields, declared = obj
+    if version != VERSION:
+        raise RemoteProtocolError(f"protocol version {version!r} is not supported (this side speaks {VERSION})")
+    if not (_is_int(request_id) and 0 <= request_id <= MAX_REQUEST_ID):
+        raise RemoteProtocolError(f"bad request id {request_id!r}")
+    try:
+        op = Op(op_name)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown op {op_name!r}", ) from None
+    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+        raise RemoteProtocolError("fields must be a map with string keys")
+    if declared != nfds:
+        raise RemoteProtocolError(f"{op.value} declares {declared!r} fds but {nfds} arrived")
+    lo, hi = FD_LIMITS.get(op, (0, 0))
+    if not lo <= nfds <= hi:
+        raise RemoteProtocolError(f"{op.value} carries {lo}..{hi} fds, not {nfds}")
+    _check_schema(op, fields)
+    return Message(op, request_id, fields, nfds)
+
+
+def peek_request_id(data: bytes) -> int:
+    """Best-effort request id of a frame that failed to decode, so the error reply can still be matched."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, max_array_len=8, max_map_len=1024)
+        rid = obj[1]
+        return rid if _is_int(rid) and 0 <= rid <= MAX_REQUEST_ID else 0
+    except Exception:
+        return 0
+
+
+def _check_schema(op: Op, fields: dict[str, Any]) -> None:
+    schema = SCHEMA.get(op)
+    if schema is None:
+        return  # replies and events: their contents are checked by whoever asked
+    for key, value in fields.items():
+        spec = schema.get(key)
+        if spec is None:
+            raise RemoteProtocolError(f"{op.value}: unknown field {key!r}")
+        typ = spec[0]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise RemoteProtocolError(f"{op.value}: field {key!r} must be {typ.__name__}")
+        if typ is str and len(value) > MAX_NAME * 8:
+            raise RemoteProtocolError(f"{op.value}: field {key!r} is too long")
+    missing = [k for k, (_, required) in schema.items() if required and k not in fields]
+    if missing:
+        raise RemoteProtocolError(f"{op.value}: missing field(s) {', '.join(missing)}")
+    if op in (Op.OPEN, Op.INFO) and ("handle" in fields) == ("name" in fields):
+        raise RemoteProtocolError(f"{op.value}: give exactly one of handle or name")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class Connection:
+    """One side of a connection's protocol state. The broker keeps one per client; the client keeps one too.
+
+    `receive` turns a frame into a Message and checks it is legal in the current state; `send` does the same for
+    outgoing messages. Which side we are decides which table applies: the broker receives requests and sends
+    responses, the client the reverse.
+    """
+
+    def __init__(self, *, broker_side: bool) -> None:
+        self.broker_side = broker_side
+        self.state = State.AWAITING_HELLO
+        self._next_id = 1
+
+    def next_request_id(self) -> int:
+        rid, self._next_id = self._next_id, self._next_id + 1
+        return rid
+
+    def receive(self, data: bytes, nfds: int, *, truncated: bool = False) -> Message:
+        msg = decode(data, nfds, truncated=truncated)
+        if self.broker_side:
+            if msg.op not in ALLOWED[self.state]:
+                raise RemoteProtocolError(f"{msg.op.value} is not allowed while {self.state.value}")
+            self._advance(msg.op)
+        elif msg.op not in RESPONSES:
+            raise RemoteProtocolError(f"the broker sent a request ({msg.op.value})")
+        return msg
+
+    def send(self, msg: Message) -> bytes:
+        if not self.broker_side:
+            if msg.op not in ALLOWED[self.state]:
+                raise LocalProtocolError(f"{msg.op.value} is not allowed while {self.state.value}")
+            self._advance(msg.op)
+        elif msg.op not in RESPONSES:
+            raise LocalProtocolError(f"the broker cannot send a request ({msg.op.value})")
+        return encode(msg)
+
+    def _advance(self, op: Op) -> None:
+        if op is Op.HELLO:
+            self.state = State.READY
+        elif op is Op.BYE:
+            self.state = State.CLOSED
