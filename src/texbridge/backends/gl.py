@@ -1,0 +1,794 @@
+"""OpenGL backend: Vulkan-exported memory seen as GL textures and buffers (GL_EXT_memory_object_fd).
+
+GL cannot export memory, so GL is a producer by borrowing: create_texture() allocates through the Vulkan backend on
+the Vulkan device whose UUIDs match the GL context, imports that memory into GL and shares the Vulkan export.
+
+Context: by default texbridge creates its own headless EGL context (see _egl.py for how the display is chosen);
+pass ``context="current"`` to use whatever context is current on the calling thread (GLFW, pygame, Qt, moderngl),
+which is the common case for an application that draws in its own window.
+
+PYOPENGL_PLATFORM: PyOpenGL picks its platform once, at its first import. For a headless EGL context it has to be
+"egl", so this module sets PYOPENGL_PLATFORM=egl - but only when the variable is unset AND OpenGL has not been
+imported yet. An application that imported OpenGL first keeps its platform (GLX, say); with GLVND that still works
+for texbridge's EGL context, because libOpenGL dispatches to whichever context is current.
+
+Sync: GL_EXT_semaphore_fd (NVIDIA) lets GL wait/signal a Vulkan semaphore with explicit image layouts; Mesa's
+llvmpipe has no semaphore import, so there GL work is completed with glFinish before the keyed mutex is released.
+`GLResource.gl_sync` records which path ran ("semaphore" or "finish").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+
+def _choose_pyopengl_platform() -> None:
+    """EGL for PyOpenGL, unless the user chose a platform or OpenGL is already loaded (too late to change)."""
+    if "PYOPENGL_PLATFORM" not in os.environ and "OpenGL" not in sys.modules:
+        os.environ["PYOPENGL_PLATFORM"] = "egl"
+
+
+_choose_pyopengl_platform()
+
+import numpy as np  # noqa: E402
+from OpenGL import GL  # noqa: E402  (ImportError here is how a missing PyOpenGL shows: get_backend reports it)
+from OpenGL import error as _glerror  # noqa: E402
+from OpenGL.raw.GL.EXT import memory_object as _mo  # noqa: E402
+from OpenGL.raw.GL.EXT import memory_object_fd as _mofd  # noqa: E402
+from OpenGL.raw.GL.EXT import semaphore as _sem  # noqa: E402
+from OpenGL.raw.GL.EXT import semaphore_fd as _semfd  # noqa: E402
+
+from .._descriptor import Descriptor, Usage  # noqa: E402
+from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor, TexbridgeError  # noqa: E402
+from .._formats import Format, get_format  # noqa: E402
+from .._resources import Resource  # noqa: E402
+from . import _egl  # noqa: E402
+
+GL_HANDLE_TYPE_OPAQUE_FD_EXT = 0x9586
+GL_TEXTURE_TILING_EXT, GL_OPTIMAL_TILING_EXT, GL_LINEAR_TILING_EXT = 0x9580, 0x9584, 0x9585
+GL_DEDICATED_MEMORY_OBJECT_EXT = 0x9581
+GL_NUM_DEVICE_UUIDS_EXT, GL_DEVICE_UUID_EXT, GL_DRIVER_UUID_EXT = 0x9596, 0x9597, 0x9598
+# VkImageLayout name -> GL_LAYOUT_*_EXT (the layout the other API leaves the image in / expects it in)
+LAYOUTS = {
+    "undefined": 0,
+    "general": 0x958D,
+    "color_attachment": 0x958E,
+    "depth_stencil_attachment": 0x958F,
+    "depth_stencil_read_only": 0x9590,
+    "shader_read_only": 0x9591,
+    "transfer_src": 0x9592,
+    "transfer_dst": 0x9593,
+}
+_SWIZZLE = {"r": GL.GL_RED, "g": GL.GL_GREEN, "b": GL.GL_BLUE, "a": GL.GL_ALPHA, "0": GL.GL_ZERO, "1": GL.GL_ONE}
+_VK_TILING = {0: "optimal", 1: "linear", "optimal": "optimal", "linear": "linear"}
+# moderngl dtype per texbridge format (None: moderngl has no matching dtype)
+_MODERNGL_DTYPE = {"u1": "f1", "<u2": "nu2", "<f2": "f2", "<f4": "f4"}
+
+_GLuint1 = ctypes.c_uint * 1
+
+
+@contextmanager
+def _gl(what: str) -> Iterator[None]:
+    """Turn PyOpenGL's GLError (and errors left in the queue) into BackendError, naming the operation."""
+    try:
+        yield
+    except _glerror.GLError as e:
+        raise BackendError(f"{what} failed: GL error {getattr(e, 'err', '?')!r} ({e.description!r})") from None
+    err = GL.glGetError()
+    if err:
+        raise BackendError(f"{what} failed: GL error {err:#x}")
+
+
+def _drain_errors() -> None:
+    """Clear errors left by earlier (user) calls so they are not blamed on texbridge."""
+    for _ in range(16):
+        if not GL.glGetError():
+            return
+
+
+# -- contexts -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GLCaps:
+    """What one GL context offers; read once per context."""
+
+    api: str  # "gl" or "gles"
+    version: str
+    renderer: str
+    vendor: str
+    extensions: frozenset[str]
+    driver_uuid: bytes = b""
+    device_uuids: tuple[bytes, ...] = ()
+
+    @property
+    def memory_object_fd(self) -> bool:
+        return {"GL_EXT_memory_object", "GL_EXT_memory_object_fd"} <= self.extensions
+
+    @property
+    def semaphore_fd(self) -> bool:
+        return {"GL_EXT_semaphore", "GL_EXT_semaphore_fd"} <= self.extensions
+
+    @property
+    def software(self) -> bool:
+        return any(s in self.renderer.lower() for s in _egl.SOFTWARE_RENDERERS)
+
+
+def _gl_string(enum: int) -> str:
+    s = GL.glGetString(enum)
+    return s.decode(errors="replace") if s else ""
+
+
+def _read_caps() -> GLCaps:
+    """Query the current context. Must run with the context current."""
+    _drain_errors()
+    version = _gl_string(GL.GL_VERSION)
+    if not version:
+        raise BackendError("no GL context is current on this thread")
+    n = ctypes.c_int(0)
+    GL.glGetIntegerv(GL.GL_NUM_EXTENSIONS, ctypes.byref(n))
+    exts = frozenset(GL.glGetStringi(GL.GL_EXTENSIONS, i).decode() for i in range(n.value))
+    caps = GLCaps("gles" if version.startswith("OpenGL ES") else "gl", version, _gl_string(GL.GL_RENDERER),
+                  _gl_string(GL.GL_VENDOR), exts)
+    if "GL_EXT_memory_object" in exts or "GL_EXT_semaphore" in exts:
+        buf = (ctypes.c_ubyte * 16)()
+        _mo.glGetUnsignedBytevEXT(GL_DRIVER_UUID_EXT, buf)
+        caps.driver_uuid = bytes(buf)
+        GL.glGetIntegerv(GL_NUM_DEVICE_UUIDS_EXT, ctypes.byref(n))
+        uuids = []
+        for i in range(n.value):
+            _mo.glGetUnsignedBytei_vEXT(GL_DEVICE_UUID_EXT, i, buf)
+            uuids.append(bytes(buf))
+        caps.device_uuids = tuple(uuids)
+    _drain_errors()
+    return caps
+
+
+_glx_get_current: Any = None
+
+
+def _current_context_key() -> tuple[str, int]:
+    """Identify the context current on this thread: ("egl", handle) or ("glx", handle); ("", 0) if none."""
+    global _glx_get_current
+    cur = _egl.egl().GetCurrentContext()
+    if cur:
+        return ("egl", cur)
+    if _glx_get_current is None:
+        try:
+            lib = ctypes.CDLL("libGL.so.1")
+            _glx_get_current = lib.glXGetCurrentContext
+            _glx_get_current.restype = ctypes.c_void_p
+        except (OSError, AttributeError):
+            _glx_get_current = False
+    if _glx_get_current:
+        glx = _glx_get_current()
+        if glx:
+            return ("glx", glx)
+    return ("", 0)
+
+
+class GLContext:
+    """A GL context texbridge works in: its own headless EGL one, or the caller's current one."""
+
+    def __init__(self, caps: GLCaps, egl_ctx: _egl.EGLContext | None, key: tuple[str, int], user: Any = None):
+        self.caps = caps
+        self.egl = egl_ctx
+        self.key = key
+        self.user = user  # the object the caller passed (a moderngl.Context, say)
+
+    @property
+    def headless(self) -> bool:
+        return self.egl is not None
+
+    @property
+    def platform(self) -> str:
+        return f"egl:{self.egl.platform}" if self.egl else f"current ({self.key[0] or 'unknown'})"
+
+    def enter(self) -> None:
+        """Make sure this context is current on the calling thread."""
+        if self.egl is not None:
+            self.egl.make_current()
+        elif _current_context_key() != self.key:
+            raise BackendError("the GL context these objects belong to is not current on this thread")
+
+    def try_enter(self) -> bool:
+        try:
+            self.enter()
+            return True
+        except BackendError:
+            return False
+
+    def __repr__(self) -> str:
+        return f"<GLContext {self.platform} {self.caps.renderer!r} {self.caps.version!r}>"
+
+
+_lock = threading.Lock()
+_headless: GLContext | None = None
+_headless_by_uuid: dict[bytes, GLContext | None] = {}
+_current_caps: dict[tuple[str, int], GLCaps] = {}
+
+
+def headless_context() -> GLContext:
+    """texbridge's own headless context (created on first use, then current on the calling thread)."""
+    global _headless
+    with _lock:
+        if _headless is None:
+            ectx = _egl.create_headless(_gl_string)
+            _headless = GLContext(_read_caps(), ectx, ("egl", ectx.context))
+        ctx = _headless
+    ctx.enter()
+    return ctx
+
+
+def _headless_for(device_uuid: bytes) -> GLContext:
+    """The headless context on the device with `device_uuid` if one exists, else the default headless context."""
+    default = headless_context()
+    if not device_uuid or device_uuid in default.caps.device_uuids:
+        return default
+    with _lock:
+        if device_uuid not in _headless_by_uuid:
+            found: GLContext | None = None
+            try:
+                ectx = _egl.create_headless(_gl_string, accept=lambda c: device_uuid in _read_caps().device_uuids)
+                found = GLContext(_read_caps(), ectx, ("egl", ectx.context))
+            except BackendError:
+                found = None
+            _headless_by_uuid[device_uuid] = found
+        ctx = _headless_by_uuid[device_uuid] or default
+    ctx.enter()
+    return ctx
+
+
+def resolve_context(context: Any = None, device_uuid: bytes = b"") -> GLContext:
+    """None: headless (on the device with `device_uuid` when there is one); "current" or a moderngl.Context: the
+    context current on this thread; a GLContext: itself."""
+    if isinstance(context, GLContext):
+        context.enter()
+        return context
+    if context is None:
+        return _headless_for(device_uuid) if device_uuid else headless_context()
+    if context == "current" or hasattr(context, "external_texture"):
+        key = _current_context_key()
+        caps = _current_caps.get(key) if key[1] else None
+        if caps is None:
+            if not _gl_string(GL.GL_VERSION):
+                raise BackendError("context='current' but no GL context is current on this thread")
+            caps = _read_caps()
+            if key[1]:
+                _current_caps[key] = caps
+        return GLContext(caps, None, key, None if context == "current" else context)
+    raise TypeError(f"context must be None, 'current', a moderngl.Context or a GLContext, not {context!r}")
+
+
+# -- save and restore the bits of GL state texbridge touches --------------------------------------------------------
+
+
+def _get_int(pname: int) -> int:
+    v = ctypes.c_int(0)
+    GL.glGetIntegerv(pname, ctypes.byref(v))
+    return v.value
+
+
+@contextmanager
+def _bound_texture(target: int, name: int) -> Iterator[None]:
+    """Bind `name` for the duration and restore the caller's binding: the user's context state is not ours."""
+    binding = GL.GL_TEXTURE_BINDING_2D if target == GL.GL_TEXTURE_2D else GL.GL_TEXTURE_BINDING_2D_ARRAY
+    prev = _get_int(binding)
+    GL.glBindTexture(target, name)
+    try:
+        yield
+    finally:
+        GL.glBindTexture(target, prev)
+
+
+@contextmanager
+def _bound_buffer(target: int, name: int) -> Iterator[None]:
+    binding = {GL.GL_COPY_WRITE_BUFFER: GL.GL_COPY_WRITE_BUFFER_BINDING,
+               GL.GL_COPY_READ_BUFFER: GL.GL_COPY_READ_BUFFER_BINDING}[target]
+    prev = _get_int(binding)
+    GL.glBindBuffer(target, name)
+    try:
+        yield
+    finally:
+        GL.glBindBuffer(target, prev)
+
+
+@contextmanager
+def _pixel_store() -> Iterator[None]:
+    """Tightly packed client memory, no pixel buffer objects; restores what the caller had."""
+    names = (GL.GL_PACK_ALIGNMENT, GL.GL_UNPACK_ALIGNMENT, GL.GL_PACK_ROW_LENGTH, GL.GL_UNPACK_ROW_LENGTH)
+    saved = [_get_int(n) for n in names]
+    pbo = (_get_int(GL.GL_PIXEL_PACK_BUFFER_BINDING), _get_int(GL.GL_PIXEL_UNPACK_BUFFER_BINDING))
+    for n, v in zip(names, (1, 1, 0, 0)):
+        GL.glPixelStorei(n, v)
+    GL.glBindBuffer(GL.GL_PIXEL_PACK_BUFFER, 0)
+    GL.glBindBuffer(GL.GL_PIXEL_UNPACK_BUFFER, 0)
+    try:
+        yield
+    finally:
+        for n, v in zip(names, saved):
+            GL.glPixelStorei(n, v)
+        GL.glBindBuffer(GL.GL_PIXEL_PACK_BUFFER, pbo[0])
+        GL.glBindBuffer(GL.GL_PIXEL_UNPACK_BUFFER, pbo[1])
+
+
+# -- semaphores -----------------------------------------------------------------------------------------------------
+
+
+class GLSemaphore:
+    """A Vulkan semaphore imported into GL (GL_EXT_semaphore_fd): GPU-side ordering without glFinish."""
+
+    def __init__(self, ctx: GLContext, name: int) -> None:
+        self.ctx, self.name = ctx, name
+
+    def wait(self, resources: Sequence["GLResource"] = (), layout: str = "general") -> None:
+        """GL waits (on the GPU) for the other API's signal; `layout` is the layout it left the images in."""
+        self._op(_sem.glWaitSemaphoreEXT, resources, layout, "glWaitSemaphoreEXT")
+
+    def signal(self, resources: Sequence["GLResource"] = (), layout: str = "general") -> None:
+        """Signal after GL's work, transitioning images to `layout` for the other API; flushes so it happens."""
+        self._op(_sem.glSignalSemaphoreEXT, resources, layout, "glSignalSemaphoreEXT")
+        GL.glFlush()
+
+    def _op(self, fn: Any, resources: Sequence["GLResource"], layout: str, what: str) -> None:
+        if self.name == 0:
+            raise TexbridgeError(f"{self!r} is closed")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        self.ctx.enter()
+        bufs = [r.buffer for r in resources if r.buffer]
+        texs = [r.texture for r in resources if r.texture]
+        with _gl(what):
+            fn(self.name, len(bufs), (ctypes.c_uint * max(1, len(bufs)))(*bufs), len(texs),
+               (ctypes.c_uint * max(1, len(texs)))(*texs),
+               (ctypes.c_uint * max(1, len(texs)))(*([LAYOUTS[layout]] * len(texs))))
+
+    def close(self) -> None:
+        name, self.name = self.name, 0
+        if name and self.ctx.try_enter():
+            _sem.glDeleteSemaphoresEXT(1, _GLuint1(name))
+
+    def __repr__(self) -> str:
+        return f"<GLSemaphore {self.name}>"
+
+
+# -- resources ------------------------------------------------------------------------------------------------------
+
+
+class GLResource(Resource):
+    """A texture or buffer whose memory another API (Vulkan) exported, imported into one GL context."""
+
+    backend_name = "gl"
+
+    def __init__(self, descriptor: Descriptor, ctx: GLContext, *, memory_object: int, texture: int = 0,
+                 buffer: int = 0, target: int = 0, producer: Resource | None = None) -> None:
+        super().__init__(descriptor)
+        self.context = ctx
+        self.memory_object = memory_object
+        self.texture = texture
+        self.buffer = buffer
+        self.target = target  # GL_TEXTURE_2D / GL_TEXTURE_2D_ARRAY for textures
+        self.gl_sync: str | None = None  # "semaphore" or "finish": how GL's work was last ordered before release
+        self._producer = producer  # the Vulkan resource whose memory this is, when GL created it
+        self._fbo = 0
+        self._moderngl: Any = None
+
+    @property
+    def format(self) -> Format:
+        return get_format(self.descriptor.format)
+
+    # -- sharing ---------------------------------------------------------------------------------------------------
+    def export_fds(self) -> list[int]:
+        """GL cannot export memory: the fds come from the Vulkan allocation GL borrowed (GL-created resources)."""
+        self._check_open()
+        if self._producer is None:
+            raise BackendError("this GL resource was imported; GL cannot re-export memory (share its handle instead)")
+        return self._producer.export_fds()
+
+    @property
+    def producer(self) -> Resource | None:
+        """The Vulkan resource that owns the memory, for a resource GL created."""
+        return self._producer
+
+    # -- rendering -------------------------------------------------------------------------------------------------
+    def framebuffer(self) -> int:
+        """A framebuffer object with this texture (mip 0, layer 0) as GL_COLOR_ATTACHMENT0; made once, owned here."""
+        self._check_open()
+        if not self.texture:
+            raise TypeError("a buffer has no framebuffer")
+        if self._fbo:
+            return self._fbo
+        self.context.enter()
+        with _gl("framebuffer"):
+            prev = _get_int(GL.GL_FRAMEBUFFER_BINDING)
+            fbo = int(GL.glGenFramebuffers(1))
+            GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, fbo)
+            try:
+                if self.target == GL.GL_TEXTURE_2D:
+                    GL.glFramebufferTexture2D(GL.GL_FRAMEBUFFER, GL.GL_COLOR_ATTACHMENT0, GL.GL_TEXTURE_2D,
+                                              self.texture, 0)
+                else:
+                    GL.glFramebufferTextureLayer(GL.GL_FRAMEBUFFER, GL.GL_COLOR_ATTACHMENT0, self.texture, 0, 0)
+                status = GL.glCheckFramebufferStatus(GL.GL_FRAMEBUFFER)
+            finally:
+                GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, prev)
+        if status != GL.GL_FRAMEBUFFER_COMPLETE:
+            GL.glDeleteFramebuffers(1, _GLuint1(fbo))
+            raise BackendError(f"framebuffer for {self.descriptor.format} is incomplete (status {status:#x})")
+        self._fbo = fbo
+        return fbo
+
+    def moderngl_texture(self, ctx: Any) -> Any:
+        """This texture as a moderngl.Texture (ctx.external_texture; the GL name stays owned by this resource)."""
+        self._check_open()
+        if not self.texture or self.target != GL.GL_TEXTURE_2D:
+            raise TypeError("only 2D textures have a moderngl wrapper")
+        fmt = self.format
+        dtype = _MODERNGL_DTYPE.get(fmt.dtype) if fmt.gl_format != GL.GL_RED_INTEGER else "u4"
+        if dtype is None or fmt.channels not in (1, 2, 3, 4) or fmt.name == "rgb10a2":
+            raise TypeError(f"moderngl has no dtype for {fmt.name}")
+        d = self.descriptor
+        return ctx.external_texture(self.texture, (d.width, d.height), fmt.channels, 0, dtype)
+
+    # -- sync ------------------------------------------------------------------------------------------------------
+    def begin_access(self, semaphore: GLSemaphore | None = None, layout: str = "general") -> None:
+        """Order GL after the other API: wait on its semaphore (GL_EXT_semaphore_fd), else nothing is needed
+        because the other side completed its work before releasing the keyed mutex."""
+        self._check_open()
+        if semaphore is not None:
+            semaphore.wait([self], layout)
+
+    def end_access(self, semaphore: GLSemaphore | None = None, layout: str = "general") -> None:
+        """Make GL's work visible before the keyed mutex is released: signal + glFlush with a semaphore, else
+        glFinish (llvmpipe has no GL_EXT_semaphore_fd). Records the path in `gl_sync`."""
+        self._check_open()
+        self.context.enter()
+        if semaphore is not None and self.context.caps.semaphore_fd:
+            semaphore.signal([self], layout)
+            self.gl_sync = "semaphore"
+        else:
+            GL.glFinish()
+            self.gl_sync = "finish"
+
+    # -- CPU transfers ---------------------------------------------------------------------------------------------
+    def upload(self, array: np.ndarray) -> None:
+        self._check_open()
+        self.context.enter()
+        if self.buffer:
+            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            if data.size != self.descriptor.size:
+                raise ValueError(f"upload of {data.size} bytes into a {self.descriptor.size}-byte buffer")
+            self._buffer_upload(data)
+            return
+        data = self._texture_array(array)
+        d, fmt = self.descriptor, self.format
+        with _gl("glTexSubImage"), _pixel_store(), _bound_texture(self.target, self.texture):
+            if self.target == GL.GL_TEXTURE_2D:
+                GL.glTexSubImage2D(self.target, 0, 0, 0, d.width, d.height, fmt.gl_format, fmt.gl_type,
+                                   data.ctypes.data_as(ctypes.c_void_p))
+            else:
+                GL.glTexSubImage3D(self.target, 0, 0, 0, 0, d.width, d.height, d.array_size, fmt.gl_format,
+                                   fmt.gl_type, data.ctypes.data_as(ctypes.c_void_p))
+
+    def download(self) -> np.ndarray:
+        self._check_open()
+        self.context.enter()
+        d, caps = self.descriptor, self.context.caps
+        if self.buffer:
+            out = np.empty(d.size, np.uint8)
+            self._buffer_download(out)
+            return out
+        fmt = self.format
+        shape = self.shape if d.array_size == 1 else (d.array_size, *self.shape)
+        out = np.empty(shape, fmt.numpy_dtype)
+        with _gl("glGetTexImage"), _pixel_store():
+            if caps.api == "gl":
+                with _bound_texture(self.target, self.texture):
+                    GL.glGetTexImage(self.target, 0, fmt.gl_format, fmt.gl_type, out.ctypes.data_as(ctypes.c_void_p))
+            else:  # GLES has no glGetTexImage: read back through the framebuffer, layer 0 only
+                if d.array_size != 1:
+                    raise BackendError("GLES cannot read back texture arrays")
+                prev = _get_int(GL.GL_READ_FRAMEBUFFER_BINDING)
+                GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self.framebuffer())
+                try:
+                    GL.glReadPixels(0, 0, d.width, d.height, fmt.gl_format, fmt.gl_type,
+                                    out.ctypes.data_as(ctypes.c_void_p))
+                finally:
+                    GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, prev)
+        return out
+
+    def _texture_array(self, array: np.ndarray) -> np.ndarray:
+        d, fmt = self.descriptor, self.format
+        shape = self.shape if d.array_size == 1 else (d.array_size, *self.shape)
+        data = np.ascontiguousarray(array, dtype=fmt.numpy_dtype)
+        if data.shape != shape:
+            if data.size != int(np.prod(shape)):
+                raise ValueError(f"upload of shape {np.shape(array)} into a texture of shape {shape}")
+            data = data.reshape(shape)
+        return data
+
+    def _buffer_upload(self, data: np.ndarray) -> None:
+        """Memory-object buffers are immutable with no DYNAMIC_STORAGE_BIT, so glBufferSubData is illegal: copy
+        from a staging buffer on the GPU instead."""
+        with _gl("buffer upload"):
+            staging = int(GL.glGenBuffers(1))
+            try:
+                with _bound_buffer(GL.GL_COPY_READ_BUFFER, staging), \
+                        _bound_buffer(GL.GL_COPY_WRITE_BUFFER, self.buffer):
+                    GL.glBufferData(GL.GL_COPY_READ_BUFFER, data.size, data.ctypes.data_as(ctypes.c_void_p),
+                                    GL.GL_STREAM_DRAW)
+                    GL.glCopyBufferSubData(GL.GL_COPY_READ_BUFFER, GL.GL_COPY_WRITE_BUFFER, 0, 0, data.size)
+            finally:
+                GL.glDeleteBuffers(1, _GLuint1(staging))
+
+    def _buffer_download(self, out: np.ndarray) -> None:
+        with _gl("buffer download"):
+            if self.context.caps.api == "gl":
+                with _bound_buffer(GL.GL_COPY_READ_BUFFER, self.buffer):
+                    GL.glGetBufferSubData(GL.GL_COPY_READ_BUFFER, 0, out.size, out.ctypes.data_as(ctypes.c_void_p))
+                return
+            # GLES: no glGetBufferSubData and the imported buffer cannot be mapped; copy to a mappable one
+            staging = int(GL.glGenBuffers(1))
+            try:
+                with _bound_buffer(GL.GL_COPY_READ_BUFFER, self.buffer), \
+                        _bound_buffer(GL.GL_COPY_WRITE_BUFFER, staging):
+                    GL.glBufferData(GL.GL_COPY_WRITE_BUFFER, out.size, None, GL.GL_STREAM_READ)
+                    GL.glCopyBufferSubData(GL.GL_COPY_READ_BUFFER, GL.GL_COPY_WRITE_BUFFER, 0, 0, out.size)
+                    ptr = GL.glMapBufferRange(GL.GL_COPY_WRITE_BUFFER, 0, out.size, GL.GL_MAP_READ_BIT)
+                    ctypes.memmove(out.ctypes.data, ptr, out.size)
+                    GL.glUnmapBuffer(GL.GL_COPY_WRITE_BUFFER)
+            finally:
+                GL.glDeleteBuffers(1, _GLuint1(staging))
+
+    # -- lifetime --------------------------------------------------------------------------------------------------
+    def gl_names(self) -> dict[str, int]:
+        """Every GL object this resource owns (for leak checks and debugging)."""
+        return {"texture": self.texture, "buffer": self.buffer, "memory_object": self.memory_object,
+                "framebuffer": self._fbo}
+
+    def _release(self) -> None:
+        tex, buf, mem, fbo = self.texture, self.buffer, self.memory_object, self._fbo
+        self.texture = self.buffer = self.memory_object = self._fbo = 0
+        producer, self._producer = self._producer, None
+        try:
+            if self.context.try_enter():
+                _delete_objects(tex, buf, mem, fbo)
+            elif tex or buf or mem:
+                warnings.warn(f"GL objects of {self!r} not deleted: their context is not current on this thread",
+                              ResourceWarning, stacklevel=3)
+        finally:
+            if producer is not None:
+                producer.close()
+
+
+def _delete_objects(tex: int = 0, buf: int = 0, mem: int = 0, fbo: int = 0) -> None:
+    """Delete in dependency order: the FBO and texture/buffer hold the memory object's storage."""
+    if fbo:
+        GL.glDeleteFramebuffers(1, _GLuint1(fbo))
+    if tex:
+        GL.glDeleteTextures(1, _GLuint1(tex))
+    if buf:
+        GL.glDeleteBuffers(1, _GLuint1(buf))
+    if mem:
+        _mo.glDeleteMemoryObjectsEXT(1, _GLuint1(mem))
+
+
+# -- the backend ----------------------------------------------------------------------------------------------------
+
+
+def _tiling(descriptor: Descriptor) -> int:
+    raw = descriptor.driver_private.get("tiling", "optimal")
+    tiling = _VK_TILING.get(raw)
+    if tiling is None:
+        raise InvalidDescriptor(f"GL can import optimal or linear tiling only, not {raw!r} (DRM format modifiers "
+                                "need EGLImage import)")
+    return GL_OPTIMAL_TILING_EXT if tiling == "optimal" else GL_LINEAR_TILING_EXT
+
+
+def _check_uuids(descriptor: Descriptor, caps: GLCaps) -> None:
+    """OPAQUE_FD memory is only meaningful to the same driver on the same device: refuse before importing."""
+    if descriptor.driver_uuid and descriptor.driver_uuid != caps.driver_uuid:
+        raise IncompatibleDevice(
+            f"memory exported by driver {descriptor.driver_uuid.hex()} cannot be imported by GL driver "
+            f"{caps.driver_uuid.hex() or '(none reported)'} ({caps.renderer})")
+    if descriptor.device_uuid and descriptor.device_uuid not in caps.device_uuids:
+        raise IncompatibleDevice(
+            f"memory exported by device {descriptor.device_uuid.hex()} cannot be imported by the GL context on "
+            f"{', '.join(u.hex() for u in caps.device_uuids) or '(no device UUID)'} ({caps.renderer})")
+
+
+class GLBackend:
+    """Backend protocol for OpenGL (see the module docstring for contexts, producers and sync)."""
+
+    name = "gl"
+
+    # -- import ----------------------------------------------------------------------------------------------------
+    def import_resource(self, descriptor: Descriptor, fds: Sequence[int], context: Any = None,
+                        **options: Any) -> GLResource:
+        """Import Vulkan-exported memory (fds[0], OPAQUE_FD). Takes ownership of every fd in `fds`."""
+        fds = list(fds)
+        try:
+            if options:
+                raise TypeError(f"gl backend import takes no options: {', '.join(options)}")
+            if not fds:
+                raise InvalidDescriptor("no memory fd to import")
+            res = self._import(descriptor, fds, context, None)
+            fds[0] = -1  # GL owns it now
+            return res
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+
+    def _import(self, descriptor: Descriptor, fds: list[int], context: Any, producer: Resource | None) -> GLResource:
+        if descriptor.memory != "opaque_fd":
+            raise InvalidDescriptor(f"the gl backend imports opaque_fd memory, not {descriptor.memory} "
+                                    "(open memfd resources with the memfd backend)")
+        if descriptor.kind not in ("texture2d", "buffer"):
+            raise InvalidDescriptor(f"the gl backend imports textures and buffers, not {descriptor.kind}")
+        ctx = resolve_context(context, descriptor.device_uuid)
+        caps = ctx.caps
+        if not caps.memory_object_fd:
+            raise BackendError(f"GL_EXT_memory_object_fd is not supported by {caps.renderer} ({caps.version})")
+        _check_uuids(descriptor, caps)
+        priv = descriptor.driver_private
+        alloc_size = int(priv.get("allocation_size", descriptor.size))
+        offset = int(priv.get("offset", 0))
+        if descriptor.kind == "texture2d":
+            fmt = get_format(descriptor.format)
+            tiling = _tiling(descriptor)
+        _drain_errors()
+        mem = _GLuint1()
+        with _gl("glCreateMemoryObjectsEXT"):
+            _mo.glCreateMemoryObjectsEXT(1, mem)
+        memory = int(mem[0])
+        tex = buf = 0
+        try:
+            if priv.get("dedicated"):
+                with _gl("glMemoryObjectParameterivEXT(GL_DEDICATED_MEMORY_OBJECT_EXT)"):
+                    _mo.glMemoryObjectParameterivEXT(memory, GL_DEDICATED_MEMORY_OBJECT_EXT, (ctypes.c_int * 1)(1))
+            with _gl("glImportMemoryFdEXT"):
+                _mofd.glImportMemoryFdEXT(memory, alloc_size, GL_HANDLE_TYPE_OPAQUE_FD_EXT, fds[0])
+            fds[0] = -1  # a successful import transfers the fd to GL
+            if descriptor.kind == "buffer":
+                buf = int(GL.glGenBuffers(1))
+                with _gl("glBufferStorageMemEXT"), _bound_buffer(GL.GL_COPY_WRITE_BUFFER, buf):
+                    _mo.glBufferStorageMemEXT(GL.GL_COPY_WRITE_BUFFER, descriptor.size, memory, offset)
+                target = 0
+            else:
+                target = GL.GL_TEXTURE_2D if descriptor.array_size == 1 else GL.GL_TEXTURE_2D_ARRAY
+                tex = int(GL.glGenTextures(1))
+                with _gl("glTexStorageMem2DEXT"), _bound_texture(target, tex):
+                    GL.glTexParameteri(target, GL_TEXTURE_TILING_EXT, tiling)
+                    if target == GL.GL_TEXTURE_2D:
+                        _mo.glTexStorageMem2DEXT(target, descriptor.mip_levels, fmt.gl_internal, descriptor.width,
+                                                 descriptor.height, memory, offset)
+                    else:
+                        _mo.glTexStorageMem3DEXT(target, descriptor.mip_levels, fmt.gl_internal, descriptor.width,
+                                                 descriptor.height, descriptor.array_size, memory, offset)
+                    GL.glTexParameteri(target, GL.GL_TEXTURE_MAX_LEVEL, descriptor.mip_levels - 1)
+                    if descriptor.mip_levels == 1:
+                        GL.glTexParameteri(target, GL.GL_TEXTURE_MIN_FILTER, GL.GL_LINEAR)
+                    if fmt.gl_swizzle:
+                        for pname, comp in zip((GL.GL_TEXTURE_SWIZZLE_R, GL.GL_TEXTURE_SWIZZLE_G,
+                                                GL.GL_TEXTURE_SWIZZLE_B, GL.GL_TEXTURE_SWIZZLE_A), fmt.gl_swizzle):
+                            GL.glTexParameteri(target, pname, _SWIZZLE[comp])
+        except BaseException:
+            _delete_objects(tex, buf, memory)
+            raise
+        return GLResource(descriptor, ctx, memory_object=memory, texture=tex, buffer=buf, target=target,
+                          producer=producer)
+
+    def import_semaphore(self, fd: int, context: Any = None) -> GLSemaphore:
+        """Import a Vulkan semaphore (OPAQUE_FD) for GPU-side ordering. Takes ownership of `fd`."""
+        try:
+            ctx = resolve_context(context)
+            if not ctx.caps.semaphore_fd:
+                raise BackendError(f"GL_EXT_semaphore_fd is not supported by {ctx.caps.renderer}")
+            _drain_errors()
+            sem = _GLuint1()
+            with _gl("glGenSemaphoresEXT"):
+                _sem.glGenSemaphoresEXT(1, sem)
+            try:
+                with _gl("glImportSemaphoreFdEXT"):
+                    _semfd.glImportSemaphoreFdEXT(int(sem[0]), GL_HANDLE_TYPE_OPAQUE_FD_EXT, fd)
+            except BaseException:
+                _sem.glDeleteSemaphoresEXT(1, sem)
+                raise
+            fd = -1
+            return GLSemaphore(ctx, int(sem[0]))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    # -- GL as a producer (memory from Vulkan) ---------------------------------------------------------------------
+    def _vulkan(self) -> Any:
+        from . import get_backend
+
+        try:
+            return get_backend("vulkan")
+        except BackendError as e:
+            raise BackendError(f"GL cannot allocate shareable memory itself and the vulkan backend is "
+                               f"unavailable: {e}") from e
+
+    def _produce(self, create: Any, context: Any) -> GLResource:
+        ctx = resolve_context(context)
+        caps = ctx.caps
+        if not caps.memory_object_fd:
+            raise BackendError(f"GL_EXT_memory_object_fd is not supported by {caps.renderer} ({caps.version})")
+        vk_res = create(caps.device_uuids[0] if caps.device_uuids else b"")
+        try:
+            desc = vk_res.descriptor.with_(backend="gl")
+            fds = vk_res.export_fds()
+            try:
+                res = self._import(desc, fds, ctx, vk_res)
+                fds[0] = -1
+                return res
+            finally:
+                for fd in fds:
+                    if fd >= 0:
+                        os.close(fd)
+        except BaseException:
+            vk_res.close()
+            raise
+
+    def create_texture(self, width: int, height: int, format: str, *, usage: int = int(Usage.DEFAULT),
+                       keyed_mutex: bool = False, context: Any = None, mip_levels: int = 1,
+                       **options: Any) -> GLResource:
+        """A texture GL can render into (see framebuffer()), allocated by Vulkan on the GL context's device."""
+        if options:
+            raise TypeError(f"gl backend create_texture got unknown options: {', '.join(options)}")
+        vk = self._vulkan()
+        return self._produce(lambda uuid: vk.create_texture(width, height, format, usage=usage,
+                                                            keyed_mutex=keyed_mutex, device_uuid=uuid,
+                                                            mip_levels=mip_levels), context)
+
+    def create_buffer(self, size: int, *, usage: int = int(Usage.DEFAULT), keyed_mutex: bool = False,
+                      context: Any = None, **options: Any) -> GLResource:
+        if options:
+            raise TypeError(f"gl backend create_buffer got unknown options: {', '.join(options)}")
+        vk = self._vulkan()
+        return self._produce(lambda uuid: vk.create_buffer(size, usage=usage, keyed_mutex=keyed_mutex,
+                                                           device_uuid=uuid), context)
+
+    # -- doctor ----------------------------------------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, Any]:
+        """EGL platform, GL strings, interop extensions and UUIDs of the headless context. Never raises."""
+        info: dict[str, Any] = {"available": False, "pyopengl_platform": os.environ.get("PYOPENGL_PLATFORM", "")}
+        try:
+            info["egl_client_extensions"] = sorted(_egl.client_extensions())
+            info["egl_devices"] = [{"node": d.node, "software": d.software} for d in _egl.devices()]
+            ctx = headless_context()
+            caps = ctx.caps
+            info.update({
+                "egl_platform": ctx.egl.platform if ctx.egl else "",
+                "egl_vendor": ctx.egl.egl_vendor if ctx.egl else "",
+                "gl_api": caps.api, "gl_vendor": caps.vendor, "gl_renderer": caps.renderer,
+                "gl_version": caps.version,
+                "memory_object": "GL_EXT_memory_object" in caps.extensions,
+                "memory_object_fd": "GL_EXT_memory_object_fd" in caps.extensions,
+                "semaphore": "GL_EXT_semaphore" in caps.extensions,
+                "semaphore_fd": "GL_EXT_semaphore_fd" in caps.extensions,
+                "driver_uuid": caps.driver_uuid.hex(), "device_uuids": [u.hex() for u in caps.device_uuids],
+                "sync": "semaphore" if caps.semaphore_fd else "finish",
+                "available": caps.memory_object_fd,
+            })
+            info["detail"] = (f"{info['egl_platform']} EGL, {caps.renderer}, {caps.version}; "
+                              f"sync by {info['sync']}" if caps.memory_object_fd else
+                              f"GL_EXT_memory_object_fd missing on {caps.renderer}")
+        except Exception as e:  # diagnostics must never raise
+            info["detail"] = f"{type(e).__name__}: {e}"
+        return info
+
+
+BACKEND = GLBackend()
+
+__all__ = ["BACKEND", "GLBackend", "GLContext", "GLResource", "GLSemaphore", "LAYOUTS", "headless_context",
+           "resolve_context"]
