@@ -243,6 +243,10 @@ class Session:
     def stats(self) -> dict[str, int]:
         return self._channel.request(Op.STATS, {})[0]
 
+    def shutdown(self) -> None:
+        """Ask the broker to exit (its own uid or root only): every client is cut off, every resource freed."""
+        self._channel.request(Op.SHUTDOWN, {})
+
     def watch(self) -> Iterator[Event]:
         """Events pushed by the broker (published, unpublished, updated, released, retired), on a new connection."""
         channel = _Channel(self.namespace, app_name=self.app_name + ":watch", autostart=self._autostart,
