@@ -119,7 +119,7 @@ class Registry:
             return fx
         for name in sorted(client.names):
             self._unpublish(name, fx)
-        for handle, count in client.refs.items():
+        for handle, count in list(client.refs.items()):
             rec = self.resources.get(handle)
             if rec is None:
                 continue

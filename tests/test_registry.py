@@ -1,0 +1,163 @@
+"""The broker's rules, pure: no sockets, fake fd numbers with the facts the server would have observed."""
+
+import itertools
+
+import pytest
+
+from texbridge._broker.registry import Policy, Quotas, Registry
+from texbridge._descriptor import Descriptor, texture_layout
+from texbridge._memfd import F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, FdFacts
+from texbridge._protocol import VERSION, Message, Op
+from texbridge import AccessDenied
+
+SEALED = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
+PITCH, SIZE = texture_layout(64, 64, "rgba8")
+TEX = Descriptor(kind="texture2d", size=SIZE, width=64, height=64, format="rgba8", planes=((0, PITCH),)).to_wire()
+
+
+class World:
+    """A registry plus the bookkeeping a test needs: fake fd numbers and who still owns which."""
+
+    def __init__(self, **kw):
+        self.reg = Registry(namespace="t", clock=itertools.count().__next__, **kw)
+        self.fd = itertools.count(100)
+        self.closed: list[int] = []
+        self.rid = itertools.count(1)
+
+    def connect(self, cid, uid=0, pid=None):
+        self.reg.connect(cid, pid or 1000 + cid, uid)
+        return self.call(cid, Op.HELLO, version=VERSION, name=f"c{cid}", pid=1000 + cid)
+
+    def call(self, cid, op, fds=(), **fields):
+        fx = self.reg.handle(cid, Message(op, next(self.rid), fields, len(fds)), fds)
+        self.closed += fx.close
+        self.last = fx
+        reply = [o for o in fx.out if o.client == cid and o.message.op in (Op.REPLY, Op.ERROR)][-1]
+        return reply
+
+    def register(self, cid, facts=None, desc=TEX, **fields):
+        fd = next(self.fd)
+        return fd, self.call(cid, Op.REGISTER, [(fd, facts or FdFacts("memfd", SIZE, SEALED))], descriptor=desc,
+                             **fields)
+
+    def ok(self, reply):
+        assert reply.message.op is Op.REPLY, reply.message.fields
+        return reply.message.fields
+
+    def err(self, reply, code):
+        assert reply.message.op is Op.ERROR and reply.message.fields["code"] == code, reply.message.fields
+
+
+def test_register_open_close_lifecycle_and_fd_ownership():
+    w = World()
+    w.connect(1), w.connect(2)
+    fd, r = w.register(1)
+    h = w.ok(r)["handle"]
+    opened = w.call(2, Op.OPEN, handle=h)
+    assert opened.fds == (fd,) and w.ok(opened)["descriptor"]["width"] == 64
+    w.ok(w.call(1, Op.CLOSE, handle=h))
+    assert fd not in w.closed  # client 2 still holds it: the resource outlives its creator
+    w.ok(w.call(2, Op.CLOSE, handle=h))
+    assert w.closed == [fd] and not w.reg.resources
+    w.err(w.call(2, Op.CLOSE, handle=h), "not_found")  # double close
+
+
+def test_disconnect_drops_every_reference_and_name():
+    w = World()
+    w.connect(1), w.connect(2)
+    fd, r = w.register(1, name="cam")
+    h = w.ok(r)["handle"]
+    w.call(2, Op.OPEN, name="cam"), w.call(2, Op.OPEN, name="cam")
+    w.closed += w.reg.disconnect(1).close
+    assert "cam" not in w.reg.names and h in w.reg.resources  # the publisher left: name gone, memory stays
+    w.closed += w.reg.disconnect(2).close
+    assert w.closed == [fd] and w.reg.idle
+
+
+@pytest.mark.parametrize("facts, code", [
+    (FdFacts("memfd", SIZE, 0), "invalid_descriptor"),  # unsealed
+    (FdFacts("memfd", SIZE, F_SEAL_GROW), "invalid_descriptor"),  # may shrink
+    (FdFacts("memfd", SIZE - 1, SEALED), "invalid_descriptor"),  # too small
+    (FdFacts("socket"), "invalid_descriptor"), (FdFacts("directory"), "invalid_descriptor"),
+    (FdFacts("fifo"), "invalid_descriptor"), (FdFacts("regular", SIZE), "invalid_descriptor"),
+])
+def test_bad_memory_is_refused_and_fd_returned_for_closing(facts, code):
+    w = World()
+    w.connect(1)
+    fd, r = w.register(1, facts)
+    w.err(r, code)
+    assert w.closed == [fd] and not w.reg.resources
+
+
+def test_wrong_fd_count_and_bad_descriptor():
+    w = World()
+    w.connect(1)
+    facts = FdFacts("memfd", SIZE, SEALED)
+    r = w.call(1, Op.REGISTER, [(1, facts), (2, facts)], descriptor=TEX)
+    w.err(r, "invalid_descriptor")
+    w.err(w.register(1, desc={**TEX, "width": 0})[1], "invalid_descriptor")
+    w.err(w.register(1, desc={**TEX, "format": "nope"})[1], "invalid_descriptor")
+    w.err(w.register(1, desc={**TEX, "size": 1 << 80})[1], "invalid_descriptor")
+    w.err(w.register(1, desc="not a map")[1], "invalid_descriptor")
+    assert sorted(w.closed) == [1, 2, 100, 101, 102, 103]
+
+
+def test_names_are_unique_and_belong_to_their_publisher():
+    w = World()
+    w.connect(1), w.connect(2)
+    h = w.ok(w.register(1, name="cam")[1])["handle"]
+    w.err(w.register(2, name="cam")[1], "name_in_use")
+    w.err(w.call(2, Op.PUBLISH, handle=h, name="other"), "access_denied")  # not a holder
+    w.call(2, Op.OPEN, handle=h)
+    w.ok(w.call(2, Op.PUBLISH, handle=h, name="other"))
+    w.err(w.call(2, Op.UNPUBLISH, name="cam"), "access_denied")
+    w.ok(w.call(1, Op.UNPUBLISH, name="cam"))
+    w.err(w.call(1, Op.OPEN, name="cam"), "not_found")
+    w.err(w.call(1, Op.PUBLISH, handle=h, name=""), "invalid_descriptor")
+
+
+def test_quotas():
+    w = World(quotas=Quotas(resources=2, bytes=SIZE * 10, names=1))
+    w.connect(1)
+    w.ok(w.register(1, name="a")[1])
+    w.err(w.register(1, name="b")[1], "quota_exceeded")
+    w.ok(w.register(1)[1])
+    w.err(w.register(1)[1], "quota_exceeded")
+
+
+def test_watchers_get_events():
+    w = World()
+    w.connect(1), w.connect(2)
+    w.call(2, Op.WATCH)
+    h = w.ok(w.register(1, name="cam")[1])["handle"]
+    assert [o.message.fields["event"] for o in w.last.out if o.client == 2] == ["published"]
+    w.call(1, Op.CLOSE, handle=h)
+    assert [o.message.fields["event"] for o in w.last.out if o.client == 2] == ["released", "unpublished", "retired"]
+
+
+def test_list_pages_and_stats():
+    w = World()
+    w.connect(1)
+    for _ in range(450):
+        w.register(1)
+    page = w.ok(w.call(1, Op.LIST, offset=400))
+    assert page["total"] == 450 and len(page["resources"]) == 50
+    assert w.ok(w.call(1, Op.STATS))["resources"] == 450
+
+
+def test_policy_and_shutdown_rights():
+    w = World(policy=Policy(broker_uid=1000, allowed_uids=frozenset({1001})))
+    with pytest.raises(AccessDenied):
+        w.reg.connect(9, 1, 1002)
+    w.connect(1, uid=1001)
+    w.err(w.call(1, Op.SHUTDOWN), "access_denied")
+    w.connect(2, uid=1000)
+    w.ok(w.call(2, Op.SHUTDOWN))
+    assert w.last.shutdown
+
+
+def test_unknown_handle_is_not_found():
+    w = World()
+    w.connect(1)
+    w.err(w.call(1, Op.OPEN, handle=12345), "not_found")
+    w.err(w.call(1, Op.INFO, name="x"), "not_found")
