@@ -44,6 +44,8 @@ from OpenGL.raw.GL.EXT import memory_object as _mo  # noqa: E402
 from OpenGL.raw.GL.EXT import memory_object_fd as _mofd  # noqa: E402
 from OpenGL.raw.GL.EXT import semaphore as _sem  # noqa: E402
 from OpenGL.raw.GL.EXT import semaphore_fd as _semfd  # noqa: E402
+from OpenGL.raw.GL.VERSION import GL_1_0 as _gl10, GL_1_1 as _gl11, GL_1_2 as _gl12  # noqa: E402
+from OpenGL.raw.GL.VERSION import GL_1_5 as _gl15, GL_3_0 as _gl30  # noqa: E402
 
 from .._descriptor import Descriptor, Usage  # noqa: E402
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor, TexbridgeError  # noqa: E402
@@ -80,7 +82,8 @@ def _gl(what: str) -> Iterator[None]:
     try:
         yield
     except _glerror.GLError as e:
-        raise BackendError(f"{what} failed: GL error {getattr(e, 'err', '?')!r} ({e.description!r})") from None
+        raise BackendError(f"{what} failed: GL error {getattr(e, 'err', '?')!r} in "
+                           f"{getattr(getattr(e, 'baseOperation', None), '__name__', '?')}") from None
     err = GL.glGetError()
     if err:
         raise BackendError(f"{what} failed: GL error {err:#x}")
@@ -215,11 +218,24 @@ _headless_by_uuid: dict[bytes, GLContext | None] = {}
 _current_caps: dict[tuple[str, int], GLCaps] = {}
 
 
+def _pyopengl_platform() -> str:
+    import OpenGL.platform
+
+    return type(OpenGL.platform.PLATFORM).__name__.replace("Platform", "").lower()
+
+
 def headless_context() -> GLContext:
     """texbridge's own headless context (created on first use, then current on the calling thread)."""
     global _headless
     with _lock:
         if _headless is None:
+            if _pyopengl_platform() != "egl":
+                # PyOpenGL resolves GL>1.1 and extension entry points only while a context of ITS platform is
+                # current (glXGetCurrentContext for GLX), so an EGL context would see null functions.
+                raise BackendError(
+                    f"PyOpenGL was loaded for the {_pyopengl_platform()} platform before texbridge, so texbridge's "
+                    "headless EGL context cannot be used: set PYOPENGL_PLATFORM=egl before OpenGL is first "
+                    "imported, or pass context='current' with your own context current")
             ectx = _egl.create_headless(_gl_string)
             _headless = GLContext(_read_caps(), ectx, ("egl", ectx.context))
         ctx = _headless
@@ -273,6 +289,18 @@ def resolve_context(context: Any = None, device_uuid: bytes = b"") -> GLContext:
 def _get_int(pname: int) -> int:
     v = ctypes.c_int(0)
     GL.glGetIntegerv(pname, ctypes.byref(v))
+    return v.value
+
+
+def _get_tex_int(target: int, pname: int) -> int:
+    v = ctypes.c_int(0)
+    GL.glGetTexLevelParameteriv(target, 0, pname, ctypes.byref(v))
+    return v.value
+
+
+def _get_buffer_int(target: int, pname: int) -> int:
+    v = ctypes.c_int(0)
+    GL.glGetBufferParameteriv(target, pname, ctypes.byref(v))
     return v.value
 
 
@@ -471,10 +499,10 @@ class GLResource(Resource):
         d, fmt = self.descriptor, self.format
         with _gl("glTexSubImage"), _pixel_store(), _bound_texture(self.target, self.texture):
             if self.target == GL.GL_TEXTURE_2D:
-                GL.glTexSubImage2D(self.target, 0, 0, 0, d.width, d.height, fmt.gl_format, fmt.gl_type,
+                _gl11.glTexSubImage2D(self.target, 0, 0, 0, d.width, d.height, fmt.gl_format, fmt.gl_type,
                                    data.ctypes.data_as(ctypes.c_void_p))
             else:
-                GL.glTexSubImage3D(self.target, 0, 0, 0, 0, d.width, d.height, d.array_size, fmt.gl_format,
+                _gl12.glTexSubImage3D(self.target, 0, 0, 0, 0, d.width, d.height, d.array_size, fmt.gl_format,
                                    fmt.gl_type, data.ctypes.data_as(ctypes.c_void_p))
 
     def download(self) -> np.ndarray:
@@ -491,14 +519,14 @@ class GLResource(Resource):
         with _gl("glGetTexImage"), _pixel_store():
             if caps.api == "gl":
                 with _bound_texture(self.target, self.texture):
-                    GL.glGetTexImage(self.target, 0, fmt.gl_format, fmt.gl_type, out.ctypes.data_as(ctypes.c_void_p))
+                    _gl10.glGetTexImage(self.target, 0, fmt.gl_format, fmt.gl_type, out.ctypes.data_as(ctypes.c_void_p))
             else:  # GLES has no glGetTexImage: read back through the framebuffer, layer 0 only
                 if d.array_size != 1:
                     raise BackendError("GLES cannot read back texture arrays")
                 prev = _get_int(GL.GL_READ_FRAMEBUFFER_BINDING)
                 GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self.framebuffer())
                 try:
-                    GL.glReadPixels(0, 0, d.width, d.height, fmt.gl_format, fmt.gl_type,
+                    _gl10.glReadPixels(0, 0, d.width, d.height, fmt.gl_format, fmt.gl_type,
                                     out.ctypes.data_as(ctypes.c_void_p))
                 finally:
                     GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, prev)
@@ -522,7 +550,7 @@ class GLResource(Resource):
             try:
                 with _bound_buffer(GL.GL_COPY_READ_BUFFER, staging), \
                         _bound_buffer(GL.GL_COPY_WRITE_BUFFER, self.buffer):
-                    GL.glBufferData(GL.GL_COPY_READ_BUFFER, data.size, data.ctypes.data_as(ctypes.c_void_p),
+                    _gl15.glBufferData(GL.GL_COPY_READ_BUFFER, data.size, data.ctypes.data_as(ctypes.c_void_p),
                                     GL.GL_STREAM_DRAW)
                     GL.glCopyBufferSubData(GL.GL_COPY_READ_BUFFER, GL.GL_COPY_WRITE_BUFFER, 0, 0, data.size)
             finally:
@@ -532,16 +560,16 @@ class GLResource(Resource):
         with _gl("buffer download"):
             if self.context.caps.api == "gl":
                 with _bound_buffer(GL.GL_COPY_READ_BUFFER, self.buffer):
-                    GL.glGetBufferSubData(GL.GL_COPY_READ_BUFFER, 0, out.size, out.ctypes.data_as(ctypes.c_void_p))
+                    _gl15.glGetBufferSubData(GL.GL_COPY_READ_BUFFER, 0, out.size, out.ctypes.data_as(ctypes.c_void_p))
                 return
             # GLES: no glGetBufferSubData and the imported buffer cannot be mapped; copy to a mappable one
             staging = int(GL.glGenBuffers(1))
             try:
                 with _bound_buffer(GL.GL_COPY_READ_BUFFER, self.buffer), \
                         _bound_buffer(GL.GL_COPY_WRITE_BUFFER, staging):
-                    GL.glBufferData(GL.GL_COPY_WRITE_BUFFER, out.size, None, GL.GL_STREAM_READ)
+                    _gl15.glBufferData(GL.GL_COPY_WRITE_BUFFER, out.size, None, GL.GL_STREAM_READ)
                     GL.glCopyBufferSubData(GL.GL_COPY_READ_BUFFER, GL.GL_COPY_WRITE_BUFFER, 0, 0, out.size)
-                    ptr = GL.glMapBufferRange(GL.GL_COPY_WRITE_BUFFER, 0, out.size, GL.GL_MAP_READ_BIT)
+                    ptr = _gl30.glMapBufferRange(GL.GL_COPY_WRITE_BUFFER, 0, out.size, GL.GL_MAP_READ_BIT)
                     ctypes.memmove(out.ctypes.data, ptr, out.size)
                     GL.glUnmapBuffer(GL.GL_COPY_WRITE_BUFFER)
             finally:
@@ -661,6 +689,8 @@ class GLBackend:
                 buf = int(GL.glGenBuffers(1))
                 with _gl("glBufferStorageMemEXT"), _bound_buffer(GL.GL_COPY_WRITE_BUFFER, buf):
                     _mo.glBufferStorageMemEXT(GL.GL_COPY_WRITE_BUFFER, descriptor.size, memory, offset)
+                    # Mesa reports no error when the fd was not importable memory: verify the storage exists
+                    ok = _get_buffer_int(GL.GL_COPY_WRITE_BUFFER, GL.GL_BUFFER_SIZE) == descriptor.size
                 target = 0
             else:
                 target = GL.GL_TEXTURE_2D if descriptor.array_size == 1 else GL.GL_TEXTURE_2D_ARRAY
@@ -673,6 +703,7 @@ class GLBackend:
                     else:
                         _mo.glTexStorageMem3DEXT(target, descriptor.mip_levels, fmt.gl_internal, descriptor.width,
                                                  descriptor.height, descriptor.array_size, memory, offset)
+                    ok = _get_tex_int(target, GL.GL_TEXTURE_WIDTH) == descriptor.width
                     GL.glTexParameteri(target, GL.GL_TEXTURE_MAX_LEVEL, descriptor.mip_levels - 1)
                     if descriptor.mip_levels == 1:
                         GL.glTexParameteri(target, GL.GL_TEXTURE_MIN_FILTER, GL.GL_LINEAR)
@@ -680,6 +711,9 @@ class GLBackend:
                         for pname, comp in zip((GL.GL_TEXTURE_SWIZZLE_R, GL.GL_TEXTURE_SWIZZLE_G,
                                                 GL.GL_TEXTURE_SWIZZLE_B, GL.GL_TEXTURE_SWIZZLE_A), fmt.gl_swizzle):
                             GL.glTexParameteri(target, pname, _SWIZZLE[comp])
+            if not ok:
+                raise BackendError(f"{caps.renderer} did not attach the imported memory (not memory this driver "
+                                   "exported, or exported by another device)")
         except BaseException:
             _delete_objects(tex, buf, memory)
             raise
