@@ -1,0 +1,985 @@
+"""Vulkan backend: exportable VkImages/VkBuffers (dedicated allocations), cross-process import, memfd import.
+
+Memory handle types: OPAQUE_FD always works between processes on the same driver and device (the UUIDs in the
+descriptor prove it); DMA_BUF with an explicit DRM format modifier is chosen automatically where the driver has
+VK_EXT_external_memory_dma_buf and VK_EXT_image_drm_format_modifier, because GL/EGL, V4L2 and other drivers can
+import it too. The choice is recorded in descriptor.memory and driver_private.
+
+Shared images live in VK_IMAGE_LAYOUT_GENERAL between operations (the layout both sides assume, since layouts are
+not shared across processes); every helper transitions out of and back into the resource's current layout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _vk  # imports `vulkan`: an ImportError here makes the backend unavailable, not texbridge
+from .._descriptor import Descriptor, Usage, align, d3d11_texture_desc
+from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
+from .._formats import Format, get_format
+from .._memfd import inspect_fd, map_fd
+from .._resources import Resource
+from ._vk import (HANDLE_DMA_BUF, HANDLE_HOST, HANDLE_NAMES, HANDLE_OPAQUE_FD, TimelineSemaphore, VulkanDevice,
+                  VulkanError, check, default_device, ffi, lib, live_objects, track, vk)
+
+PAGE_SIZE = mmap.PAGESIZE
+LAYOUTS = {
+    "undefined": vk.VK_IMAGE_LAYOUT_UNDEFINED, "general": vk.VK_IMAGE_LAYOUT_GENERAL,
+    "color_attachment_optimal": vk.VK_IMAGE_LAYOUT_COLOR_ATTACHMENT_OPTIMAL,
+    "shader_read_only_optimal": vk.VK_IMAGE_LAYOUT_SHADER_READ_ONLY_OPTIMAL,
+    "transfer_src_optimal": vk.VK_IMAGE_LAYOUT_TRANSFER_SRC_OPTIMAL,
+    "transfer_dst_optimal": vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL,
+}
+TILINGS = {"optimal": vk.VK_IMAGE_TILING_OPTIMAL, "linear": vk.VK_IMAGE_TILING_LINEAR,
+           "drm_modifier": vk.VK_IMAGE_TILING_DRM_FORMAT_MODIFIER_EXT}
+_TRANSFER = vk.VK_IMAGE_USAGE_TRANSFER_SRC_BIT | vk.VK_IMAGE_USAGE_TRANSFER_DST_BIT
+_COLOR = vk.VK_IMAGE_ASPECT_COLOR_BIT
+_DEVICE_LOCAL = vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT
+_HOST_VISIBLE = vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT
+WHOLE_SIZE = (1 << 64) - 1  # VK_WHOLE_SIZE (the Python module spells it as -1)
+
+
+def vk_image_usage(usage: int) -> int:
+    """texbridge Usage → VkImageUsageFlags. Transfer bits are always on: upload/download/clear need them."""
+    u = Usage(usage)
+    bits = _TRANSFER
+    if u & Usage.SHADER_READ:
+        bits |= vk.VK_IMAGE_USAGE_SAMPLED_BIT
+    if u & Usage.RENDER_TARGET:
+        bits |= vk.VK_IMAGE_USAGE_COLOR_ATTACHMENT_BIT
+    if u & Usage.STORAGE:
+        bits |= vk.VK_IMAGE_USAGE_STORAGE_BIT
+    return bits
+
+
+def vk_buffer_usage(usage: int) -> int:
+    bits = vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT
+    if Usage(usage) & (Usage.SHADER_READ | Usage.STORAGE):
+        bits |= vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT
+    return bits
+
+
+# -- format support ----------------------------------------------------------------------------------------------------
+def _check_image_support(dev: VulkanDevice, p: dict[str, Any], handle_type: int, *, export: bool,
+                         modifier: int | None = None) -> tuple[int, int]:
+    """Raise BackendError unless this device can create (export=True) or import an image with these exact parameters
+    as `handle_type` memory. Returns (externalMemoryFeatures, maxResourceSize)."""
+    keep = []
+    ext = ffi.new("VkPhysicalDeviceExternalImageFormatInfo*",
+                  {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_EXTERNAL_IMAGE_FORMAT_INFO, "handleType": handle_type})
+    keep.append(ext)
+    if modifier is not None:
+        mod = ffi.new("VkPhysicalDeviceImageDrmFormatModifierInfoEXT*",
+                      {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_IMAGE_DRM_FORMAT_MODIFIER_INFO_EXT,
+                       "drmFormatModifier": modifier, "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE})
+        ext.pNext = mod
+        keep.append(mod)
+    info = ffi.new("VkPhysicalDeviceImageFormatInfo2*", {
+        "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_IMAGE_FORMAT_INFO_2, "pNext": ext, "format": p["vk_format"],
+        "type": vk.VK_IMAGE_TYPE_2D, "tiling": p["vk_tiling"], "usage": p["vk_usage"], "flags": p["vk_flags"]})
+    eprops = ffi.new("VkExternalImageFormatProperties*", {"sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_IMAGE_FORMAT_PROPERTIES})
+    props = ffi.new("VkImageFormatProperties2*", {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_FORMAT_PROPERTIES_2,
+                                                  "pNext": eprops})
+    r = lib.vkGetPhysicalDeviceImageFormatProperties2(dev.physical_device, info, props)
+    what = (f"{p['format']} {p['width']}x{p['height']} tiling={p['tiling']} usage=0x{p['vk_usage']:x} "
+            f"as {HANDLE_NAMES.get(handle_type, handle_type)} on {dev.name}")
+    if r == vk.VK_ERROR_FORMAT_NOT_SUPPORTED:
+        raise BackendError(f"unsupported image: {what}")
+    check(r, "vkGetPhysicalDeviceImageFormatProperties2")
+    feats = eprops.externalMemoryProperties.externalMemoryFeatures
+    need = vk.VK_EXTERNAL_MEMORY_FEATURE_EXPORTABLE_BIT if export else vk.VK_EXTERNAL_MEMORY_FEATURE_IMPORTABLE_BIT
+    if not feats & need:
+        raise BackendError(f"not {'exportable' if export else 'importable'}: {what}")
+    fp = props.imageFormatProperties
+    if (p["width"] > fp.maxExtent.width or p["height"] > fp.maxExtent.height or p["mip_levels"] > fp.maxMipLevels
+            or p["array_size"] > fp.maxArrayLayers):
+        raise BackendError(f"too large (max {fp.maxExtent.width}x{fp.maxExtent.height}, {fp.maxMipLevels} mips, "
+                           f"{fp.maxArrayLayers} layers): {what}")
+    return feats, fp.maxResourceSize
+
+
+def _drm_modifiers(dev: VulkanDevice, p: dict[str, Any]) -> list[int]:
+    """Single-plane DRM modifiers this device can export an image with these parameters as (dma_buf)."""
+    lst = ffi.new("VkDrmFormatModifierPropertiesListEXT*",
+                  {"sType": vk.VK_STRUCTURE_TYPE_DRM_FORMAT_MODIFIER_PROPERTIES_LIST_EXT})
+    fp = ffi.new("VkFormatProperties2*", {"sType": vk.VK_STRUCTURE_TYPE_FORMAT_PROPERTIES_2, "pNext": lst})
+    lib.vkGetPhysicalDeviceFormatProperties2(dev.physical_device, p["vk_format"], fp)
+    n = lst.drmFormatModifierCount
+    if not n:
+        return []
+    arr = ffi.new("VkDrmFormatModifierPropertiesEXT[]", n)
+    lst.pDrmFormatModifierProperties = arr
+    lib.vkGetPhysicalDeviceFormatProperties2(dev.physical_device, p["vk_format"], fp)
+    need = vk.VK_FORMAT_FEATURE_TRANSFER_SRC_BIT | vk.VK_FORMAT_FEATURE_TRANSFER_DST_BIT
+    if p["vk_usage"] & vk.VK_IMAGE_USAGE_SAMPLED_BIT:
+        need |= vk.VK_FORMAT_FEATURE_SAMPLED_IMAGE_BIT
+    if p["vk_usage"] & vk.VK_IMAGE_USAGE_COLOR_ATTACHMENT_BIT:
+        need |= vk.VK_FORMAT_FEATURE_COLOR_ATTACHMENT_BIT
+    if p["vk_usage"] & vk.VK_IMAGE_USAGE_STORAGE_BIT:
+        need |= vk.VK_FORMAT_FEATURE_STORAGE_IMAGE_BIT
+    out = []
+    for i in range(lst.drmFormatModifierCount):
+        m = arr[i]
+        if m.drmFormatModifierPlaneCount != 1 or m.drmFormatModifierTilingFeatures & need != need:
+            continue
+        try:
+            _check_image_support(dev, p, HANDLE_DMA_BUF, export=True, modifier=m.drmFormatModifier)
+        except BackendError:
+            continue
+        out.append(int(m.drmFormatModifier))
+    return out
+
+
+# -- object creation (each helper tracks what it creates) --------------------------------------------------------------
+def _create_image(dev: VulkanDevice, p: dict[str, Any], handle_type: int, *, modifiers: Sequence[int] = (),
+                  explicit: dict[str, Any] | None = None, initial_layout: int = vk.VK_IMAGE_LAYOUT_UNDEFINED) -> Any:
+    ext = ffi.new("VkExternalMemoryImageCreateInfo*",
+                  {"sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_MEMORY_IMAGE_CREATE_INFO, "handleTypes": handle_type})
+    keep: list[Any] = [ext]
+    if modifiers:
+        mods = ffi.new("uint64_t[]", list(modifiers))
+        lst = ffi.new("VkImageDrmFormatModifierListCreateInfoEXT*",
+                      {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_DRM_FORMAT_MODIFIER_LIST_CREATE_INFO_EXT,
+                       "drmFormatModifierCount": len(mods), "pDrmFormatModifiers": mods})
+        ext.pNext = lst
+        keep += [mods, lst]
+    elif explicit is not None:
+        layout = ffi.new("VkSubresourceLayout*", {"offset": explicit["offset"], "size": 0,
+                                                  "rowPitch": explicit["row_pitch"],
+                                                  "arrayPitch": explicit.get("array_pitch", 0) if p["array_size"] > 1 else 0,
+                                                  "depthPitch": 0})
+        exp = ffi.new("VkImageDrmFormatModifierExplicitCreateInfoEXT*",
+                      {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_DRM_FORMAT_MODIFIER_EXPLICIT_CREATE_INFO_EXT,
+                       "drmFormatModifier": explicit["modifier"], "drmFormatModifierPlaneCount": 1,
+                       "pPlaneLayouts": layout})
+        ext.pNext = exp
+        keep += [layout, exp]
+    info = ffi.new("VkImageCreateInfo*", {
+        "sType": vk.VK_STRUCTURE_TYPE_IMAGE_CREATE_INFO, "pNext": ext, "flags": p["vk_flags"],
+        "imageType": vk.VK_IMAGE_TYPE_2D, "format": p["vk_format"],
+        "extent": {"width": p["width"], "height": p["height"], "depth": 1},
+        "mipLevels": p["mip_levels"], "arrayLayers": p["array_size"], "samples": vk.VK_SAMPLE_COUNT_1_BIT,
+        "tiling": p["vk_tiling"], "usage": p["vk_usage"], "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE,
+        "initialLayout": initial_layout})
+    out = ffi.new("VkImage*")
+    check(lib.vkCreateImage(dev.device, info, ffi.NULL, out), "vkCreateImage")
+    track("VkImage")
+    return out[0]
+
+
+def _create_buffer(dev: VulkanDevice, size: int, usage: int, handle_type: int) -> Any:
+    ext = ffi.new("VkExternalMemoryBufferCreateInfo*",
+                  {"sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_MEMORY_BUFFER_CREATE_INFO, "handleTypes": handle_type})
+    info = ffi.new("VkBufferCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO,
+                                           "pNext": ext if handle_type else ffi.NULL, "size": size, "usage": usage,
+                                           "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE})
+    out = ffi.new("VkBuffer*")
+    check(lib.vkCreateBuffer(dev.device, info, ffi.NULL, out), "vkCreateBuffer")
+    track("VkBuffer")
+    return out[0]
+
+
+def _requirements(dev: VulkanDevice, *, image: Any = None, buffer: Any = None) -> tuple[int, int, int, bool]:
+    """(size, alignment, memoryTypeBits, driver prefers/requires a dedicated allocation)."""
+    ded = ffi.new("VkMemoryDedicatedRequirements*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_DEDICATED_REQUIREMENTS})
+    req = ffi.new("VkMemoryRequirements2*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_REQUIREMENTS_2, "pNext": ded})
+    if image is not None:
+        info = ffi.new("VkImageMemoryRequirementsInfo2*",
+                       {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_MEMORY_REQUIREMENTS_INFO_2, "image": image})
+        lib.vkGetImageMemoryRequirements2(dev.device, info, req)
+    else:
+        info = ffi.new("VkBufferMemoryRequirementsInfo2*",
+                       {"sType": vk.VK_STRUCTURE_TYPE_BUFFER_MEMORY_REQUIREMENTS_INFO_2, "buffer": buffer})
+        lib.vkGetBufferMemoryRequirements2(dev.device, info, req)
+    r = req.memoryRequirements
+    return r.size, r.alignment, r.memoryTypeBits, bool(ded.prefersDedicatedAllocation or ded.requiresDedicatedAllocation)
+
+
+def _allocate(dev: VulkanDevice, size: int, type_index: int, *, image: Any = None, buffer: Any = None,
+              export: int = 0, import_fd: tuple[int, int] | None = None, host_ptr: Any = None) -> Any:
+    """vkAllocateMemory with the pNext chain for export, fd import or host-pointer import (+ dedicated)."""
+    chain: list[Any] = []
+    if image is not None or buffer is not None:
+        chain.append(ffi.new("VkMemoryDedicatedAllocateInfo*", {
+            "sType": vk.VK_STRUCTURE_TYPE_MEMORY_DEDICATED_ALLOCATE_INFO,
+            "image": image if image is not None else ffi.NULL, "buffer": buffer if buffer is not None else ffi.NULL}))
+    if export:
+        chain.append(ffi.new("VkExportMemoryAllocateInfo*",
+                             {"sType": vk.VK_STRUCTURE_TYPE_EXPORT_MEMORY_ALLOCATE_INFO, "handleTypes": export}))
+    if import_fd is not None:
+        chain.append(ffi.new("VkImportMemoryFdInfoKHR*", {"sType": vk.VK_STRUCTURE_TYPE_IMPORT_MEMORY_FD_INFO_KHR,
+                                                          "handleType": import_fd[0], "fd": import_fd[1]}))
+    if host_ptr is not None:
+        chain.append(ffi.new("VkImportMemoryHostPointerInfoEXT*", {
+            "sType": vk.VK_STRUCTURE_TYPE_IMPORT_MEMORY_HOST_POINTER_INFO_EXT, "handleType": HANDLE_HOST,
+            "pHostPointer": host_ptr}))
+    for a, b in zip(chain, chain[1:]):
+        a.pNext = b
+    info = ffi.new("VkMemoryAllocateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO,
+                                             "pNext": chain[0] if chain else ffi.NULL, "allocationSize": size,
+                                             "memoryTypeIndex": type_index})
+    out = ffi.new("VkDeviceMemory*")
+    check(lib.vkAllocateMemory(dev.device, info, ffi.NULL, out), "vkAllocateMemory")
+    track("VkDeviceMemory")
+    return out[0]
+
+
+def _destroy(dev: VulkanDevice, *, image: Any = None, buffer: Any = None, memory: Any = None) -> None:
+    if image is not None:
+        lib.vkDestroyImage(dev.device, image, ffi.NULL)
+        track("VkImage", -1)
+    if buffer is not None:
+        lib.vkDestroyBuffer(dev.device, buffer, ffi.NULL)
+        track("VkBuffer", -1)
+    if memory is not None:
+        lib.vkFreeMemory(dev.device, memory, ffi.NULL)
+        track("VkDeviceMemory", -1)
+
+
+class _HostMapping:
+    """A MAP_SHARED mapping of a memfd made with libc mmap, because Python's mmap refuses lengths past EOF and host
+    pointer import needs the length rounded up to minImportedHostPointerAlignment (bytes past EOF inside the last
+    page read as zero and are never written by us, so no SIGBUS)."""
+
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+    def __init__(self, fd: int, length: int) -> None:
+        addr = self._libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            err = ctypes.get_errno()
+            raise BackendError(f"mmap of the memfd failed: {os.strerror(err)}")
+        self.address, self.length = addr, length
+        track("host_mapping")
+
+    @property
+    def pointer(self) -> Any:
+        return ffi.cast("void*", self.address)
+
+    def close(self) -> None:
+        if self.address:
+            self._libc.munmap(self.address, self.length)
+            self.address = 0
+            track("host_mapping", -1)
+
+
+class _Staging:
+    """A host-visible buffer, mapped persistently, reused by one resource's uploads and downloads."""
+
+    def __init__(self, dev: VulkanDevice, size: int) -> None:
+        self.dev, self.size = dev, size
+        self.buffer = self.memory = None
+        try:
+            self.buffer = _create_buffer(dev, size, vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT |
+                                         vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT, 0)
+            rsize, _, bits, _ = _requirements(dev, buffer=self.buffer)
+            t = dev.find_memory_type(bits, _HOST_VISIBLE | vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT) \
+                if _has_type(dev, bits, _HOST_VISIBLE | vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT) \
+                else dev.find_memory_type(bits, _HOST_VISIBLE)
+            self.memory = _allocate(dev, rsize, t)
+            check(lib.vkBindBufferMemory(dev.device, self.buffer, self.memory, 0), "vkBindBufferMemory")
+            ptr = ffi.new("void**")
+            check(lib.vkMapMemory(dev.device, self.memory, 0, size, 0, ptr), "vkMapMemory")
+            self.array = np.frombuffer(ffi.buffer(ptr[0], size), np.uint8)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.array = None
+        buf, mem, self.buffer, self.memory = self.buffer, self.memory, None, None
+        _destroy(self.dev, buffer=buf, memory=mem)  # freeing the memory unmaps it
+
+
+def _has_type(dev: VulkanDevice, bits: int, want: int) -> bool:
+    return any(bits >> i & 1 and f & want == want for i, (f, _) in enumerate(dev.memory_types))
+
+
+def _barrier(cmd: Any, image: Any, old: int, new: int, mips: int, layers: int) -> None:
+    """A full image barrier: all earlier work and host writes before, all later work and host reads after. Heavy
+    but always correct, and these helpers are for transfers, not hot render loops."""
+    b = ffi.new("VkImageMemoryBarrier*", {
+        "sType": vk.VK_STRUCTURE_TYPE_IMAGE_MEMORY_BARRIER, "srcAccessMask": vk.VK_ACCESS_MEMORY_WRITE_BIT,
+        "dstAccessMask": vk.VK_ACCESS_MEMORY_READ_BIT | vk.VK_ACCESS_MEMORY_WRITE_BIT | vk.VK_ACCESS_HOST_READ_BIT,
+        "oldLayout": old, "newLayout": new, "srcQueueFamilyIndex": vk.VK_QUEUE_FAMILY_IGNORED,
+        "dstQueueFamilyIndex": vk.VK_QUEUE_FAMILY_IGNORED, "image": image,
+        "subresourceRange": {"aspectMask": _COLOR, "baseMipLevel": 0, "levelCount": mips, "baseArrayLayer": 0,
+                             "layerCount": layers}})
+    lib.vkCmdPipelineBarrier(cmd, vk.VK_PIPELINE_STAGE_ALL_COMMANDS_BIT | vk.VK_PIPELINE_STAGE_HOST_BIT,
+                             vk.VK_PIPELINE_STAGE_ALL_COMMANDS_BIT | vk.VK_PIPELINE_STAGE_HOST_BIT, 0,
+                             0, ffi.NULL, 0, ffi.NULL, 1, b)
+
+
+def _memory_barrier(cmd: Any) -> None:
+    b = ffi.new("VkMemoryBarrier*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                                     "srcAccessMask": vk.VK_ACCESS_MEMORY_WRITE_BIT,
+                                     "dstAccessMask": vk.VK_ACCESS_MEMORY_READ_BIT | vk.VK_ACCESS_MEMORY_WRITE_BIT |
+                                     vk.VK_ACCESS_HOST_READ_BIT})
+    stages = vk.VK_PIPELINE_STAGE_ALL_COMMANDS_BIT | vk.VK_PIPELINE_STAGE_HOST_BIT
+    lib.vkCmdPipelineBarrier(cmd, stages, stages, 0, 1, b, 0, ffi.NULL, 0, ffi.NULL)
+
+
+def _clear_value(fmt: Format, color: Any) -> Any:
+    vals = list(np.atleast_1d(np.asarray(color, dtype=np.float64)).reshape(-1))[:4]
+    vals += [0.0] * (4 - len(vals))
+    if fmt.name == "r32ui":
+        return ffi.new("VkClearColorValue*", {"uint32": [int(v) for v in vals]})
+    return ffi.new("VkClearColorValue*", {"float32": vals})
+
+
+class VulkanResource(Resource):
+    """A texture or buffer visible to Vulkan in this process.
+
+    .image / .buffer / .memory are the raw cffi handles (VkImage, VkBuffer, VkDeviceMemory), .device the
+    VulkanDevice, .layout the image's current VkImageLayout. For a memfd imported into Vulkan, `zero_copy` says
+    whether Vulkan sees the memfd pages themselves (VK_EXT_external_memory_host) or a copy kept in sync by
+    sync_to_image()/sync_to_host() (both no-ops when zero_copy).
+    """
+
+    backend_name = "vulkan"
+
+    def __init__(self, descriptor: Descriptor, device: VulkanDevice, *, image: Any = None, buffer: Any = None,
+                 memory: Any = None, handle_type: int = 0, exportable: bool = False, layout: int = 0,
+                 fd: int = -1, host: _HostMapping | None = None, host_map: mmap.mmap | None = None,
+                 extra_buffer: bool = False) -> None:
+        super().__init__(descriptor)
+        self.device, self.image, self.buffer, self.memory = device, image, buffer, memory
+        self.handle_type, self.exportable = handle_type, exportable
+        self.layout = layout or vk.VK_IMAGE_LAYOUT_GENERAL
+        self.zero_copy = descriptor.memory != "memfd" or host is not None
+        self._fd, self._host, self._host_map = fd, host, host_map
+        self._staging: _Staging | None = None
+        self._extra_buffer = extra_buffer  # memfd textures seen as a VkBuffer too (host path)
+        device._register(self)
+
+    @property
+    def format(self) -> Format | None:
+        return get_format(self.descriptor.format) if self.descriptor.kind == "texture2d" else None
+
+    # -- export ---------------------------------------------------------------------------------------------------
+    def export_fds(self) -> list[int]:
+        """A new fd for the memory (vkGetMemoryFdKHR: each call gives a new fd; the caller closes it)."""
+        self._check_open()
+        if self._fd >= 0:
+            return [os.dup(self._fd)]
+        if not self.exportable:
+            raise BackendError("this Vulkan resource was imported; export the original (the broker keeps its fd)")
+        info = ffi.new("VkMemoryGetFdInfoKHR*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_GET_FD_INFO_KHR,
+                                                 "memory": self.memory, "handleType": self.handle_type})
+        out = ffi.new("int*")
+        check(self.device.vkGetMemoryFdKHR(self.device.device, info, out), "vkGetMemoryFdKHR")
+        return [out[0]]
+
+    # -- transfers ------------------------------------------------------------------------------------------------
+    def _staging_for(self, size: int) -> _Staging:
+        if self._staging is None or self._staging.size < size:
+            if self._staging is not None:
+                self._staging.close()
+                self._staging = None
+            self._staging = _Staging(self.device, size)
+        return self._staging
+
+    def _texel_bytes(self) -> int:
+        d = self.descriptor
+        return d.width * d.height * get_format(d.format).bytes_per_pixel
+
+    def _copy_image(self, to_image: bool, staging: _Staging, layer: int = 0) -> None:
+        d, img = self.descriptor, self.image
+        region = ffi.new("VkBufferImageCopy*", {
+            "bufferOffset": 0, "bufferRowLength": 0, "bufferImageHeight": 0,
+            "imageSubresource": {"aspectMask": _COLOR, "mipLevel": 0, "baseArrayLayer": layer, "layerCount": 1},
+            "imageOffset": {"x": 0, "y": 0, "z": 0}, "imageExtent": {"width": d.width, "height": d.height, "depth": 1}})
+        op_layout = vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL if to_image else vk.VK_IMAGE_LAYOUT_TRANSFER_SRC_OPTIMAL
+
+        def record(cmd: Any) -> None:
+            _barrier(cmd, img, self.layout, op_layout, d.mip_levels, d.array_size)
+            if to_image:
+                lib.vkCmdCopyBufferToImage(cmd, staging.buffer, img, op_layout, 1, region)
+            else:
+                lib.vkCmdCopyImageToBuffer(cmd, img, op_layout, staging.buffer, 1, region)
+            _barrier(cmd, img, op_layout, self.layout, d.mip_levels, d.array_size)
+
+        self.device.one_shot(record)
+
+    def _copy_buffer(self, to_buffer: bool, staging: _Staging, regions: list[tuple[int, int, int]]) -> None:
+        """regions: (resource offset, staging offset, size)."""
+        arr = ffi.new("VkBufferCopy[]", [
+            {"srcOffset": so, "dstOffset": ro, "size": n} if to_buffer else {"srcOffset": ro, "dstOffset": so, "size": n}
+            for ro, so, n in regions])
+
+        def record(cmd: Any) -> None:
+            _memory_barrier(cmd)
+            if to_buffer:
+                lib.vkCmdCopyBuffer(cmd, staging.buffer, self.buffer, len(regions), arr)
+            else:
+                lib.vkCmdCopyBuffer(cmd, self.buffer, staging.buffer, len(regions), arr)
+            _memory_barrier(cmd)
+
+        self.device.one_shot(record)
+
+    def _texture_rows(self) -> list[tuple[int, int, int]]:
+        """Row regions of a pitched memfd texture seen through .buffer (padding bytes are never touched)."""
+        d = self.descriptor
+        row = d.width * get_format(d.format).bytes_per_pixel
+        return [(d.offset + y * d.row_pitch, y * row, row) for y in range(d.height)]
+
+    def upload(self, array: np.ndarray, *, layer: int = 0) -> None:
+        """Copy `array` (shape of download()) into mip 0 of `layer` through a staging buffer."""
+        self._check_open()
+        d = self.descriptor
+        array = np.asarray(array)
+        if d.kind == "texture2d":
+            fmt = get_format(d.format)
+            n = self._texel_bytes()
+            staging = self._staging_for(n)
+            view = staging.array[:n].view(fmt.numpy_dtype).reshape(self.shape)
+        else:
+            staging = self._staging_for(d.size)
+            view = staging.array[:d.size]
+        if array.shape != view.shape and array.size != view.size:
+            raise ValueError(f"upload of shape {array.shape} into a resource of shape {view.shape}")
+        view[...] = array.reshape(view.shape)
+        if self.image is not None:
+            self._copy_image(True, staging, layer)
+        elif d.kind == "texture2d":
+            self._copy_buffer(True, staging, self._texture_rows())
+        else:
+            self._copy_buffer(True, staging, [(0, 0, d.size)])
+        if self._host_map is not None:
+            self.sync_to_host()
+
+    def download(self, *, layer: int = 0) -> np.ndarray:
+        """A NumPy copy of mip 0 of `layer` (textures: (H, W, C)) or of the whole buffer, read through Vulkan."""
+        self._check_open()
+        d = self.descriptor
+        if d.kind == "texture2d":
+            fmt = get_format(d.format)
+            n = self._texel_bytes()
+            staging = self._staging_for(n)
+            if self.image is not None:
+                self._copy_image(False, staging, layer)
+            else:
+                self._copy_buffer(False, staging, self._texture_rows())
+            return staging.array[:n].view(fmt.numpy_dtype).reshape(self.shape).copy()
+        staging = self._staging_for(d.size)
+        self._copy_buffer(False, staging, [(0, 0, d.size)])
+        return staging.array[:d.size].copy()
+
+    def clear(self, color: Any = (0, 0, 0, 0)) -> None:
+        """Fill every mip and layer with `color` (floats for normalized/float formats, ints for r32ui) on the GPU;
+        buffers are filled with the 32-bit word `color`."""
+        self._check_open()
+        d = self.descriptor
+        if self.image is None:
+            if d.kind == "texture2d":
+                raise BackendError("this memfd texture has no VkImage view here (row pitch differs); use upload()")
+            word = int(np.asarray(color).reshape(-1)[0]) & 0xFFFFFFFF
+
+            def fill(cmd: Any) -> None:
+                _memory_barrier(cmd)
+                lib.vkCmdFillBuffer(cmd, self.buffer, 0, WHOLE_SIZE, word)
+                _memory_barrier(cmd)
+
+            self.device.one_shot(fill)
+            return
+        value = _clear_value(get_format(d.format), color)
+        rng = ffi.new("VkImageSubresourceRange*", {"aspectMask": _COLOR, "baseMipLevel": 0, "levelCount": d.mip_levels,
+                                                   "baseArrayLayer": 0, "layerCount": d.array_size})
+        dst = vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL
+
+        def record(cmd: Any) -> None:
+            _barrier(cmd, self.image, self.layout, dst, d.mip_levels, d.array_size)
+            lib.vkCmdClearColorImage(cmd, self.image, dst, value, 1, rng)
+            _barrier(cmd, self.image, dst, self.layout, d.mip_levels, d.array_size)
+
+        self.device.one_shot(record)
+        if self._host_map is not None:
+            self.sync_to_host()
+
+    def transition(self, layout: int | str) -> None:
+        """Move the image to `layout` (a VkImageLayout or a name like "shader_read_only_optimal"); later helpers
+        return it there. Leave shared images in "general" before another process uses them."""
+        self._check_open()
+        new = LAYOUTS[layout] if isinstance(layout, str) else int(layout)
+        if self.image is None:
+            raise BackendError("a buffer has no image layout")
+        d, old = self.descriptor, self.layout
+        if new != old:
+            self.device.one_shot(lambda cmd: _barrier(cmd, self.image, old, new, d.mip_levels, d.array_size))
+            self.layout = new
+
+    # -- memfd staging path ----------------------------------------------------------------------------------------
+    def _host_view(self) -> np.ndarray:
+        d = self.descriptor
+        fmt = get_format(d.format)
+        assert self._host_map is not None
+        return np.ndarray(self.shape, fmt.numpy_dtype, buffer=self._host_map, offset=d.offset,
+                          strides=(d.row_pitch, fmt.bytes_per_pixel, fmt.numpy_dtype.itemsize))
+
+    def sync_to_image(self) -> None:
+        """memfd → VkImage after CPU writes (staging path only; zero-copy resources share the pages)."""
+        self._check_open()
+        if self._host_map is None:
+            return
+        staging = self._staging_for(self._texel_bytes())
+        fmt = get_format(self.descriptor.format)
+        staging.array[:self._texel_bytes()].view(fmt.numpy_dtype).reshape(self.shape)[...] = self._host_view()
+        self._copy_image(True, staging)
+
+    def sync_to_host(self) -> None:
+        """VkImage → memfd after GPU writes (staging path only)."""
+        self._check_open()
+        if self._host_map is None:
+            return
+        staging = self._staging_for(self._texel_bytes())
+        self._copy_image(False, staging)
+        fmt = get_format(self.descriptor.format)
+        self._host_view()[...] = staging.array[:self._texel_bytes()].view(fmt.numpy_dtype).reshape(self.shape)
+
+    # -- lifetime ----------------------------------------------------------------------------------------------------
+    def _release(self) -> None:
+        dev = self.device
+        staging, self._staging = self._staging, None
+        image, buffer, memory = self.image, self.buffer, self.memory
+        self.image = self.buffer = self.memory = None
+        host, self._host = self._host, None
+        host_map, self._host_map = self._host_map, None
+        fd, self._fd = self._fd, -1
+        try:
+            if dev.device is not None and not dev.closed:
+                lib.vkQueueWaitIdle(dev.queue)  # never destroy what queued work may still touch
+                if staging is not None:
+                    staging.close()
+                _destroy(dev, image=image, buffer=buffer, memory=memory)
+        finally:
+            if host is not None:
+                host.close()  # after vkFreeMemory: the driver may touch imported pages until then
+            if host_map is not None:
+                try:
+                    host_map.close()
+                except BufferError:
+                    pass
+            if fd >= 0:
+                os.close(fd)
+
+
+# -- descriptor ↔ parameters -------------------------------------------------------------------------------------------
+def _image_params(width: int, height: int, format: str, usage: int, tiling: str, mip_levels: int,
+                  array_size: int, vk_usage: int | None = None, vk_flags: int = 0) -> dict[str, Any]:
+    fmt = get_format(format)
+    if tiling not in TILINGS:
+        raise InvalidDescriptor(f"tiling must be one of {', '.join(TILINGS)}, not {tiling!r}")
+    for name, v in (("width", width), ("height", height), ("mip_levels", mip_levels), ("array_size", array_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InvalidDescriptor(f"{name} must be a positive integer, not {v!r}")
+    return {"format": format, "vk_format": fmt.vk, "width": width, "height": height, "mip_levels": mip_levels,
+            "array_size": array_size, "tiling": tiling, "vk_tiling": TILINGS[tiling],
+            "vk_usage": vk_image_usage(usage) if vk_usage is None else vk_usage, "vk_flags": vk_flags}
+
+
+def _private_int(dp: dict[str, Any], key: str, default: int | None = None) -> int:
+    v = dp.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise InvalidDescriptor(f"driver_private[{key!r}] must be a non-negative integer, not {v!r}")
+    return v
+
+
+class VulkanBackend:
+    """Creates exportable Vulkan memory and imports what others exported (see module docstring)."""
+
+    name = "vulkan"
+
+    # -- creation ----------------------------------------------------------------------------------------------------
+    def create_texture(self, width: int, height: int, format: str, *, usage: int = int(Usage.DEFAULT),
+                       keyed_mutex: bool = False, device: VulkanDevice | None = None, tiling: str = "optimal",
+                       mip_levels: int = 1, array_size: int = 1, memory: str = "auto") -> VulkanResource:
+        """An exportable 2D image with a dedicated allocation, cleared to zero and left in the GENERAL layout.
+
+        memory: "auto" (dma_buf where the driver can, else opaque_fd), "opaque_fd" or "dma_buf".
+        """
+        dev = device or default_device()
+        dev.check_open()
+        p = _image_params(width, height, format, usage, tiling, mip_levels, array_size)
+        if memory not in ("auto", "opaque_fd", "dma_buf"):
+            raise InvalidDescriptor(f"memory must be auto, opaque_fd or dma_buf, not {memory!r}")
+        modifiers: list[int] = []
+        if memory != "opaque_fd" and dev.dma_buf and tiling == "optimal" and mip_levels == 1 and array_size == 1 \
+                and get_format(format).drm_fourcc:
+            dm = {**p, "tiling": "drm_modifier", "vk_tiling": TILINGS["drm_modifier"]}
+            modifiers = _drm_modifiers(dev, dm)
+            if modifiers:
+                p = dm
+        if memory == "dma_buf" and not modifiers:
+            raise BackendError(f"{dev.name}: no dma_buf export with an explicit DRM modifier for {format} "
+                               f"(needs VK_EXT_external_memory_dma_buf and VK_EXT_image_drm_format_modifier)")
+        handle_type = HANDLE_DMA_BUF if modifiers else HANDLE_OPAQUE_FD
+        if not modifiers:
+            _check_image_support(dev, p, handle_type, export=True)
+        image = mem = None
+        try:
+            image = _create_image(dev, p, handle_type, modifiers=modifiers)
+            size, _, bits, _ = _requirements(dev, image=image)
+            type_index = dev.find_memory_type(bits, _DEVICE_LOCAL)
+            mem = _allocate(dev, size, type_index, image=image, export=handle_type)
+            check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
+            dp: dict[str, Any] = {
+                "tiling": p["tiling"], "vk_format": p["vk_format"], "vk_usage": p["vk_usage"],
+                "vk_flags": p["vk_flags"], "allocation_size": size, "memory_type_index": type_index,
+                "memory_type_bits": bits, "memory_type_flags": dev.memory_types[type_index][0], "dedicated": True,
+                "handle_type": HANDLE_NAMES[handle_type], "shared_layout": "general",
+            }
+            if modifiers:
+                dp.update(_drm_layout(dev, image))
+                dp["drm_fourcc"] = get_format(format).drm_fourcc
+            desc = Descriptor(
+                kind="texture2d", size=size, width=width, height=height, format=format, mip_levels=mip_levels,
+                array_size=array_size, memory=HANDLE_NAMES[handle_type], backend="vulkan",
+                driver_uuid=dev.driver_uuid, device_uuid=dev.device_uuid, usage=int(usage), keyed_mutex=keyed_mutex,
+                runtime_private=d3d11_texture_desc(width, height, format, mip_levels=mip_levels,
+                                                   array_size=array_size, keyed_mutex=keyed_mutex),
+                driver_private=dp).validate()
+        except BaseException:
+            _destroy(dev, image=image, memory=mem)
+            raise
+        res = VulkanResource(desc, dev, image=image, memory=mem, handle_type=handle_type, exportable=True,
+                             layout=vk.VK_IMAGE_LAYOUT_GENERAL)
+        try:
+            # Defined contents (zeros, like a memfd) and the shared GENERAL layout before anyone imports it.
+            value, rng = _clear_value(get_format(format), 0), ffi.new("VkImageSubresourceRange*", {
+                "aspectMask": _COLOR, "levelCount": mip_levels, "layerCount": array_size})
+
+            def init(cmd: Any) -> None:
+                dst = vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL
+                _barrier(cmd, image, vk.VK_IMAGE_LAYOUT_UNDEFINED, dst, mip_levels, array_size)
+                lib.vkCmdClearColorImage(cmd, image, dst, value, 1, rng)
+                _barrier(cmd, image, dst, vk.VK_IMAGE_LAYOUT_GENERAL, mip_levels, array_size)
+
+            dev.one_shot(init)
+        except BaseException:
+            res.close()
+            raise
+        return res
+
+    def create_buffer(self, size: int, *, usage: int = int(Usage.DEFAULT), keyed_mutex: bool = False,
+                      device: VulkanDevice | None = None) -> VulkanResource:
+        """An exportable (OPAQUE_FD) buffer with a dedicated allocation, filled with zeros."""
+        dev = device or default_device()
+        dev.check_open()
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise InvalidDescriptor(f"size must be a positive integer, not {size!r}")
+        vk_usage = vk_buffer_usage(usage)
+        _check_buffer_support(dev, vk_usage, HANDLE_OPAQUE_FD, export=True)
+        buf = mem = None
+        try:
+            buf = _create_buffer(dev, size, vk_usage, HANDLE_OPAQUE_FD)
+            alloc, _, bits, _ = _requirements(dev, buffer=buf)
+            if alloc != size:  # make the buffer span its whole allocation, so size means one thing everywhere
+                _destroy(dev, buffer=buf)
+                buf = None
+                buf = _create_buffer(dev, alloc, vk_usage, HANDLE_OPAQUE_FD)
+                alloc, _, bits, _ = _requirements(dev, buffer=buf)
+            type_index = dev.find_memory_type(bits, _DEVICE_LOCAL)
+            mem = _allocate(dev, alloc, type_index, buffer=buf, export=HANDLE_OPAQUE_FD)
+            check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
+            desc = Descriptor(
+                kind="buffer", size=alloc, memory="opaque_fd", backend="vulkan", driver_uuid=dev.driver_uuid,
+                device_uuid=dev.device_uuid, usage=int(usage), keyed_mutex=keyed_mutex,
+                driver_private={"buffer_size": alloc, "requested_size": size, "vk_usage": vk_usage, "vk_flags": 0, "allocation_size": alloc,
+                                "memory_type_index": type_index, "memory_type_bits": bits,
+                                "memory_type_flags": dev.memory_types[type_index][0], "dedicated": True,
+                                "handle_type": "opaque_fd"}).validate()
+        except BaseException:
+            _destroy(dev, buffer=buf, memory=mem)
+            raise
+        res = VulkanResource(desc, dev, buffer=buf, memory=mem, handle_type=HANDLE_OPAQUE_FD, exportable=True)
+        try:
+            dev.one_shot(lambda cmd: (lib.vkCmdFillBuffer(cmd, buf, 0, WHOLE_SIZE, 0), _memory_barrier(cmd)))
+        except BaseException:
+            res.close()
+            raise
+        return res
+
+    # -- import ------------------------------------------------------------------------------------------------------
+    def import_resource(self, descriptor: Descriptor, fds: Sequence[int], *, device: VulkanDevice | None = None,
+                        host_import: bool | None = None) -> VulkanResource:
+        """Open memory another process (or API) exported. Takes ownership of every fd in `fds`, always.
+
+        opaque_fd/dma_buf: the image/buffer is recreated with the exporter's parameters and bound to the imported
+        memory. memfd: mapped and imported as host memory (zero copy) where VK_EXT_external_memory_host allows,
+        else copied (see sync_to_image/sync_to_host); host_import=False forces the copy path.
+        """
+        fds = list(fds)
+        owned = fds[0] if fds else -1
+        for extra in fds[1:]:
+            os.close(extra)  # the keyed-mutex fd is the session's business; never leak one handed to us
+        try:
+            if owned < 0:
+                raise InvalidDescriptor("import needs the memory fd")
+            dev = device or default_device()
+            dev.check_open()
+            d = descriptor
+            if d.memory == "memfd":
+                res = _import_memfd(dev, d, owned, host_import)
+            elif d.memory in ("opaque_fd", "dma_buf"):
+                res = _import_fd(dev, d, owned)
+            else:
+                raise InvalidDescriptor(f"the vulkan backend cannot import {d.memory!r} memory")
+            owned = -1
+            return res
+        finally:
+            if owned >= 0:
+                os.close(owned)
+
+    def diagnostics(self) -> dict[str, Any]:
+        try:
+            devices = [d.summary() for d in _vk.list_devices()]
+            usable = [d for d in devices if d["external_memory_fd"]]
+            info: dict[str, Any] = {"available": bool(usable), "devices": devices}
+            if usable:
+                dev = default_device()
+                info["default_device"] = dev.name
+                info["gpu_sync"] = dev.gpu_sync
+                info["capabilities"] = dev.capabilities
+                info["detail"] = f"{dev.name}: OPAQUE_FD export/import" + (", dma_buf" if dev.dma_buf else "")
+            else:
+                info["detail"] = "no Vulkan device with VK_KHR_external_memory_fd"
+            return info
+        except Exception as e:  # never raises: doctor reports instead
+            return {"available": False, "detail": f"{type(e).__name__}: {e}"}
+
+
+def _check_buffer_support(dev: VulkanDevice, vk_usage: int, handle_type: int, *, export: bool) -> None:
+    info = ffi.new("VkPhysicalDeviceExternalBufferInfo*", {
+        "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_EXTERNAL_BUFFER_INFO, "usage": vk_usage, "handleType": handle_type})
+    out = ffi.new("VkExternalBufferProperties*", {"sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_BUFFER_PROPERTIES})
+    lib.vkGetPhysicalDeviceExternalBufferProperties(dev.physical_device, info, out)
+    need = vk.VK_EXTERNAL_MEMORY_FEATURE_EXPORTABLE_BIT if export else vk.VK_EXTERNAL_MEMORY_FEATURE_IMPORTABLE_BIT
+    if not out.externalMemoryProperties.externalMemoryFeatures & need:
+        raise BackendError(f"{dev.name}: buffers with usage 0x{vk_usage:x} are not "
+                           f"{'exportable' if export else 'importable'} as {HANDLE_NAMES.get(handle_type)}")
+
+
+def _drm_layout(dev: VulkanDevice, image: Any) -> dict[str, Any]:
+    props = ffi.new("VkImageDrmFormatModifierPropertiesEXT*",
+                    {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_DRM_FORMAT_MODIFIER_PROPERTIES_EXT})
+    check(dev.vkGetImageDrmFormatModifierPropertiesEXT(dev.device, image, props),
+          "vkGetImageDrmFormatModifierPropertiesEXT")
+    sub = ffi.new("VkImageSubresource*", {"aspectMask": vk.VK_IMAGE_ASPECT_MEMORY_PLANE_0_BIT_EXT})
+    lay = ffi.new("VkSubresourceLayout*")
+    lib.vkGetImageSubresourceLayout(dev.device, image, sub, lay)
+    return {"drm_modifier": int(props.drmFormatModifier),
+            "plane_layouts": [{"offset": lay.offset, "size": lay.size, "row_pitch": lay.rowPitch,
+                               "array_pitch": lay.arrayPitch}]}
+
+
+def _import_fd(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanResource:
+    """OPAQUE_FD / DMA_BUF import. Identity is checked first: nothing touches the fd before the UUIDs match."""
+    handle_type = HANDLE_OPAQUE_FD if d.memory == "opaque_fd" else HANDLE_DMA_BUF
+    if handle_type == HANDLE_OPAQUE_FD:
+        if len(d.driver_uuid) != 16 or len(d.device_uuid) != 16:
+            raise InvalidDescriptor("an opaque_fd descriptor must name the exporting driver and device UUIDs")
+        if d.driver_uuid != dev.driver_uuid or d.device_uuid != dev.device_uuid:
+            raise IncompatibleDevice(
+                f"memory exported by driver {d.driver_uuid.hex()} / device {d.device_uuid.hex()} cannot be imported "
+                f"as OPAQUE_FD on {dev.name} (driver {dev.driver_uuid.hex()} / device {dev.device_uuid.hex()})")
+    elif not dev.dma_buf:
+        raise BackendError(f"{dev.name} cannot import dma_buf images (needs VK_EXT_external_memory_dma_buf and "
+                           "VK_EXT_image_drm_format_modifier)")
+    dp = d.driver_private
+    alloc = _private_int(dp, "allocation_size", d.size)
+    if alloc != d.size:
+        raise InvalidDescriptor(f"allocation_size {alloc} differs from the descriptor size {d.size}")
+    fd_type_bits = ~0
+    if handle_type == HANDLE_DMA_BUF:
+        fp = ffi.new("VkMemoryFdPropertiesKHR*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_FD_PROPERTIES_KHR})
+        check(dev.vkGetMemoryFdPropertiesKHR(dev.device, handle_type, fd, fp), "vkGetMemoryFdPropertiesKHR")
+        fd_type_bits = fp.memoryTypeBits
+    image = buf = mem = None
+    try:
+        if d.kind == "texture2d":
+            tiling = dp.get("tiling", "optimal")
+            if handle_type == HANDLE_DMA_BUF and tiling != "drm_modifier":
+                raise InvalidDescriptor("a dma_buf image descriptor needs tiling 'drm_modifier' and its modifier")
+            p = _image_params(d.width, d.height, d.format, d.usage, tiling, d.mip_levels, d.array_size,
+                              vk_usage=_private_int(dp, "vk_usage", vk_image_usage(d.usage)),
+                              vk_flags=_private_int(dp, "vk_flags", 0))
+            if p["vk_format"] != _private_int(dp, "vk_format", p["vk_format"]):
+                raise InvalidDescriptor(f"driver_private vk_format {dp['vk_format']} does not match format {d.format}")
+            explicit = None
+            if tiling == "drm_modifier":
+                layouts = dp.get("plane_layouts")
+                if not (isinstance(layouts, list) and len(layouts) == 1 and isinstance(layouts[0], dict)):
+                    raise InvalidDescriptor("a dma_buf descriptor needs one plane layout")
+                explicit = {"modifier": _private_int(dp, "drm_modifier"),
+                            "offset": _private_int(layouts[0], "offset"),
+                            "row_pitch": _private_int(layouts[0], "row_pitch"),
+                            "array_pitch": _private_int(layouts[0], "array_pitch", 0)}
+            _check_image_support(dev, p, handle_type, export=False,
+                                 modifier=explicit["modifier"] if explicit else None)
+            image = _create_image(dev, p, handle_type, explicit=explicit)
+            need, _, bits, _ = _requirements(dev, image=image)
+        elif d.kind == "buffer":
+            vk_usage = _private_int(dp, "vk_usage", vk_buffer_usage(d.usage))
+            _check_buffer_support(dev, vk_usage, handle_type, export=False)
+            if _private_int(dp, "buffer_size", d.size) != d.size:
+                raise InvalidDescriptor("a Vulkan buffer spans its whole allocation: buffer_size must equal size")
+            buf = _create_buffer(dev, d.size, vk_usage, handle_type)
+            need, _, bits, _ = _requirements(dev, buffer=buf)
+        else:
+            raise InvalidDescriptor(f"the vulkan backend cannot import a {d.kind}")
+        if need > d.size:
+            raise InvalidDescriptor(f"the resource needs {need} bytes here but the exported allocation has {d.size}")
+        bits &= fd_type_bits
+        want = dp.get("memory_type_index")
+        if isinstance(want, int) and not isinstance(want, bool) and bits >> want & 1:
+            type_index = want  # same driver and device (UUIDs matched): use the exporter's memory type
+        else:
+            type_index = dev.find_memory_type(bits, 0, avoid=0) if not _has_type(dev, bits, _DEVICE_LOCAL) \
+                else dev.find_memory_type(bits, _DEVICE_LOCAL)
+        mem = _allocate(dev, d.size, type_index, image=image, buffer=buf, import_fd=(handle_type, fd))
+        fd = -1  # a successful vkAllocateMemory owns the fd
+        if image is not None:
+            check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
+        else:
+            check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
+    except BaseException:
+        _destroy(dev, image=image, buffer=buf, memory=mem)
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return VulkanResource(d, dev, image=image, buffer=buf, memory=mem, handle_type=handle_type,
+                          layout=vk.VK_IMAGE_LAYOUT_GENERAL)
+
+
+def _import_memfd(dev: VulkanDevice, d: Descriptor, fd: int, host_import: bool | None) -> VulkanResource:
+    """memfd → Vulkan. On success the resource owns `fd` (kept for export_fds); on failure the caller closes it."""
+    facts = inspect_fd(fd)
+    if not facts.size_sealed or facts.size < d.required_size():
+        raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")
+    align_to = max(PAGE_SIZE, dev.info.min_host_pointer_alignment or PAGE_SIZE)
+    can_host = dev.external_memory_host and align_to == PAGE_SIZE
+    if host_import and not can_host:
+        raise BackendError(f"{dev.name}: zero-copy memfd import needs VK_EXT_external_memory_host with "
+                           f"minImportedHostPointerAlignment <= {PAGE_SIZE}")
+    if host_import is False or not can_host:
+        return _import_memfd_staged(dev, d, fd)
+    if d.kind == "texture2d":
+        get_format(d.format)  # unknown formats are InvalidDescriptor before any Vulkan object exists
+    length = align(d.size, align_to)
+    host = _HostMapping(fd, length)
+    buf = mem = image = None
+    try:
+        hp = ffi.new("VkMemoryHostPointerPropertiesEXT*",
+                     {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_HOST_POINTER_PROPERTIES_EXT})
+        check(dev.vkGetMemoryHostPointerPropertiesEXT(dev.device, HANDLE_HOST, host.pointer, hp),
+              "vkGetMemoryHostPointerPropertiesEXT")
+        usage = vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT | \
+            vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT
+        _check_buffer_support(dev, usage, HANDLE_HOST, export=False)
+        buf = _create_buffer(dev, d.size, usage, HANDLE_HOST)
+        _, _, bits, _ = _requirements(dev, buffer=buf)
+        bits &= hp.memoryTypeBits
+        if not bits:
+            raise BackendError(f"{dev.name}: no memory type can hold both this buffer and imported host memory")
+        mem = _allocate(dev, length, dev.find_memory_type(bits, 0), host_ptr=host.pointer)
+        check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
+        if d.kind == "texture2d":
+            image = _linear_alias(dev, d, mem, length, hp.memoryTypeBits)
+    except BaseException:
+        _destroy(dev, image=image, buffer=buf, memory=mem)
+        host.close()
+        raise
+    res = VulkanResource(d, dev, image=image, buffer=buf, memory=mem, handle_type=HANDLE_HOST, fd=fd, host=host,
+                         layout=vk.VK_IMAGE_LAYOUT_GENERAL)
+    if image is not None:
+        try:  # PREINITIALIZED → GENERAL keeps the bytes NumPy wrote
+            res.device.one_shot(lambda cmd: _barrier(cmd, image, vk.VK_IMAGE_LAYOUT_PREINITIALIZED,
+                                                     vk.VK_IMAGE_LAYOUT_GENERAL, 1, d.array_size))
+        except BaseException:
+            res._fd = -1  # the caller closes fd on failure
+            res.close()
+            raise
+    return res
+
+
+def _linear_alias(dev: VulkanDevice, d: Descriptor, mem: Any, length: int, host_bits: int) -> Any:
+    """A LINEAR VkImage on the imported memfd pages, if this driver's linear layout is exactly the memfd's row
+    pitch; None otherwise (the texture is then reachable as .buffer only)."""
+    if d.mip_levels != 1 or d.array_size != 1:
+        return None
+    p = _image_params(d.width, d.height, d.format, d.usage, "linear", 1, 1,
+                      vk_usage=_TRANSFER | vk.VK_IMAGE_USAGE_SAMPLED_BIT)
+    try:
+        _check_image_support(dev, p, HANDLE_HOST, export=False)
+    except BackendError:
+        return None
+    image = _create_image(dev, p, HANDLE_HOST, initial_layout=vk.VK_IMAGE_LAYOUT_PREINITIALIZED)
+    try:
+        sub = ffi.new("VkImageSubresource*", {"aspectMask": _COLOR})
+        lay = ffi.new("VkSubresourceLayout*")
+        lib.vkGetImageSubresourceLayout(dev.device, image, sub, lay)
+        size, alignment, bits, _ = _requirements(dev, image=image)
+        if (lay.offset != 0 or lay.rowPitch != d.row_pitch or not bits & host_bits or d.offset % alignment
+                or d.offset + size > length):
+            _destroy(dev, image=image)
+            return None
+        check(lib.vkBindImageMemory(dev.device, image, mem, d.offset), "vkBindImageMemory")
+    except BaseException:
+        _destroy(dev, image=image)
+        raise
+    return image
+
+
+def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanResource:
+    """The copy path: an OPTIMAL device image plus the memfd mapping, synced explicitly."""
+    if d.kind != "texture2d":
+        raise BackendError(f"{dev.name}: memfd buffers need VK_EXT_external_memory_host to be seen by Vulkan")
+    p = _image_params(d.width, d.height, d.format, d.usage, "optimal", 1, d.array_size)
+    fp = ffi.new("VkImageFormatProperties*")
+    r = lib.vkGetPhysicalDeviceImageFormatProperties(dev.physical_device, p["vk_format"], vk.VK_IMAGE_TYPE_2D,
+                                                     p["vk_tiling"], p["vk_usage"], 0, fp)
+    if r == vk.VK_ERROR_FORMAT_NOT_SUPPORTED:
+        raise BackendError(f"{dev.name} cannot hold a {d.format} image with usage 0x{p['vk_usage']:x}")
+    check(r, "vkGetPhysicalDeviceImageFormatProperties")
+    host_map = map_fd(fd, d.size)
+    image = mem = None
+    try:
+        info = ffi.new("VkImageCreateInfo*", {
+            "sType": vk.VK_STRUCTURE_TYPE_IMAGE_CREATE_INFO, "imageType": vk.VK_IMAGE_TYPE_2D,
+            "format": p["vk_format"], "extent": {"width": d.width, "height": d.height, "depth": 1}, "mipLevels": 1,
+            "arrayLayers": d.array_size, "samples": vk.VK_SAMPLE_COUNT_1_BIT, "tiling": p["vk_tiling"],
+            "usage": p["vk_usage"], "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE})
+        out = ffi.new("VkImage*")
+        check(lib.vkCreateImage(dev.device, info, ffi.NULL, out), "vkCreateImage")
+        track("VkImage")
+        image = out[0]
+        size, _, bits, _ = _requirements(dev, image=image)
+        mem = _allocate(dev, size, dev.find_memory_type(bits, _DEVICE_LOCAL), image=image)
+        check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
+        dev.one_shot(lambda cmd: _barrier(cmd, image, vk.VK_IMAGE_LAYOUT_UNDEFINED, vk.VK_IMAGE_LAYOUT_GENERAL,
+                                          1, d.array_size))
+    except BaseException:
+        _destroy(dev, image=image, memory=mem)
+        host_map.close()
+        raise
+    res = VulkanResource(d, dev, image=image, memory=mem, fd=fd, host_map=host_map, layout=vk.VK_IMAGE_LAYOUT_GENERAL)
+    try:
+        res.sync_to_image()
+    except BaseException:
+        res._fd = -1
+        res.close()
+        raise
+    return res
+
+
+BACKEND = VulkanBackend()
+
+__all__ = ["BACKEND", "VulkanBackend", "VulkanResource", "VulkanDevice", "TimelineSemaphore", "VulkanError",
+           "default_device", "live_objects", "vk_image_usage", "vk_buffer_usage"]
