@@ -63,6 +63,7 @@ class _Channel:
             try:
                 send_frame(self.sock, data, fds)
             except OSError as e:
+                self._raise_parting_error()  # the broker may have said why it hung up (e.g. uid not allowed)
                 raise BrokenError(f"lost the broker while sending {op.value}: {e.strerror}") from None
             while True:
                 reply, rfds = self._receive()
@@ -77,11 +78,25 @@ class _Channel:
                     raise error_from_code(str(reply.fields.get("code")), str(reply.fields.get("message")))
                 return reply.fields, rfds
 
+    def _raise_parting_error(self) -> None:
+        assert self.sock is not None
+        self.sock.setblocking(False)
+        try:
+            msg, fds = self._receive()
+        except (BlockingIOError, BrokenError, RemoteProtocolError):
+            return
+        finally:
+            if self.sock is not None:
+                self.sock.setblocking(True)
+        _close(fds)
+        if msg.op is Op.ERROR:
+            raise error_from_code(str(msg.fields.get("code")), str(msg.fields.get("message")))
+
     def _receive(self) -> tuple[Message, list[int]]:
         assert self.sock is not None
         try:
             data, fds, truncated = recv_frame(self.sock)
-        except (InterruptedError, TimeoutError):
+        except (InterruptedError, TimeoutError, BlockingIOError):
             raise
         except OSError as e:
             raise BrokenError(f"lost the broker: {e.strerror}") from None

@@ -42,6 +42,7 @@ class _Peer:
     conn: Connection = field(default_factory=lambda: Connection(broker_side=True))
     queue: collections.deque = field(default_factory=collections.deque)  # (bytes, dup'd fds)
     hangup: bool = False
+    refusal: AccessDenied | None = None  # set for a uid the policy does not admit
 
 
 def raise_fd_limit(want: int = 1 << 20) -> int:
@@ -113,9 +114,9 @@ class BrokerServer:
             try:
                 self.registry.connect(peer.id, pid, uid)
             except AccessDenied as e:
-                self._send_now(peer, Message(Op.ERROR, 0, {"code": e.code, "message": str(e)}), ())
-                sock.close()
-                continue
+                # Answer its first frame with the refusal, then hang up: closing at once, with its HELLO unread,
+                # would reset the connection and the client would never learn why.
+                peer.refusal = e
             self.peers[peer.id] = peer
             self.sel.register(sock, selectors.EVENT_READ, peer)
 
@@ -141,6 +142,13 @@ class BrokerServer:
                 return
             if not data and not fds:
                 self._drop(peer)
+                return
+            if peer.refusal is not None:
+                _close_all(fds)
+                err = peer.refusal
+                self._send(peer, Message(Op.ERROR, peek_request_id(data), {"code": err.code, "message": str(err)}), ())
+                peer.hangup = True
+                self._maybe_hangup(peer)
                 return
             try:
                 msg = peer.conn.receive(data, len(fds), truncated=truncated)

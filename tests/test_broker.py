@@ -1,0 +1,366 @@
+"""The broker end to end: real processes, real sockets, real fds."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import tempfile
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+import texbridge
+from texbridge._memfd import create_sealed
+from texbridge._protocol import MAX_FRAME, VERSION
+from texbridge._unix import recv_frame, send_frame
+
+from conftest import fd_count, raw_socket, run_py, spawn_py, wait_until
+
+PATTERN = "np.arange(h * w * 4, dtype=np.uint32).astype(np.uint8).reshape(h, w, 4) ^ 0x5A"
+
+
+def pattern(h, w):
+    return eval(PATTERN)
+
+
+def test_two_processes_share_a_texture_pixel_exact(session):
+    tex = session.create_texture(333, 77, "rgba8", name="shared")
+    tex.numpy()[:] = pattern(77, 333)
+    run_py(f"""
+        import numpy as np, texbridge
+        with texbridge.connect() as s, s.open("{tex.handle}") as r:
+            h, w = 77, 333
+            assert r.numpy().shape == (h, w, 4)
+            assert np.array_equal(r.numpy(), {PATTERN}), "content differs"
+            r.numpy()[10, 20] = (1, 2, 3, 4)      # write back through the shared memory
+    """)
+    assert tuple(tex.numpy()[10, 20]) == (1, 2, 3, 4)
+    assert tex.descriptor.row_pitch % 256 == 0 and tex.numpy().strides[0] == tex.descriptor.row_pitch
+
+
+def test_buffer_is_a_flat_uint8_view(session):
+    buf = session.create_buffer(1000, name="buf")
+    buf.numpy()[:] = np.arange(1000) % 251
+    run_py("""
+        import numpy as np, texbridge
+        with texbridge.connect() as s, s.open("buf") as r:
+            assert r.numpy().shape == (1000,) and r.numpy().dtype == np.uint8
+            assert np.array_equal(r.download(), np.arange(1000) % 251)
+    """)
+
+
+def test_resource_outlives_its_creator(session):
+    creator = spawn_py(f"""
+        import sys, numpy as np, texbridge
+        s = texbridge.connect()
+        t = s.create_texture(64, 48, "rgba8", name="orphan")
+        h, w = 48, 64
+        t.numpy()[:] = {PATTERN}
+        print(t.handle, flush=True)
+        sys.stdin.readline()          # exit (without closing) when told
+    """, stdin=__import__("subprocess").PIPE)
+    handle = creator.stdout.readline().strip()
+    res = session.open(handle)
+    creator.stdin.write("go\n")
+    creator.stdin.flush()
+    assert creator.wait(30) == 0
+    assert wait_until(lambda: "orphan" not in [n for r in session.list() for n in r["names"]])
+    assert np.array_equal(res.numpy(), pattern(48, 64))  # memory intact after the creator is gone
+    again = session.open(handle)  # and the handle still opens
+    assert np.array_equal(again.numpy(), pattern(48, 64))
+    again.close()
+    res.close()
+    with pytest.raises(texbridge.NotFound):
+        session.open(handle)
+
+
+def test_sigkill_releases_references(session):
+    broker = session.broker_pid
+    baseline = fd_count(broker)
+    child = spawn_py("""
+        import time, texbridge
+        s = texbridge.connect()
+        keep = [s.create_texture(32, 32, "rgba8") for _ in range(5)] + [s.create_buffer(4096, keyed_mutex=False)]
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    assert child.stdout.readline().strip() == "ready"
+    assert fd_count(broker) >= baseline + 7  # 6 resources + the connection
+    assert session.stats()["resources"] == 6
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert wait_until(lambda: fd_count(broker) == baseline), (fd_count(broker), baseline)
+    assert session.stats()["resources"] == 0
+
+
+def test_autostart_race_yields_exactly_one_broker(runtime):
+    kids = [spawn_py("""
+        import texbridge
+        with texbridge.connect() as s:
+            print(s.broker_pid, flush=True)
+    """) for _ in range(20)]
+    pids = set()
+    for k in kids:
+        out, err = k.communicate(timeout=60)
+        assert k.returncode == 0, err
+        pids.add(int(out))
+    assert len(pids) == 1
+    assert os.path.exists(f"/proc/{pids.pop()}")
+
+
+def test_broker_exits_when_idle(runtime, monkeypatch):
+    monkeypatch.setenv("TEXBRIDGE_BROKER_IDLE", "0.3")
+    with texbridge.connect() as s:
+        pid = s.broker_pid
+        s.create_buffer(100).close()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=10)
+    with texbridge.connect() as s:  # and the next client simply starts a new one
+        assert s.broker_pid != pid
+
+
+def test_persistent_broker_stays(runtime):
+    run_py("import texbridge._broker.launch as l; l.start_broker(persistent=True, idle=0.1)")
+    with texbridge.connect(autostart=False) as s:
+        pid = s.broker_pid
+    time.sleep(0.8)
+    with texbridge.connect(autostart=False) as s:
+        assert s.broker_pid == pid
+
+
+def test_no_broker_without_autostart(runtime):
+    with pytest.raises(texbridge.BrokerUnavailable):
+        texbridge.connect(autostart=False)
+
+
+def _zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _as_user(uid: int, fn) -> str:
+    """Run fn() in a forked child with dropped privileges; returns what it reported."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            out = fn()
+        except BaseException as e:  # report anything, never return into pytest
+            out = f"{type(e).__name__}: {e}"
+        os.write(w, out.encode()[:4000])
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+def _try_connect() -> str:
+    with texbridge.connect(autostart=False) as s:
+        return f"connected {s.session_id}"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to another uid")
+def test_other_uid_is_refused(monkeypatch):
+    base = tempfile.mkdtemp(prefix="tb-uid-")
+    os.chmod(base, 0o711)
+    run = os.path.join(base, "run")
+    monkeypatch.setenv("TEXBRIDGE_RUNTIME_DIR", run)
+    monkeypatch.setenv("TEXBRIDGE_NAMESPACE", "uidtest")
+    try:
+        # Default: directory 0700 and socket 0600 keep other users out entirely.
+        run_py("import texbridge._broker.launch as l; l.start_broker()")
+        assert _as_user(65534, _try_connect).startswith("AccessDenied")
+        with texbridge.connect(autostart=False) as s:
+            s._channel.request(texbridge._protocol.Op.SHUTDOWN, {})
+        time.sleep(0.3)
+        # With an allow-list the socket is reachable, and SO_PEERCRED decides.
+        run_py("import texbridge._broker.launch as l; l.start_broker(extra_args=['--allow-uid', '12345'])")
+        denied = _as_user(65534, _try_connect)
+        assert denied.startswith("AccessDenied") and "uid 65534" in denied, denied
+        assert _as_user(12345, _try_connect).startswith("connected")
+        with texbridge.connect(autostart=False) as s:
+            s._channel.request(texbridge._protocol.Op.SHUTDOWN, {})
+    finally:
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------------
+
+def frame(op, fields=None, nfds=0, rid=1):
+    return msgpack.packb([VERSION, rid, op, fields or {}, nfds], use_bin_type=True)
+
+
+def ask(sock, data, fds=()):
+    send_frame(sock, data, fds)
+    reply, rfds, _ = recv_frame(sock)
+    for fd in rfds:
+        os.close(fd)
+    return msgpack.unpackb(reply)
+
+
+def hello(sock):
+    r = ask(sock, frame("hello", {"version": VERSION, "name": "raw", "pid": os.getpid()}))
+    assert r[2] == "reply", r
+    return r
+
+
+def tex_desc(**kw):
+    d = {"kind": "texture2d", "size": 256 * 16, "width": 16, "height": 16, "format": "rgba8", "planes": [[0, 256]]}
+    d.update(kw)
+    return d
+
+
+@pytest.fixture
+def raw(session):
+    sock = raw_socket()
+    hello(sock)
+    baseline = fd_count(session.broker_pid)
+    yield sock
+    assert session.stats()["clients"] >= 1  # the broker still serves
+    sock.close()
+    assert wait_until(lambda: fd_count(session.broker_pid) == baseline - 1), "broker leaked fds"
+
+
+def error_code(reply):
+    assert reply[2] == "error", reply
+    return reply[3]["code"]
+
+
+def test_garbage_truncated_and_oversized_frames(raw):
+    assert error_code(ask(raw, b"\xc1\xc1\xc1")) == "protocol"
+    assert error_code(ask(raw, frame("list")[:-3])) == "protocol"  # truncated msgpack
+    assert error_code(ask(raw, b"\x92" + b"\x00" * (MAX_FRAME + 100))) == "protocol"  # oversized
+    assert error_code(ask(raw, frame("nonsense"))) == "protocol"
+    assert error_code(ask(raw, msgpack.packb([VERSION + 1, 1, "list", {}, 0]))) == "protocol"
+    assert ask(raw, frame("stats"))[2] == "reply"
+
+
+def test_wrong_fd_counts_close_every_fd(raw):
+    a, b = create_sealed("a", 4096), create_sealed("b", 4096)
+    try:
+        assert error_code(ask(raw, frame("register", {"descriptor": tex_desc()}, nfds=1), [a, b])) == "protocol"
+        assert error_code(ask(raw, frame("list", {}, nfds=0), [a])) == "protocol"
+        assert error_code(ask(raw, frame("register", {"descriptor": tex_desc()}, nfds=2), [a, b])) \
+            == "invalid_descriptor"
+        many = [os.dup(a) for _ in range(40)]
+        ask(raw, frame("list", nfds=40), many)  # far more than a frame may carry: cut by the kernel, all closed
+        for fd in many:
+            os.close(fd)
+    finally:
+        os.close(a), os.close(b)
+
+
+@pytest.mark.parametrize("make", ["socket", "directory", "pipe", "unsealed", "small", "regular"])
+def test_fd_of_the_wrong_type_is_refused(raw, make, tmp_path):
+    if make == "socket":
+        s1, s2 = socket.socketpair()
+        fds, extra = [s1.fileno()], [s1, s2]
+    elif make == "directory":
+        fds, extra = [os.open(tmp_path, os.O_RDONLY)], []
+    elif make == "pipe":
+        r, w = os.pipe()
+        fds, extra = [r], [w]
+    elif make == "unsealed":
+        fd = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 4096)
+        fds, extra = [fd], []
+    elif make == "small":
+        fds, extra = [create_sealed("x", 100)], []
+    else:
+        p = tmp_path / "f"
+        p.write_bytes(b"\0" * 4096)
+        fds, extra = [os.open(p, os.O_RDWR)], []
+    assert error_code(ask(raw, frame("register", {"descriptor": tex_desc()}, nfds=1), fds)) == "invalid_descriptor"
+    for x in extra:
+        x.close() if hasattr(x, "close") else os.close(x)
+    if make not in ("socket",):
+        os.close(fds[0])
+
+
+@pytest.mark.parametrize("desc", [tex_desc(width=0), tex_desc(height=-5), tex_desc(format="rgb9"),
+                                  tex_desc(size=(1 << 64) - 1), tex_desc(planes=[[1 << 62, 1 << 62]]),
+                                  tex_desc(width=1 << 40), {"kind": "buffer"}, "nope", tex_desc(extra=1)])
+def test_bad_descriptors_are_refused(raw, desc):
+    fd = create_sealed("x", 4096)
+    try:
+        code = error_code(ask(raw, frame("register", {"descriptor": desc}, nfds=1), [fd]))
+        # a descriptor that is not even a map fails the wire schema; the rest fail validation
+        assert code == ("protocol" if desc == "nope" else "invalid_descriptor")
+    finally:
+        os.close(fd)
+
+
+def test_names_and_lifecycle_errors(session):
+    t = session.create_texture(8, 8, name="taken")
+    with pytest.raises(texbridge.NameInUse):
+        session.create_buffer(10, name="taken")
+    h = t.handle
+    t.close()
+    t.close()  # double close is a no-op locally
+    with pytest.raises(texbridge.NotFound):
+        session.open(h)  # open after close
+    with pytest.raises(texbridge.NotFound):
+        session._close_handle(h.value) or session._channel.request(texbridge._protocol.Op.CLOSE, {"handle": h.value})
+    with pytest.raises(texbridge.InvalidDescriptor):
+        session.create_texture(0, 8)
+    with pytest.raises(texbridge.InvalidDescriptor):
+        session.create_texture(8, 8, "nope")
+    with pytest.raises(texbridge.ClosedError):
+        t.numpy()
+
+
+def test_thousands_of_clients_at_once(session):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    broker = session.broker_pid
+    baseline = fd_count(broker)
+    n = min(2000, hard - fd_count() - 100)
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(raw_socket())
+        for s in socks:
+            send_frame(s, frame("hello", {"version": VERSION, "name": "many", "pid": os.getpid()}))
+        assert all(msgpack.unpackb(recv_frame(s)[0])[2] == "reply" for s in socks)
+        assert session.stats()["clients"] == n + 1
+    finally:
+        for s in socks:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert wait_until(lambda: fd_count(broker) == baseline, timeout=20)
+
+
+def test_handles_of_another_namespace_are_not_found(session, monkeypatch):
+    t = session.create_texture(8, 8)
+    with texbridge.connect(session.namespace + "-other") as other:
+        with pytest.raises(texbridge.NotFound):
+            other.open(t.handle)
+        other._channel.request(texbridge._protocol.Op.SHUTDOWN, {})
+
+
+def test_watch_sees_publish_and_retire(session):
+    with session.watch() as events:
+        t = session.create_texture(8, 8, name="watched")
+        kinds = []
+        while "published" not in kinds:
+            kinds.append(events.next(timeout=5).kind)
+        t.close()
+        seen = []
+        while "retired" not in seen:
+            ev = events.next(timeout=5)
+            assert ev is not None
+            seen.append(ev.kind)
+        assert seen == ["released", "unpublished", "retired"]
