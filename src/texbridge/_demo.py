@@ -1,0 +1,290 @@
+"""`texbridge demo`: a producer and a consumer PROCESS share one texture through the broker and take turns on it
+with its keyed mutex, the way two D3D11 devices share a DXGI surface.
+
+Every frame is verified pixel-exact, not sampled: frame i holds `base ^ key(i)` as 32-bit words, where base is a
+fixed hash of (x, y) and key(i) an odd-multiplier hash of i. XOR keeps producing and checking a frame to a couple of
+memory passes, and every pixel differs between any two frames, so a stale frame, a torn write or a lost handoff
+fails the check everywhere rather than in a corner a sample might miss.
+
+Both children are started with multiprocessing's "spawn" so they are fresh interpreters that share nothing with the
+parent but the broker's namespace: what they exchange goes through the broker and the shared memory alone.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue as queue_mod
+import secrets
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FORMAT = "rgba8"  # four bytes a pixel: one 32-bit pattern word per pixel
+HANDOFF_TIMEOUT = 10.0  # seconds one side waits for the other before calling the demo failed
+PINGPONG_ROUNDS = 2000  # content-free round trips, to measure the keyed mutex handoff itself
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    frames: int = 600
+    width: int = 1280
+    height: int = 720
+    backend: str = "memfd"
+    namespace: str | None = None
+    pingpong: int = PINGPONG_ROUNDS
+    corrupt_frame: int = -1  # self-test of the verifier: the producer damages one pixel of this frame
+
+
+@dataclass
+class DemoResult:
+    config: DemoConfig
+    name: str = ""
+    handle: str = ""
+    broker_pid: int = 0
+    verified: int = 0
+    failed: int = 0
+    first_failure: str = ""
+    frames_per_s: float = 0.0
+    handoffs_per_s: float = 0.0
+    round_trip_us: float = 0.0
+    write_ms: float = 0.0
+    verify_ms: float = 0.0
+    zero_copy: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.failed == 0 and self.verified == self.config.frames
+
+
+# -- the pattern ------------------------------------------------------------------------------------------------------
+def base_pattern(width: int, height: int) -> np.ndarray:
+    """(H, W) uint32: a fixed hash of (x, y), so neighbouring pixels and rows all differ."""
+    x = np.arange(width, dtype=np.uint32)[None, :]
+    y = np.arange(height, dtype=np.uint32)[:, None]
+    with np.errstate(over="ignore"):
+        return (x * np.uint32(0x9E3779B1)) ^ (y * np.uint32(0x85EBCA77)) ^ np.uint32(0x27D4EB2F)
+
+
+def frame_key(i: int) -> np.uint32:
+    """Distinct for every frame index below 2**32 (an odd multiplier is a bijection mod 2**32); never 0."""
+    return np.uint32(((i + 1) * 0x2545F491) & 0xFFFFFFFF)
+
+
+def expected_frame(base: np.ndarray, i: int) -> np.ndarray:
+    """Frame i as the (H, W, 4) uint8 image the texture must hold."""
+    h, w = base.shape
+    return np.bitwise_xor(base, frame_key(i)).view(np.uint8).reshape(h, w, 4)
+
+
+def _words(view: np.ndarray) -> np.ndarray:
+    """An (H, W, 4) uint8 view (any row pitch) seen as (H, W) uint32 words, zero-copy."""
+    return view.view(np.uint32)[..., 0]
+
+
+# -- the two processes ------------------------------------------------------------------------------------------------
+def _report(q: Any, role: str, **fields: Any) -> None:
+    q.put({"role": role, **fields})
+
+
+def _producer(cfg: DemoConfig, name: str, q: Any) -> None:
+    import texbridge
+
+    try:
+        base = base_pattern(cfg.width, cfg.height)
+        with texbridge.connect(cfg.namespace, app_name="texbridge-demo-producer") as s:
+            tex = s.create_texture(cfg.width, cfg.height, FORMAT, name=name, backend=cfg.backend, keyed_mutex=True)
+            mutex = tex.mutex
+            view = _words(tex.numpy()) if hasattr(tex, "numpy") else None
+            _report(q, "producer", event="ready", handle=str(tex.handle), broker_pid=s.broker_pid,
+                    zero_copy=view is not None)
+            write_s = 0.0
+            for i in range(cfg.frames):
+                mutex.acquire(0, timeout=HANDOFF_TIMEOUT)
+                t = time.perf_counter()
+                if view is not None:
+                    np.bitwise_xor(base, frame_key(i), out=view)
+                else:
+                    tex.upload(expected_frame(base, i))
+                write_s += time.perf_counter() - t
+                if i == cfg.corrupt_frame:
+                    _damage(tex, view, cfg.height // 2, cfg.width // 3)
+                mutex.release(1)
+            for _ in range(cfg.pingpong):
+                mutex.acquire(0, timeout=HANDOFF_TIMEOUT)
+                mutex.release(1)
+            mutex.acquire(0, timeout=HANDOFF_TIMEOUT)  # the consumer is done with the last frame
+            mutex.release(0)
+            tex.close()
+        _report(q, "producer", event="done", write_ms=write_s * 1e3 / max(1, cfg.frames))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent, which decides the exit status
+        _report(q, "producer", event="error", error=_describe(e))
+        raise SystemExit(1) from None
+
+
+def _damage(tex: Any, view: np.ndarray | None, y: int, x: int) -> None:
+    """Flip one bit of one pixel, through the same path frames are written by."""
+    if view is not None:
+        view[y, x] ^= np.uint32(1)
+    else:
+        frame = tex.download()
+        frame[y, x, 0] ^= 1
+        tex.upload(frame)
+
+
+def _consumer(cfg: DemoConfig, name: str, q: Any) -> None:
+    import texbridge
+
+    try:
+        base = base_pattern(cfg.width, cfg.height)
+        with texbridge.connect(cfg.namespace, app_name="texbridge-demo-consumer") as s:
+            tex = s.open(name, backend=None if cfg.backend == "memfd" else cfg.backend)
+            mutex = tex.mutex
+            if mutex is None:
+                raise RuntimeError(f"{name!r} was opened without its keyed mutex")
+            view = _words(tex.numpy()) if hasattr(tex, "numpy") else None
+            scratch = np.empty_like(base)
+            verified = failed = 0
+            first_failure = ""
+            verify_s = 0.0
+            start = end = 0.0
+            for i in range(cfg.frames):
+                mutex.acquire(1, timeout=HANDOFF_TIMEOUT)
+                t = time.perf_counter()
+                if i == 0:
+                    start = t
+                key = frame_key(i)
+                if view is not None:
+                    np.bitwise_xor(view, key, out=scratch)
+                else:
+                    got = tex.download()
+                    np.bitwise_xor(_words(np.ascontiguousarray(got)), key, out=scratch)
+                if np.array_equal(scratch, base):
+                    verified += 1
+                else:
+                    failed += 1
+                    if not first_failure:
+                        bad = np.argwhere(scratch != base)
+                        y, x = (int(v) for v in bad[0])
+                        first_failure = (f"frame {i}: {len(bad)} pixels differ, first at (x={x}, y={y}): "
+                                         f"expected {int(base[y, x] ^ key):#010x}, read {int(scratch[y, x] ^ key):#010x}")
+                verify_s += time.perf_counter() - t
+                mutex.release(0)
+                end = time.perf_counter()
+            rounds: list[float] = []
+            last = 0.0
+            for j in range(cfg.pingpong):
+                mutex.acquire(1, timeout=HANDOFF_TIMEOUT)
+                now = time.perf_counter()
+                if j:  # the first wait also covers the producer's last frame; time whole round trips only
+                    rounds.append(now - last)
+                last = now
+                mutex.release(0)
+            tex.close()
+        _report(q, "consumer", event="done", verified=verified, failed=failed, first_failure=first_failure,
+                elapsed=end - start, verify_ms=verify_s * 1e3 / max(1, cfg.frames), rounds=rounds)
+    except BaseException as e:  # noqa: BLE001
+        _report(q, "consumer", event="error", error=_describe(e))
+        raise SystemExit(1) from None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ImportError) and "keyed_mutex" in str(e):
+        return f"the keyed mutex is unavailable: {e}"
+    import texbridge
+
+    if isinstance(e, texbridge.TexbridgeError):
+        return f"{type(e).__name__}: {e}"
+    return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+
+
+# -- the parent -------------------------------------------------------------------------------------------------------
+def run_demo(cfg: DemoConfig, *, log=lambda text: None) -> DemoResult:
+    """Start both processes, collect what they report, never hang: each side's waits are bounded."""
+    import texbridge
+    from .backends import get_backend
+
+    result = DemoResult(cfg, name=f"texbridge-demo-{os.getpid()}-{secrets.token_hex(3)}")
+    get_backend(cfg.backend)  # BackendError, with its reason, before any process starts
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    # The parent's own session keeps the broker up (it may have been auto-started just now) for the whole demo.
+    with texbridge.connect(cfg.namespace, app_name="texbridge-demo") as session:
+        result.broker_pid = session.broker_pid
+        log(f"broker pid {session.broker_pid}, namespace {session.namespace!r}")
+        producer = ctx.Process(target=_producer, args=(cfg, result.name, q), name="texbridge-demo-producer")
+        producer.start()
+        procs = {"producer": producer}
+        try:
+            ready = _next(q, procs, timeout=60.0)
+            if ready is None or ready.get("event") != "ready":
+                result.errors.append(_error_text(ready, "producer"))
+                return result
+            result.handle, result.zero_copy = ready["handle"], ready["zero_copy"]
+            log(f"producer pid {producer.pid} created {result.handle} published as {result.name!r}")
+            consumer = ctx.Process(target=_consumer, args=(cfg, result.name, q), name="texbridge-demo-consumer")
+            consumer.start()
+            procs["consumer"] = consumer
+            log(f"consumer pid {consumer.pid} opens {result.name!r}")
+            pending = {"producer", "consumer"}
+            while pending:
+                msg = _next(q, {k: procs[k] for k in pending}, timeout=HANDOFF_TIMEOUT * 3 + 5)
+                if msg is None:
+                    result.errors.append(f"{' and '.join(sorted(pending))} stopped without reporting")
+                    break
+                pending.discard(msg["role"])
+                if msg["event"] == "error":
+                    result.errors.append(f"{msg['role']}: {msg['error']}")
+                elif msg["role"] == "producer":
+                    result.write_ms = msg["write_ms"]
+                else:
+                    _take_consumer(result, msg)
+        finally:
+            for p in procs.values():
+                p.join(timeout=HANDOFF_TIMEOUT + 5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+                    result.errors.append(f"{p.name} (pid {p.pid}) had to be killed")
+                elif p.exitcode not in (0, None) and not any(e.startswith(p.name.split("-")[-1]) for e in result.errors):
+                    result.errors.append(f"{p.name} exited with status {p.exitcode}")
+            q.close()
+    return result
+
+
+def _take_consumer(result: DemoResult, msg: dict[str, Any]) -> None:
+    result.verified, result.failed, result.first_failure = msg["verified"], msg["failed"], msg["first_failure"]
+    result.verify_ms = msg["verify_ms"]
+    if msg["elapsed"] > 0:
+        result.frames_per_s = result.config.frames / msg["elapsed"]
+    rounds = msg["rounds"]
+    if rounds:
+        total = sum(rounds)
+        result.handoffs_per_s = 2 * len(rounds) / total if total > 0 else 0.0
+        result.round_trip_us = statistics.median(rounds) * 1e6
+
+
+def _next(q: Any, procs: dict[str, Any], *, timeout: float) -> dict[str, Any] | None:
+    """The next report, or None once every process we wait on has died without one (or `timeout` passed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return q.get(timeout=0.2)
+        except queue_mod.Empty:
+            if not any(p.is_alive() for p in procs.values()):
+                try:
+                    return q.get(timeout=0.5)  # a report may still be in flight from a process that just exited
+                except queue_mod.Empty:
+                    return None
+    return None
+
+
+def _error_text(msg: dict[str, Any] | None, role: str) -> str:
+    if msg is None:
+        return f"{role} stopped without reporting"
+    return f"{msg.get('role', role)}: {msg.get('error', msg)}"

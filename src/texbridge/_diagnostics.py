@@ -1,0 +1,82 @@
+"""What this machine can share, gathered for `texbridge doctor`: one topic per backend plus the platform.
+
+Each backend reports through its own `diagnostics()` (the backend knows its API best: Vulkan devices and their
+external-memory extensions, EGL/GL memory-object extensions, CUDA devices). This module only aggregates, and it must
+never raise: a missing library, a broken driver or a backend that crashes while probing all become a topic that says
+"unavailable" and why, because `doctor` is exactly what people run when something is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+from .backends import BACKENDS
+
+
+def backend_report(name: str) -> dict[str, Any]:
+    """One backend's diagnostics, or why it cannot give any."""
+    from ._errors import BackendError
+    from .backends import get_backend
+
+    try:
+        backend = get_backend(name)
+    except BackendError as e:
+        return {"available": False, "detail": str(e)}
+    except Exception as e:  # a backend module that fails to import in an unexpected way
+        return {"available": False, "detail": f"loading the backend failed: {type(e).__name__}: {e}"}
+    try:
+        report = backend.diagnostics()
+    except Exception as e:  # diagnostics() must not raise; if it does, say so instead of crashing doctor
+        return {"available": False, "detail": f"diagnostics failed: {type(e).__name__}: {e}"}
+    if not isinstance(report, dict):
+        return {"available": False, "detail": f"diagnostics returned {type(report).__name__}, not a mapping"}
+    return report
+
+
+def keyed_mutex_report() -> dict[str, Any]:
+    """Whether the compiled futex core of the keyed mutex is built and importable."""
+    try:
+        from . import _futex  # noqa: F401
+    except ImportError as e:
+        return {"available": False, "detail": f"the compiled core is missing ({e}); run `pip install -e .`"}
+    try:
+        from . import keyed_mutex  # noqa: F401
+    except ImportError as e:
+        return {"available": False, "detail": f"the compiled core is built but texbridge.keyed_mutex is missing: {e}"}
+    return {"available": True, "detail": "C11 atomics + futex core built"}
+
+
+def platform_report() -> dict[str, Any]:
+    from ._paths import namespace_name, runtime_dir
+
+    try:
+        namespace = namespace_name()
+    except ValueError as e:
+        namespace = f"invalid TEXBRIDGE_NAMESPACE: {e}"
+    import numpy
+
+    return {
+        "available": True,
+        "detail": f"{platform.system()} {platform.release()} {platform.machine()}, Python {platform.python_version()}",
+        "python": sys.executable,
+        "numpy": numpy.__version__,
+        "cpus": os.cpu_count(),
+        "runtime dir": str(runtime_dir()),
+        "namespace": namespace,
+    }
+
+
+def collect() -> dict[str, dict[str, Any]]:
+    """Every topic, in display order: platform, keyed mutex, then each backend."""
+    topics: dict[str, dict[str, Any]] = {}
+    for name, probe in (("platform", platform_report), ("keyed mutex", keyed_mutex_report)):
+        try:
+            topics[name] = probe()
+        except Exception as e:
+            topics[name] = {"available": False, "detail": f"{type(e).__name__}: {e}"}
+    for name in BACKENDS:
+        topics[name] = backend_report(name)
+    return topics
