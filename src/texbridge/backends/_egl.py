@@ -192,7 +192,8 @@ class EGLContext:
         if self.surface:
             e.DestroySurface(self.display, self.surface)
         e.DestroyContext(self.display, self.context)
-        e.Terminate(self.display)
+        # No eglTerminate: a platform display is one per (platform, device) in the whole process, shared with every
+        # other context on it (ours included), and terminating it would pull those contexts' display away.
         self.context = self.surface = 0
 
 
@@ -300,8 +301,6 @@ def create_headless(gl_string: Callable[[int], str],
         ctx = _create_on(init[0], platform, gl_string)
         if ctx is None:
             tried.append(f"{platform}: no GL 4.5 core or GLES 3.2 context")
-            # Terminate only displays we did not end up using; a display is shared per platform+device.
-            egl().Terminate(init[0])
             continue
         tried.append(f"{platform}: {ctx.renderer}")
         if accept is not None:

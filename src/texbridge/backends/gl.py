@@ -216,6 +216,7 @@ _lock = threading.Lock()
 _headless: GLContext | None = None
 _headless_by_uuid: dict[bytes, GLContext | None] = {}
 _current_caps: dict[tuple[str, int], GLCaps] = {}
+_vk_devices: dict[bytes, Any] = {}  # Vulkan devices picked by a GL context's device UUID (not the default one)
 
 
 def _pyopengl_platform() -> str:
@@ -409,6 +410,12 @@ class GLResource(Resource):
         self._moderngl: Any = None
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        if self.descriptor.kind == "buffer":
+            return (_gl_buffer_size(self.descriptor),)
+        return super().shape
+
+    @property
     def format(self) -> Format:
         return get_format(self.descriptor.format)
 
@@ -466,20 +473,25 @@ class GLResource(Resource):
         return ctx.external_texture(self.texture, (d.width, d.height), fmt.channels, 0, dtype)
 
     # -- sync ------------------------------------------------------------------------------------------------------
-    def begin_access(self, semaphore: GLSemaphore | None = None, layout: str = "general") -> None:
+    @property
+    def shared_layout(self) -> str:
+        """The layout both APIs keep the image in between operations (the exporter's choice, default general)."""
+        return str(self.descriptor.driver_private.get("shared_layout", "general"))
+
+    def begin_access(self, semaphore: GLSemaphore | None = None, layout: str | None = None) -> None:
         """Order GL after the other API: wait on its semaphore (GL_EXT_semaphore_fd), else nothing is needed
         because the other side completed its work before releasing the keyed mutex."""
         self._check_open()
         if semaphore is not None:
-            semaphore.wait([self], layout)
+            semaphore.wait([self], layout or self.shared_layout)
 
-    def end_access(self, semaphore: GLSemaphore | None = None, layout: str = "general") -> None:
+    def end_access(self, semaphore: GLSemaphore | None = None, layout: str | None = None) -> None:
         """Make GL's work visible before the keyed mutex is released: signal + glFlush with a semaphore, else
         glFinish (llvmpipe has no GL_EXT_semaphore_fd). Records the path in `gl_sync`."""
         self._check_open()
         self.context.enter()
         if semaphore is not None and self.context.caps.semaphore_fd:
-            semaphore.signal([self], layout)
+            semaphore.signal([self], layout or self.shared_layout)
             self.gl_sync = "semaphore"
         else:
             GL.glFinish()
@@ -491,8 +503,8 @@ class GLResource(Resource):
         self.context.enter()
         if self.buffer:
             data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-            if data.size != self.descriptor.size:
-                raise ValueError(f"upload of {data.size} bytes into a {self.descriptor.size}-byte buffer")
+            if data.size != self.shape[0]:
+                raise ValueError(f"upload of {data.size} bytes into a {self.shape[0]}-byte buffer")
             self._buffer_upload(data)
             return
         data = self._texture_array(array)
@@ -510,7 +522,7 @@ class GLResource(Resource):
         self.context.enter()
         d, caps = self.descriptor, self.context.caps
         if self.buffer:
-            out = np.empty(d.size, np.uint8)
+            out = np.empty(self.shape, np.uint8)
             self._buffer_download(out)
             return out
         fmt = self.format
@@ -620,6 +632,17 @@ def _tiling(descriptor: Descriptor) -> int:
     return GL_OPTIMAL_TILING_EXT if tiling == "optimal" else GL_LINEAR_TILING_EXT
 
 
+LLVMPIPE_BUFFER_PAD = 64  # llvmpipe over-reads buffers by one SIMD vector and so refuses memory without that slack
+
+
+def _gl_buffer_size(descriptor: Descriptor) -> int:
+    """Bytes of the GL buffer: the whole memory, unless the exporter left slack (driver_private gl_buffer_size)."""
+    v = descriptor.driver_private.get("gl_buffer_size", descriptor.size)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= descriptor.size:
+        raise InvalidDescriptor(f"driver_private['gl_buffer_size'] must be 1..{descriptor.size}, not {v!r}")
+    return v
+
+
 def _check_uuids(descriptor: Descriptor, caps: GLCaps) -> None:
     """OPAQUE_FD memory is only meaningful to the same driver on the same device: refuse before importing."""
     if descriptor.driver_uuid and descriptor.driver_uuid != caps.driver_uuid:
@@ -657,8 +680,10 @@ class GLBackend:
 
     def _import(self, descriptor: Descriptor, fds: list[int], context: Any, producer: Resource | None) -> GLResource:
         if descriptor.memory != "opaque_fd":
-            raise InvalidDescriptor(f"the gl backend imports opaque_fd memory, not {descriptor.memory} "
-                                    "(open memfd resources with the memfd backend)")
+            hint = ("dma_buf needs EGLImage import, which this backend does not do yet: create the resource with "
+                    "memory='opaque_fd'" if descriptor.memory == "dma_buf" else
+                    "open it with the backend that made it (memfd → memfd, cuda_vmm → cuda)")
+            raise InvalidDescriptor(f"the gl backend imports opaque_fd memory, not {descriptor.memory}: {hint}")
         if descriptor.kind not in ("texture2d", "buffer"):
             raise InvalidDescriptor(f"the gl backend imports textures and buffers, not {descriptor.kind}")
         ctx = resolve_context(context, descriptor.device_uuid)
@@ -687,10 +712,19 @@ class GLBackend:
             fds[0] = -1  # a successful import transfers the fd to GL
             if descriptor.kind == "buffer":
                 buf = int(GL.glGenBuffers(1))
-                with _gl("glBufferStorageMemEXT"), _bound_buffer(GL.GL_COPY_WRITE_BUFFER, buf):
-                    _mo.glBufferStorageMemEXT(GL.GL_COPY_WRITE_BUFFER, descriptor.size, memory, offset)
-                    # Mesa reports no error when the fd was not importable memory: verify the storage exists
-                    ok = _get_buffer_int(GL.GL_COPY_WRITE_BUFFER, GL.GL_BUFFER_SIZE) == descriptor.size
+                gl_size = _gl_buffer_size(descriptor)
+                try:
+                    with _gl("glBufferStorageMemEXT"), _bound_buffer(GL.GL_COPY_WRITE_BUFFER, buf):
+                        _mo.glBufferStorageMemEXT(GL.GL_COPY_WRITE_BUFFER, gl_size, memory, offset)
+                        # Mesa reports no error when the fd was not importable memory: verify the storage exists
+                        ok = _get_buffer_int(GL.GL_COPY_WRITE_BUFFER, GL.GL_BUFFER_SIZE) == gl_size
+                except BackendError as e:
+                    if "llvmpipe" in caps.renderer and gl_size + LLVMPIPE_BUFFER_PAD > alloc_size:
+                        raise BackendError(
+                            f"{e}: llvmpipe needs the memory {LLVMPIPE_BUFFER_PAD} bytes larger than a GL buffer "
+                            "made from it; create the buffer with backend='gl' (which pads), or allocate "
+                            f"{LLVMPIPE_BUFFER_PAD} more bytes and set driver_private['gl_buffer_size']") from None
+                    raise
                 target = 0
             else:
                 target = GL.GL_TEXTURE_2D if descriptor.array_size == 1 else GL.GL_TEXTURE_2D_ARRAY
@@ -752,14 +786,37 @@ class GLBackend:
             raise BackendError(f"GL cannot allocate shareable memory itself and the vulkan backend is "
                                f"unavailable: {e}") from e
 
-    def _produce(self, create: Any, context: Any) -> GLResource:
+    def _vulkan_device(self, caps: GLCaps) -> Any:
+        """The Vulkan device GL can import from: the process's default one if its UUID is among the GL context's,
+        else one selected by the GL context's device UUID (kept for the life of the process)."""
+        from . import _vk
+
+        default = _vk.default_device()
+        if not caps.device_uuids or default.device_uuid in caps.device_uuids:
+            return default
+        with _lock:
+            for uuid in caps.device_uuids:
+                dev = _vk_devices.get(uuid)
+                if dev is None or dev.closed:
+                    try:
+                        dev = _vk_devices[uuid] = _vk.VulkanDevice(select=uuid)
+                    except BackendError:
+                        continue
+                return dev
+        raise IncompatibleDevice(f"no Vulkan device matches the GL context's device "
+                                 f"{', '.join(u.hex() for u in caps.device_uuids)} ({caps.renderer})")
+
+    def _produce(self, create: Any, context: Any, gl_buffer_size: int | None = None) -> GLResource:
         ctx = resolve_context(context)
         caps = ctx.caps
         if not caps.memory_object_fd:
             raise BackendError(f"GL_EXT_memory_object_fd is not supported by {caps.renderer} ({caps.version})")
-        vk_res = create(caps.device_uuids[0] if caps.device_uuids else b"")
+        vk_res = create(self._vulkan_device(caps))
+        ctx.enter()  # creating a Vulkan device may have run other GL/EGL code on this thread
         try:
             desc = vk_res.descriptor.with_(backend="gl")
+            if gl_buffer_size is not None:
+                desc = desc.with_(driver_private={**desc.driver_private, "gl_buffer_size": gl_buffer_size})
             fds = vk_res.export_fds()
             try:
                 res = self._import(desc, fds, ctx, vk_res)
@@ -774,23 +831,27 @@ class GLBackend:
             raise
 
     def create_texture(self, width: int, height: int, format: str, *, usage: int = int(Usage.DEFAULT),
-                       keyed_mutex: bool = False, context: Any = None, mip_levels: int = 1,
+                       keyed_mutex: bool = False, context: Any = None, mip_levels: int = 1, array_size: int = 1,
                        **options: Any) -> GLResource:
         """A texture GL can render into (see framebuffer()), allocated by Vulkan on the GL context's device."""
         if options:
             raise TypeError(f"gl backend create_texture got unknown options: {', '.join(options)}")
         vk = self._vulkan()
-        return self._produce(lambda uuid: vk.create_texture(width, height, format, usage=usage,
-                                                            keyed_mutex=keyed_mutex, device_uuid=uuid,
-                                                            mip_levels=mip_levels), context)
+        # OPAQUE_FD explicitly: "auto" would pick dma_buf where the driver can, which memory objects cannot import
+        return self._produce(lambda dev: vk.create_texture(width, height, format, usage=usage,
+                                                           keyed_mutex=keyed_mutex, device=dev, memory="opaque_fd",
+                                                           mip_levels=mip_levels, array_size=array_size), context)
 
     def create_buffer(self, size: int, *, usage: int = int(Usage.DEFAULT), keyed_mutex: bool = False,
                       context: Any = None, **options: Any) -> GLResource:
         if options:
             raise TypeError(f"gl backend create_buffer got unknown options: {', '.join(options)}")
         vk = self._vulkan()
-        return self._produce(lambda uuid: vk.create_buffer(size, usage=usage, keyed_mutex=keyed_mutex,
-                                                           device_uuid=uuid), context)
+        ctx = resolve_context(context)
+        pad = LLVMPIPE_BUFFER_PAD if "llvmpipe" in ctx.caps.renderer else 0
+        return self._produce(lambda dev: vk.create_buffer(size + pad, usage=usage, keyed_mutex=keyed_mutex,
+                                                          device=dev), ctx,
+                             gl_buffer_size=size if pad else None)
 
     # -- doctor ----------------------------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, Any]:
