@@ -728,7 +728,11 @@ class VulkanBackend:
             if d.memory == "memfd":
                 res = _import_memfd(dev, d, owned, host_import)
             elif d.memory in ("opaque_fd", "dma_buf"):
-                res = _import_fd(dev, d, owned)
+                box = [owned]
+                try:
+                    res = _import_fd(dev, d, box)
+                finally:
+                    owned = box[0]  # -1 once vkAllocateMemory took it
             else:
                 raise InvalidDescriptor(f"the vulkan backend cannot import {d.memory!r} memory")
             owned = -1
@@ -779,8 +783,10 @@ def _drm_layout(dev: VulkanDevice, image: Any) -> dict[str, Any]:
                                "array_pitch": lay.arrayPitch}]}
 
 
-def _import_fd(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanResource:
-    """OPAQUE_FD / DMA_BUF import. Identity is checked first: nothing touches the fd before the UUIDs match."""
+def _import_fd(dev: VulkanDevice, d: Descriptor, box: list[int]) -> VulkanResource:
+    """OPAQUE_FD / DMA_BUF import of box[0]; sets box[0] = -1 once Vulkan owns the fd (the caller closes it
+    otherwise). Identity is checked first: nothing touches the fd before the UUIDs match."""
+    fd = box[0]
     handle_type = HANDLE_OPAQUE_FD if d.memory == "opaque_fd" else HANDLE_DMA_BUF
     if handle_type == HANDLE_OPAQUE_FD:
         if len(d.driver_uuid) != 16 or len(d.device_uuid) != 16:
@@ -792,6 +798,10 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanResource:
     elif not dev.dma_buf:
         raise BackendError(f"{dev.name} cannot import dma_buf images (needs VK_EXT_external_memory_dma_buf and "
                            "VK_EXT_image_drm_format_modifier)")
+    facts = inspect_fd(fd)
+    if facts.kind in ("memfd", "regular") and facts.size < d.size:
+        # Some drivers (lavapipe) export OPAQUE_FD as a memfd: a short one would SIGBUS on first touch.
+        raise InvalidDescriptor(f"the memory fd holds {facts.size} bytes but the descriptor needs {d.size}")
     dp = d.driver_private
     alloc = _private_int(dp, "allocation_size", d.size)
     if alloc != d.size:
@@ -844,15 +854,13 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanResource:
             type_index = dev.find_memory_type(bits, 0, avoid=0) if not _has_type(dev, bits, _DEVICE_LOCAL) \
                 else dev.find_memory_type(bits, _DEVICE_LOCAL)
         mem = _allocate(dev, d.size, type_index, image=image, buffer=buf, import_fd=(handle_type, fd))
-        fd = -1  # a successful vkAllocateMemory owns the fd
+        box[0] = -1  # a successful vkAllocateMemory owns the fd
         if image is not None:
             check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
         else:
             check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
     except BaseException:
         _destroy(dev, image=image, buffer=buf, memory=mem)
-        if fd >= 0:
-            os.close(fd)
         raise
     return VulkanResource(d, dev, image=image, buffer=buf, memory=mem, handle_type=handle_type,
                           layout=vk.VK_IMAGE_LAYOUT_GENERAL)
@@ -979,7 +987,27 @@ def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanRes
     return res
 
 
+# -- keyed mutex ↔ GPU sync -------------------------------------------------------------------------------------------
+def gpu_acquire(mutex: Any, key: int, timeout: float | None = None, *, device: VulkanDevice | None = None,
+                semaphore: TimelineSemaphore | None = None) -> int:
+    """Acquire `mutex` with `key`, then make this device's next submit wait (on the GPU) for the releaser's work.
+    Returns the sync value; pass it to gpu_release. On the cpu_wait path the releaser already finished its work."""
+    value = mutex.acquire(key, timeout)
+    (device or default_device()).submit_wait(value, semaphore)
+    return value
+
+
+def gpu_release(mutex: Any, key: int, acquired_value: int, *, device: VulkanDevice | None = None,
+                semaphore: TimelineSemaphore | None = None) -> int:
+    """Signal acquired_value + 1 when this queue's work so far is done (timeline path) or wait for it (cpu_wait),
+    then release `mutex` to `key` carrying that value. Returns the value."""
+    value = acquired_value + 1
+    (device or default_device()).submit_signal(value, semaphore)
+    mutex.release(key, sync_value=value)
+    return value
+
+
 BACKEND = VulkanBackend()
 
 __all__ = ["BACKEND", "VulkanBackend", "VulkanResource", "VulkanDevice", "TimelineSemaphore", "VulkanError",
-           "default_device", "live_objects", "vk_image_usage", "vk_buffer_usage"]
+           "default_device", "live_objects", "vk_image_usage", "vk_buffer_usage", "gpu_acquire", "gpu_release"]
