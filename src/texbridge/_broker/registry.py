@@ -123,7 +123,7 @@ class Registry:
             rec = self.resources.get(handle)
             if rec is None:
                 continue
-            if rec.descriptor.keyed_mutex or rec.descriptor.kind == "keyed_mutex":
+            if _has_mutex(rec):
                 fx.abandon.append((rec.fds[-1], client_id))
             self._unref(rec, count, client, fx)
         return fx
@@ -200,6 +200,8 @@ class Registry:
         rec = self.resources.get(handle)
         if rec is None or handle not in client.refs:
             raise NotFound(f"{_fmt(handle)} is not held by this client (already closed?)")
+        if client.refs.get(handle) == 1 and _has_mutex(rec):
+            fx.abandon.append((rec.fds[-1], client.id))  # closing while owning: waiters must not hang
         self._unref(rec, 1, client, fx)
         fx.reply(client.id, msg.request_id)
         return False
@@ -365,6 +367,10 @@ class Registry:
         for c in self.clients.values():
             if c.watching:
                 fx.out.append(Outgoing(c.id, Message(Op.EVENT, 0, {"event": event, **fields})))
+
+
+def _has_mutex(rec: Record) -> bool:
+    return rec.descriptor.keyed_mutex or rec.descriptor.kind == "keyed_mutex"
 
 
 def _fmt(handle: int) -> str:
