@@ -94,19 +94,22 @@ def _recv(sock: socket.socket) -> tuple[dict, list[int]]:
     return pickle.loads(buf), fds
 
 
-def _vulkan_producer(sock_fd: int, kind: str, args: dict) -> None:
+def _vulkan_producer(sock: socket.socket, kind: str, args: dict) -> None:
     """Child: create a Vulkan texture/buffer, fill it, send descriptor + fd, wait until the parent is done."""
     from texbridge.backends import get_backend
 
-    sock = socket.socket(fileno=sock_fd)
     vk = get_backend("vulkan")
     if kind == "texture":
-        res = vk.create_texture(args["width"], args["height"], args["format"])
+        res = vk.create_texture(args["width"], args["height"], args["format"], memory="opaque_fd")
+        desc = res.descriptor
     else:
-        res = vk.create_buffer(args["size"])
+        # llvmpipe needs slack after a GL buffer's bytes; the exporter says how much is the buffer proper
+        res = vk.create_buffer(args["size"] + args.get("pad", 0))
+        desc = res.descriptor.with_(driver_private={**res.descriptor.driver_private, "gl_buffer_size": args["size"]})
+        args["data"] = np.concatenate([args["data"], np.zeros(args.get("pad", 0), np.uint8)])
     res.upload(args["data"])
     fds = res.export_fds()
-    _send(sock, {"descriptor": res.descriptor.to_wire()}, fds)
+    _send(sock, {"descriptor": desc.to_wire()}, fds)
     for fd in fds:
         os.close(fd)
     _recv(sock)  # the parent says it is done before we free the memory (it holds its own reference anyway)
@@ -114,12 +117,11 @@ def _vulkan_producer(sock_fd: int, kind: str, args: dict) -> None:
     sock.close()
 
 
-def _vulkan_consumer(sock_fd: int) -> None:
+def _vulkan_consumer(sock: socket.socket) -> None:
     """Child: import whatever arrives with the vulkan backend and send its contents back."""
     from texbridge._descriptor import Descriptor
     from texbridge.backends import get_backend
 
-    sock = socket.socket(fileno=sock_fd)
     msg, fds = _recv(sock)
     res = get_backend("vulkan").import_resource(Descriptor.from_wire(msg["descriptor"]), fds)
     _send(sock, {"data": res.download()})
@@ -130,8 +132,7 @@ def _vulkan_consumer(sock_fd: int) -> None:
 def _spawn(target, *args):
     ctx = mp.get_context("spawn")
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = ctx.Process(target=target, args=(child.fileno(), *args))
-    # spawn passes fds it is told about only; multiprocessing's spawn child inherits fds via pass_fds internally
+    proc = ctx.Process(target=target, args=(child, *args))  # multiprocessing duplicates the socket into the child
     proc.start()
     child.close()
     return proc, parent
@@ -228,3 +229,175 @@ def test_bad_input_is_typed_and_closes_fds(gl, caps):
     with pytest.raises(InvalidDescriptor):
         gl.import_resource(_opaque_desc(caps), [])
     assert _fd_count() == before
+
+
+# -- Vulkan → GL across processes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("format", ["rgba8", "bgra8", "rgba16f", "r32f", "rg8", "rgba32f"])
+def test_vulkan_texture_to_gl_across_processes_pixel_exact(gl, vkb, format):
+    from texbridge._formats import get_format
+
+    fmt = get_format(format)
+    w, h = 61, 37  # odd sizes: no row-alignment luck
+    data = _pattern((h, w, fmt.channels), fmt.numpy_dtype)
+    proc, sock = _spawn(_vulkan_producer, "texture", {"width": w, "height": h, "format": format, "data": data})
+    try:
+        msg, fds = _recv(sock)
+        before = _fd_count() - len(fds)  # counted here: multiprocessing keeps fds of its own for the socket hand-over
+        desc = Descriptor.from_wire(msg["descriptor"])
+        assert desc.memory == "opaque_fd" and len(fds) == 1
+        with gl.import_resource(desc, fds) as res:
+            got = res.download()
+            assert got.dtype == fmt.numpy_dtype and got.shape == (h, w, fmt.channels)
+            np.testing.assert_array_equal(got.view(np.uint8), data.view(np.uint8))  # bit-exact, NaN-safe
+            if fmt.gl_swizzle:  # sampling a bgra texture reads red from the third byte
+                from OpenGL import GL
+
+                GL.glBindTexture(GL.GL_TEXTURE_2D, res.texture)
+                assert GL.glGetTexParameteriv(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_SWIZZLE_R) == GL.GL_BLUE
+                GL.glBindTexture(GL.GL_TEXTURE_2D, 0)
+        assert _fd_count() == before  # the fd went to GL, which closed it with the memory object
+        _send(sock, {"done": True})
+    finally:
+        sock.close()
+        proc.join(30)
+    assert proc.exitcode == 0
+
+
+def test_vulkan_buffer_to_gl_across_processes(gl, vkb, caps):
+    from texbridge.backends.gl import LLVMPIPE_BUFFER_PAD
+
+    data = _pattern((10_000,), np.uint8, seed=7)
+    pad = LLVMPIPE_BUFFER_PAD if "llvmpipe" in caps.renderer else 0
+    proc, sock = _spawn(_vulkan_producer, "buffer", {"size": data.size, "pad": pad, "data": data})
+    try:
+        msg, fds = _recv(sock)
+        with gl.import_resource(Descriptor.from_wire(msg["descriptor"]), fds) as res:
+            assert res.buffer and res.shape == (data.size,)
+            np.testing.assert_array_equal(res.download(), data)
+            res.upload(data[::-1].copy())  # and GL writes land in the shared memory
+            np.testing.assert_array_equal(res.download(), data[::-1])
+        _send(sock, {"done": True})
+    finally:
+        sock.close()
+        proc.join(30)
+    assert proc.exitcode == 0
+
+
+# -- GL as a producer → Vulkan consumer in another process, and → NumPy ---------------------------------------------
+
+
+def _render(res, w, h) -> np.ndarray:
+    """glClear the whole target, then a scissored rectangle; returns what the pixels must be (rgba8)."""
+    from OpenGL import GL
+
+    fbo = res.framebuffer()
+    GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, fbo)
+    GL.glViewport(0, 0, w, h)
+    GL.glClearColor(0.0, 0.0, 1.0, 1.0)
+    GL.glClear(GL.GL_COLOR_BUFFER_BIT)
+    GL.glEnable(GL.GL_SCISSOR_TEST)
+    GL.glScissor(5, 3, 10, 7)
+    GL.glClearColor(1.0, 0.0, 0.0, 1.0)
+    GL.glClear(GL.GL_COLOR_BUFFER_BIT)
+    GL.glDisable(GL.GL_SCISSOR_TEST)
+    GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, 0)
+    want = np.zeros((h, w, 4), np.uint8)
+    want[...] = (0, 0, 255, 255)
+    want[3:10, 5:15] = (255, 0, 0, 255)  # GL rows count from the first row in memory
+    return want
+
+
+def test_gl_rendered_fbo_to_numpy_and_vulkan_in_another_process(gl, vkb, caps):
+    w, h = 40, 24
+    res = gl.create_texture(w, h, "rgba8")
+    try:
+        assert res.descriptor.backend == "gl" and res.descriptor.memory == "opaque_fd"
+        want = _render(res, w, h)
+        res.end_access()
+        assert res.gl_sync == "finish"  # no semaphore given: glFinish is the ordering
+        np.testing.assert_array_equal(res.download(), want)  # → NumPy
+        proc, sock = _spawn(_vulkan_consumer)
+        try:
+            fds = res.export_fds()
+            _send(sock, {"descriptor": res.descriptor.to_wire()}, fds)
+            for fd in fds:
+                os.close(fd)
+            msg, _ = _recv(sock)
+            np.testing.assert_array_equal(msg["data"], want)  # → Vulkan, another process
+        finally:
+            sock.close()
+            proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        res.close()
+
+
+def test_gl_buffer_to_vulkan_in_another_process(gl, vkb):
+    data = _pattern((4099,), np.uint8, seed=3)
+    with gl.create_buffer(data.size) as res:
+        res.upload(data)
+        res.end_access()
+        proc, sock = _spawn(_vulkan_consumer)
+        try:
+            fds = res.export_fds()
+            _send(sock, {"descriptor": res.descriptor.to_wire()}, fds)
+            for fd in fds:
+                os.close(fd)
+            msg, _ = _recv(sock)
+            np.testing.assert_array_equal(msg["data"][: data.size], data)
+        finally:
+            sock.close()
+            proc.join(30)
+        assert proc.exitcode == 0
+
+
+def test_imported_resource_cannot_be_reexported(gl, vkb):
+    with vkb.create_texture(8, 8, "rgba8", memory="opaque_fd") as v:
+        with gl.import_resource(v.descriptor, v.export_fds()) as res:
+            with pytest.raises(BackendError, match="cannot re-export"):
+                res.export_fds()
+
+
+def test_mismatched_uuid_of_a_real_export_refused(gl, vkb):
+    with vkb.create_texture(8, 8, "rgba8", memory="opaque_fd") as v:
+        desc = v.descriptor.with_(device_uuid=bytes(16 * [0xAB]))
+        before = _fd_count()
+        with pytest.raises(IncompatibleDevice):
+            gl.import_resource(desc, v.export_fds())
+        assert _fd_count() == before
+
+
+# -- leaks ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_no_leaked_gl_objects_or_fds_after_1000_cycles(gl, vkb):
+    from OpenGL import GL
+    from OpenGL.GL.EXT.memory_object import glIsMemoryObjectEXT
+
+    with vkb.create_texture(32, 32, "rgba8", memory="opaque_fd") as tex, vkb.create_buffer(4096 + 64) as buf:
+        bdesc = buf.descriptor.with_(driver_private={**buf.descriptor.driver_private, "gl_buffer_size": 4096})
+        for desc, src in ((tex.descriptor, tex), (bdesc, buf)):  # warm up caches before counting
+            gl.import_resource(desc, src.export_fds()).close()
+        before = _fd_count()
+        released = []
+        for i in range(1000):
+            desc, src = (tex.descriptor, tex) if i % 2 else (bdesc, buf)
+            res = gl.import_resource(desc, src.export_fds())
+            if i % 10 == 0 and res.texture:
+                res.framebuffer()
+            names = res.gl_names()
+            res.close()
+            released.append(names)
+        assert _fd_count() == before
+        # every resource is closed now, so no name handed out in the loop may still be an object
+        for names in released:
+            if names["texture"]:
+                assert not GL.glIsTexture(names["texture"])
+            if names["buffer"]:
+                assert not GL.glIsBuffer(names["buffer"])
+            if names["framebuffer"]:
+                assert not GL.glIsFramebuffer(names["framebuffer"])
+            assert not glIsMemoryObjectEXT(names["memory_object"])
