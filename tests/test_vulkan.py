@@ -300,6 +300,11 @@ def test_unsupported_format_or_usage_refused(dev):
             d.with_(size=1024, driver_private={**d.driver_private, "allocation_size": 1024}),  # memory too small
             d.with_(width=4096, height=4096),  # needs far more than the fd holds
             d.with_(memory="cuda_vmm"),
+            d.with_(mip_levels=17),  # more mips than a 64x64 image has
+            d.with_(driver_private={**d.driver_private, "vk_flags": vulkan_mod.VK_IMAGE_CREATE_SPARSE_BINDING_BIT}),
+            d.with_(driver_private={**d.driver_private, "vk_usage": 1 << 30}),
+            d.with_(driver_private={**d.driver_private, "memory_type_index": -1}),
+            d.with_(driver_uuid=b""),  # opaque_fd without identity
         ]
         for bad in cases:
             with pytest.raises((InvalidDescriptor, BackendError)):

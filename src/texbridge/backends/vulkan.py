@@ -41,6 +41,14 @@ _TRANSFER = vk.VK_IMAGE_USAGE_TRANSFER_SRC_BIT | vk.VK_IMAGE_USAGE_TRANSFER_DST_
 _COLOR = vk.VK_IMAGE_ASPECT_COLOR_BIT
 _DEVICE_LOCAL = vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT
 _HOST_VISIBLE = vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT
+_ALLOWED_USAGE = (_TRANSFER | vk.VK_IMAGE_USAGE_SAMPLED_BIT | vk.VK_IMAGE_USAGE_STORAGE_BIT |
+                  vk.VK_IMAGE_USAGE_COLOR_ATTACHMENT_BIT | vk.VK_IMAGE_USAGE_INPUT_ATTACHMENT_BIT)
+# MUTABLE_FORMAT | EXTENDED_USAGE | ALIAS (numeric: the `vulkan` module spells the 1.1 aliases as strings)
+_ALLOWED_FLAGS = 0x8 | 0x100 | 0x400
+_ALLOWED_BUFFER_USAGE = (vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT |
+                         vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT |
+                         vk.VK_BUFFER_USAGE_UNIFORM_TEXEL_BUFFER_BIT | vk.VK_BUFFER_USAGE_STORAGE_TEXEL_BUFFER_BIT |
+                         vk.VK_BUFFER_USAGE_VERTEX_BUFFER_BIT | vk.VK_BUFFER_USAGE_INDEX_BUFFER_BIT)
 WHOLE_SIZE = (1 << 64) - 1  # VK_WHOLE_SIZE (the Python module spells it as -1)
 
 
@@ -579,6 +587,13 @@ def _image_params(width: int, height: int, format: str, usage: int, tiling: str,
     for name, v in (("width", width), ("height", height), ("mip_levels", mip_levels), ("array_size", array_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise InvalidDescriptor(f"{name} must be a positive integer, not {v!r}")
+    if mip_levels > max(width, height).bit_length():
+        raise InvalidDescriptor(f"a {width}x{height} image has at most {max(width, height).bit_length()} mip levels")
+    # Outside data must never reach vkCreateImage with bits whose valid usage we don't check (sparse, protected...).
+    if vk_usage is not None and vk_usage & ~_ALLOWED_USAGE:
+        raise InvalidDescriptor(f"vk_usage 0x{vk_usage:x} has bits texbridge does not share (allowed 0x{_ALLOWED_USAGE:x})")
+    if vk_flags & ~_ALLOWED_FLAGS:
+        raise InvalidDescriptor(f"vk_flags 0x{vk_flags:x} has bits texbridge does not share (allowed 0x{_ALLOWED_FLAGS:x})")
     return {"format": format, "vk_format": fmt.vk, "width": width, "height": height, "mip_levels": mip_levels,
             "array_size": array_size, "tiling": tiling, "vk_tiling": TILINGS[tiling],
             "vk_usage": vk_image_usage(usage) if vk_usage is None else vk_usage, "vk_flags": vk_flags}
@@ -837,6 +852,8 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, box: list[int]) -> VulkanResour
             need, _, bits, _ = _requirements(dev, image=image)
         elif d.kind == "buffer":
             vk_usage = _private_int(dp, "vk_usage", vk_buffer_usage(d.usage))
+            if vk_usage & ~_ALLOWED_BUFFER_USAGE or not vk_usage:
+                raise InvalidDescriptor(f"buffer vk_usage 0x{vk_usage:x} is not one texbridge shares")
             _check_buffer_support(dev, vk_usage, handle_type, export=False)
             if _private_int(dp, "buffer_size", d.size) != d.size:
                 raise InvalidDescriptor("a Vulkan buffer spans its whole allocation: buffer_size must equal size")
@@ -847,8 +864,8 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, box: list[int]) -> VulkanResour
         if need > d.size:
             raise InvalidDescriptor(f"the resource needs {need} bytes here but the exported allocation has {d.size}")
         bits &= fd_type_bits
-        want = dp.get("memory_type_index")
-        if isinstance(want, int) and not isinstance(want, bool) and bits >> want & 1:
+        want = _private_int(dp, "memory_type_index") if "memory_type_index" in dp else -1
+        if 0 <= want < 32 and bits >> want & 1:
             type_index = want  # same driver and device (UUIDs matched): use the exporter's memory type
         else:
             type_index = dev.find_memory_type(bits, 0, avoid=0) if not _has_type(dev, bits, _DEVICE_LOCAL) \
