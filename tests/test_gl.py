@@ -401,3 +401,81 @@ def test_no_leaked_gl_objects_or_fds_after_1000_cycles(gl, vkb):
             if names["framebuffer"]:
                 assert not GL.glIsFramebuffer(names["framebuffer"])
             assert not glIsMemoryObjectEXT(names["memory_object"])
+
+
+# -- through the Session API (broker, handles, keyed mutex) ----------------------------------------------------------
+
+
+def _session_gl_consumer(namespace: str, name: str, frames: int, q) -> None:
+    """Child: open the published texture in GL, check each frame the parent rendered, hand it back."""
+    import texbridge
+
+    bad = []
+    with texbridge.connect(namespace) as s:
+        res = s.open(name, backend="gl")
+        for i in range(frames):
+            res.mutex.acquire(1, timeout=20)
+            px = res.download()[0, 0]
+            if tuple(px) != (i % 256, 255 - i % 256, 7, 255):
+                bad.append((i, tuple(int(x) for x in px)))
+            res.mutex.release(0)
+        res.close()
+    q.put(bad)
+
+
+def test_session_gl_keyed_mutex_ping_pong_1000_frames(gl, vkb):
+    import uuid
+
+    import texbridge
+    from OpenGL import GL
+
+    frames = 1000
+    ns = f"gltest-{uuid.uuid4().hex[:8]}"
+    name = "gl-frames"
+    with texbridge.connect(ns) as s:
+        res = s.create_texture(8, 8, "rgba8", backend="gl", keyed_mutex=True, name=name)
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        proc = ctx.Process(target=_session_gl_consumer, args=(ns, name, frames, q))
+        proc.start()
+        try:
+            fbo = res.framebuffer()
+            for i in range(frames):
+                res.mutex.acquire(0, timeout=20)
+                GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, fbo)
+                GL.glViewport(0, 0, 8, 8)
+                GL.glClearColor((i % 256) / 255, (255 - i % 256) / 255, 7 / 255, 1)
+                GL.glClear(GL.GL_COLOR_BUFFER_BIT)
+                GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, 0)
+                res.end_access()  # glFinish on llvmpipe: the frame is in memory before the other side may look
+                res.mutex.release(1)
+            bad = q.get(timeout=60)
+        finally:
+            proc.join(60)
+        assert proc.exitcode == 0
+        assert bad == []
+        assert res.gl_sync in ("finish", "semaphore")
+        res.close()
+
+
+def test_session_open_vulkan_texture_in_gl(gl, vkb):
+    import uuid
+
+    import texbridge
+
+    data = _pattern((20, 30, 4), np.uint8, seed=11)
+    with texbridge.connect(f"gltest-{uuid.uuid4().hex[:8]}") as s:
+        src = s.create_texture(30, 20, "rgba8", backend="vulkan", memory="opaque_fd")
+        src.upload(data)
+        with s.open(src.handle, backend="gl") as res:
+            np.testing.assert_array_equal(res.download(), data)
+        src.close()
+
+
+def test_semaphore_import_needs_gl_ext_semaphore_fd(gl, caps):
+    if caps.semaphore_fd:
+        pytest.skip("refusal path: this GL has GL_EXT_semaphore_fd (the semaphore path runs on the NVIDIA machine)")
+    before = _fd_count()
+    with pytest.raises(BackendError, match="GL_EXT_semaphore_fd"):
+        gl.import_semaphore(os.memfd_create("not-a-semaphore"))
+    assert _fd_count() == before
