@@ -208,8 +208,12 @@ def test_vulkan_to_vulkan_across_processes_after_clear(dev):
         assert (t.download() == 7).all()  # the child's upload landed in our image: same memory
 
 
-def test_vulkan_to_vulkan_across_processes_after_upload(dev):
-    with BACKEND.create_texture(640, 360, "rgba8") as t:
+@pytest.mark.parametrize("memory", ["opaque_fd", "dma_buf"])
+def test_vulkan_to_vulkan_across_processes_after_upload(dev, memory):
+    if memory == "dma_buf" and not dev.dma_buf:
+        pytest.skip(f"VK_EXT_external_memory_dma_buf + VK_EXT_image_drm_format_modifier not supported by {dev.name}")
+    with BACKEND.create_texture(640, 360, "rgba8", memory=memory) as t:
+        assert t.descriptor.memory == memory
         data = _random((360, 640, 4), "rgba8", seed=1)
         t.upload(data)
         reply = _random((360, 640, 4), "rgba8", seed=2)

@@ -733,15 +733,17 @@ class TimelineSemaphore:
 
 # -- the process-wide default device ----------------------------------------------------------------------------------
 _default: VulkanDevice | None = None
+_default_pid = 0
 _default_lock = threading.Lock()
 
 
 def default_device() -> VulkanDevice:
     """One shared device per process, created on first use and closed at exit (after its resources)."""
-    global _default
+    global _default, _default_pid
     with _default_lock:
-        if _default is None or _default.closed:
-            _default = VulkanDevice()
+        if _default is None or _default.closed or _default_pid != os.getpid():
+            # after fork() the parent's VkDevice is unusable here: start afresh (and never destroy the parent's)
+            _default, _default_pid = VulkanDevice(), os.getpid()
         return _default
 
 
@@ -749,7 +751,7 @@ def default_device() -> VulkanDevice:
 def _close_default() -> None:
     global _default
     dev, _default = _default, None
-    if dev is not None:
+    if dev is not None and _default_pid == os.getpid():
         try:
             dev.close()
         except Exception:

@@ -631,6 +631,15 @@ class VulkanBackend:
             modifiers = _drm_modifiers(dev, dm)
             if modifiers:
                 p = dm
+        if memory == "auto" and modifiers:
+            try:
+                return self.create_texture(width, height, format, usage=usage, keyed_mutex=keyed_mutex, device=dev,
+                                           tiling=tiling, mip_levels=mip_levels, array_size=array_size,
+                                           memory="dma_buf")
+            except BackendError:  # a driver that lists a modifier but fails the export: OPAQUE_FD still works
+                return self.create_texture(width, height, format, usage=usage, keyed_mutex=keyed_mutex, device=dev,
+                                           tiling=tiling, mip_levels=mip_levels, array_size=array_size,
+                                           memory="opaque_fd")
         if memory == "dma_buf" and not modifiers:
             raise BackendError(f"{dev.name}: no dma_buf export with an explicit DRM modifier for {format} "
                                f"(needs VK_EXT_external_memory_dma_buf and VK_EXT_image_drm_format_modifier)")
