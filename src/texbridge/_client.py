@@ -219,7 +219,7 @@ class Session:
             if desc.kind == "keyed_mutex":
                 res: Resource = _MutexResource(desc, mutex)
             else:
-                memory_fds, fds = fds[: desc.nfds - int(desc.keyed_mutex)], fds[desc.nfds - int(desc.keyed_mutex):]
+                memory_fds, fds = fds[: desc.backend_nfds], fds[desc.backend_nfds:]
                 chosen = get_backend(backend or DEFAULT_IMPORTER.get(desc.memory, "memfd"))
                 res = chosen.import_resource(desc, memory_fds, **options)  # owns memory_fds from here on
         except BaseException:

@@ -28,6 +28,7 @@ MAX_FDS = 4
 
 KINDS = ("texture2d", "buffer", "keyed_mutex")
 MEMORY_TYPES = ("memfd", "opaque_fd", "dma_buf", "cuda_vmm")
+GPU_SYNC_TYPES = ("", "timeline_opaque_fd")
 KEYED_MUTEX_STATE_SIZE = 4096
 
 
@@ -101,14 +102,20 @@ class Descriptor:
     driver_uuid: bytes = b""
     device_uuid: bytes = b""
     usage: int = int(Usage.DEFAULT)
-    keyed_mutex: bool = False  # when true, fd 1 is the keyed-mutex state memfd
+    keyed_mutex: bool = False  # when true, the LAST fd is the keyed-mutex state memfd
+    gpu_sync: str = ""  # "" or "timeline_opaque_fd": fd 1 is a timeline semaphore the keyed mutex's values refer to
     runtime_private: bytes = b""
     driver_private: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nfds(self) -> int:
-        """How many fds travel with this descriptor: the memory, then the keyed mutex state if any."""
-        return 1 + int(self.keyed_mutex and self.kind != "keyed_mutex")
+        """How many fds travel with this descriptor: the memory, a GPU semaphore if any, the keyed mutex state last."""
+        return 1 + int(bool(self.gpu_sync)) + int(self.keyed_mutex and self.kind != "keyed_mutex")
+
+    @property
+    def backend_nfds(self) -> int:
+        """The leading fds the importing backend takes (memory and semaphore); the session keeps the mutex's."""
+        return self.nfds - int(self.keyed_mutex and self.kind != "keyed_mutex")
 
     @property
     def row_pitch(self) -> int:
@@ -137,6 +144,8 @@ class Descriptor:
         _check(isinstance(self.runtime_private, bytes) and len(self.runtime_private) <= MAX_BLOB,
                f"runtime_private must be at most {MAX_BLOB} bytes")
         _check(isinstance(self.driver_private, dict), "driver_private must be a mapping")
+        _check(self.gpu_sync in GPU_SYNC_TYPES, f"gpu_sync must be one of {GPU_SYNC_TYPES}")
+        _check(isinstance(self.keyed_mutex, bool), "keyed_mutex must be a boolean")
         if self.kind == "texture2d":
             fmt = get_format(self.format)
             for name, hi in (("width", MAX_DIMENSION), ("height", MAX_DIMENSION), ("mip_levels", MAX_MIP_LEVELS),

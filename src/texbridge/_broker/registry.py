@@ -161,8 +161,10 @@ class Registry:
         if len(fds) != desc.nfds:
             raise InvalidDescriptor(f"descriptor needs {desc.nfds} fd(s), {len(fds)} arrived")
         self._check_memory(desc, fds[0][1])
-        if len(fds) > 1:
-            self._check_mutex_state(fds[1][1])
+        if desc.keyed_mutex and desc.kind != "keyed_mutex":
+            self._check_mutex_state(fds[-1][1])
+        if desc.gpu_sync:
+            self._check_not_plumbing(fds[1][1], "GPU semaphore")
         name = msg.fields.get("name")
         if name is not None:
             self._check_name(client, name)
@@ -304,8 +306,7 @@ class Registry:
 
     @staticmethod
     def _check_memory(desc: Descriptor, facts: FdFacts) -> None:
-        if facts.kind in ("socket", "directory", "fifo", "other", "regular"):
-            raise InvalidDescriptor(f"the memory fd is a {facts.kind}, not shareable memory")
+        Registry._check_not_plumbing(facts, "memory")
         if desc.memory == "memfd":
             if facts.kind != "memfd":
                 raise InvalidDescriptor(f"memory 'memfd' needs a memfd, got a {facts.kind}")
@@ -314,6 +315,11 @@ class Registry:
                                         "(F_SEAL_SHRINK|F_SEAL_GROW): importers could take SIGBUS")
             if facts.size < desc.required_size() or facts.size < desc.size:
                 raise InvalidDescriptor(f"the memfd has {facts.size} bytes; the descriptor needs {desc.size}")
+
+    @staticmethod
+    def _check_not_plumbing(facts: FdFacts, what: str) -> None:
+        if facts.kind in ("socket", "directory", "fifo", "other", "regular"):
+            raise InvalidDescriptor(f"the {what} fd is a {facts.kind}")
 
     @staticmethod
     def _check_mutex_state(facts: FdFacts) -> None:
