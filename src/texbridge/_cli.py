@@ -26,7 +26,7 @@ from rich.tree import Tree
 from ._errors import BrokerUnavailable, TexbridgeError
 
 # Piped output (tests, `| grep`) gets wide lines instead of rich's 80-column default, so tables stay readable.
-_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+_WIDTH = None if sys.stdout.isatty() else max(200, int(os.environ.get("COLUMNS", "0") or 0))
 console = Console(highlight=False, width=_WIDTH)
 err_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
@@ -153,7 +153,7 @@ def _resource_table(resources: list[dict[str, Any]], title: str) -> Table:
     for col, kw in (("handle", {"no_wrap": True}), ("name(s)", {}), ("kind", {}), ("size", {"justify": "right"}),
                     ("format", {}), ("backend", {}), ("creator pid", {"justify": "right"}),
                     ("open count", {"justify": "right"})):
-        table.add_column(col, **kw)
+        table.add_column(col, overflow="fold", **kw)  # fold, never "…": a cut name or size would mislead
     for r in resources:
         kind = r["kind"] + (" +mutex" if r.get("keyed_mutex") else "")
         table.add_row(_handle_text(r["handle"]), escape(", ".join(r.get("names") or [])) or "-", kind, _size_text(r),
@@ -481,6 +481,8 @@ def bench(quick: bool, list_only: bool, names: tuple[str, ...]) -> None:
         rows.extend(got)
         console.print(f"  {len(got)} row(s) in {time.perf_counter() - t:.1f}s")
     if rows:
+        if not sys.stdout.isatty():
+            os.environ["COLUMNS"] = str(_WIDTH)  # _report's own Console: wide lines when piped
         report.print_rows(rows)
     if failures:
         _fail(f"{len(failures)} benchmark(s) failed: {', '.join(failures)}")

@@ -1,0 +1,1 @@
+"""Benchmarks run by `texbridge bench`: each module exposes run(quick) -> list[_report.Row]."""

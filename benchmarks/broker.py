@@ -1,0 +1,329 @@
+"""Broker benchmarks (issue 2): open-by-handle → NumPy view latency against SharedMemory attach, open/close rate,
+1,000 concurrent clients, 100,000 registered resources and the broker's memory per resource.
+
+Everything runs against one persistent broker in a private runtime dir and namespace, so the figures never include
+a broker start, never disturb a user's brokers, and the broker is shut down at the end whatever happens.
+
+Targets (2-core machine): open → NumPy view ≤ 150 us median; ≥ 10,000 open/close per second; 100,000 resources at
+< 1 KiB of broker memory each; 1,000 concurrent clients.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from multiprocessing import shared_memory
+from typing import Iterator
+
+import numpy as np
+
+try:
+    from ._report import Row, latency_row, rate_row
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _report import Row, latency_row, rate_row
+
+import texbridge
+from texbridge._broker.launch import start_broker
+from texbridge._broker.server import raise_fd_limit
+from texbridge._descriptor import Descriptor
+from texbridge._memfd import create_sealed
+from texbridge._protocol import Message, Op
+from texbridge._unix import close_fds, send_frame
+
+WIDTH, HEIGHT = 1280, 720
+GROUP_OPEN = "open by handle -> NumPy view (1280x720 rgba8)"
+GROUP_CLOSE = "close after open"
+GROUP_CYCLE = "open + close cycles"
+GROUP_WHERE = "open -> view: where the time goes"
+GROUP_CLIENTS = "concurrent clients"
+
+
+def rss(pid: int) -> int:
+    """Resident set size in bytes, from /proc/<pid>/status VmRSS."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@contextmanager
+def private_broker(quota_resources: int) -> Iterator[str]:
+    """A persistent broker in its own runtime dir and namespace; shut down (and the dir removed) on exit."""
+    saved = os.environ.get("TEXBRIDGE_RUNTIME_DIR")
+    directory = tempfile.mkdtemp(prefix="texbridge-bench-")
+    os.environ["TEXBRIDGE_RUNTIME_DIR"] = directory
+    ns = f"bench-{os.getpid()}"
+    try:
+        start_broker(ns, persistent=True, extra_args=["--quota-resources", str(quota_resources)])
+        yield ns
+    finally:
+        try:
+            with texbridge.connect(ns, autostart=False, app_name="bench-stop") as s:
+                s.shutdown()
+        except texbridge.TexbridgeError:
+            pass
+        if saved is None:
+            os.environ.pop("TEXBRIDGE_RUNTIME_DIR", None)
+        else:
+            os.environ["TEXBRIDGE_RUNTIME_DIR"] = saved
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def bench_open(ns: str, n: int) -> list[Row]:
+    """open(handle).numpy() latency and close latency, then SharedMemory(name) attach + view in the same run."""
+    rows: list[Row] = []
+    with texbridge.connect(ns, app_name="bench-creator") as creator, texbridge.connect(ns, app_name="bench") as s:
+        tex = creator.create_texture(WIDTH, HEIGHT, "rgba8")
+        handle = tex.handle
+        for _ in range(min(200, n)):  # warm-up: imports, allocator, broker caches
+            s.open(handle).close()
+        opens, closes, cycles = [], [], []
+        pc = time.perf_counter
+        gc.disable()
+        try:
+            for _ in range(n):
+                t0 = pc()
+                r = s.open(handle)
+                view = r.numpy()
+                t1 = pc()
+                del view
+                r.close()
+                t2 = pc()
+                opens.append(t1 - t0)
+                closes.append(t2 - t1)
+            t = pc()
+            for _ in range(n):
+                s.open(handle).close()
+            cycle_s = pc() - t
+        finally:
+            gc.enable()
+        rows.append(latency_row(GROUP_OPEN, "texbridge open(handle).numpy()", opens,
+                                "broker round trip + SCM_RIGHTS fd + mmap + view; target <= 150 us"))
+        tex.close()
+
+    shape, size = (HEIGHT, WIDTH, 4), WIDTH * HEIGHT * 4
+    shm = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        attaches = []
+        for _ in range(min(200, n)):
+            shared_memory.SharedMemory(shm.name).close()
+        gc.disable()
+        try:
+            for _ in range(n):
+                t0 = pc()
+                other = shared_memory.SharedMemory(shm.name)
+                view = np.ndarray(shape, np.uint8, buffer=other.buf)
+                t1 = pc()
+                del view
+                other.close()
+                attaches.append(t1 - t0)
+        finally:
+            gc.enable()
+        rows.append(latency_row(GROUP_OPEN, "multiprocessing.shared_memory attach", attaches,
+                                "shm_open + fstat + mmap + view, no broker (Python 3.11 also pings its "
+                                "resource tracker)"))
+    finally:
+        shm.close()
+        shm.unlink()
+    rows.append(latency_row(GROUP_OPEN, "raw SOCK_SEQPACKET round trip", seqpacket_round_trips(n),
+                            "two Python processes, 1-byte ping-pong: the IPC floor any broker request pays"))
+    rows += open_breakdown(n)
+    rows.append(latency_row(GROUP_CLOSE, "texbridge Resource.close()", closes, "munmap + CLOSE round trip"))
+    rows.append(rate_row(GROUP_CYCLE, "texbridge open + close", n, cycle_s, "ops/s",
+                         "two broker round trips each; target >= 10,000/s"))
+    return rows
+
+
+def seqpacket_round_trips(n: int) -> list[float]:
+    """Round trips of a 1-byte frame to an echoing child process: the cost of two wake-ups on this machine."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the echo child: no Python-level work beyond recv/send
+        a.close()
+        try:
+            while True:
+                data = b.recv(16)
+                if not data:
+                    break
+                b.send(data)
+        finally:
+            os._exit(0)
+    b.close()
+    samples = []
+    pc = time.perf_counter
+    try:
+        for _ in range(n):
+            t = pc()
+            a.send(b"x")
+            a.recv(16)
+            samples.append(pc() - t)
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+    return samples
+
+
+def open_breakdown(n: int) -> list[Row]:
+    """The CPU pieces of one open, timed in-process: what the broker and the client do besides waiting."""
+    from texbridge.backends.memfd import BACKEND
+
+    tex = BACKEND.create_texture(WIDTH, HEIGHT, "rgba8")
+    try:
+        desc = tex.descriptor
+        wire = desc.to_wire()
+        to_wire, from_wire, import_view = [], [], []
+        pc = time.perf_counter
+        for _ in range(n):
+            t = pc()
+            desc.to_wire()
+            to_wire.append(pc() - t)
+            t = pc()
+            Descriptor.from_wire(wire)
+            from_wire.append(pc() - t)
+            fds = tex.export_fds()
+            t = pc()
+            res = BACKEND.import_resource(desc, fds)
+            res.numpy()
+            import_view.append(pc() - t)
+            res.close()
+    finally:
+        tex.close()
+    return [
+        latency_row(GROUP_WHERE, "broker: Descriptor.to_wire() per OPEN reply", to_wire,
+                    "dataclasses.asdict deep-copies the descriptor on every OPEN"),
+        latency_row(GROUP_WHERE, "client: Descriptor.from_wire() (validation)", from_wire),
+        latency_row(GROUP_WHERE, "client: memfd import (fstat + seals + mmap) + NumPy view", import_view),
+    ]
+
+
+def bench_clients(ns: str, n: int) -> list[Row]:
+    """n clients connected at once, then one request from every client in flight at the same time."""
+    raise_fd_limit(4 * n + 1024)
+    sessions: list[texbridge.Session] = []
+    with texbridge.connect(ns, app_name="bench-observer") as observer:
+        broker_pid = observer.broker_pid
+        base_rss = rss(broker_pid)
+        t = time.perf_counter()
+        try:
+            for i in range(n):
+                sessions.append(texbridge.connect(ns, app_name=f"bench-client-{i}", autostart=False))
+            connect_s = time.perf_counter() - t
+            connected = observer.stats()["clients"] - 1
+            client_rss = rss(broker_pid) - base_rss
+            # Every client sends STATS before any reads its reply: n requests queued at the broker at once.
+            t = time.perf_counter()
+            pending = []
+            for sess in sessions:
+                ch = sess._channel
+                msg = Message(Op.STATS, ch.conn.next_request_id(), {}, 0)
+                send_frame(ch.sock, ch.conn.send(msg), ())
+                pending.append((ch, msg.request_id))
+            answered = 0
+            for ch, rid in pending:
+                while True:
+                    reply, fds = ch._receive()
+                    close_fds(fds)
+                    if reply.request_id == rid:
+                        answered += reply.op is Op.REPLY
+                        break
+            burst_s = time.perf_counter() - t
+        finally:
+            for sess in sessions:
+                sess.close()
+    return [
+        Row(GROUP_CLIENTS, "texbridge broker", connected, "clients", None,
+            f"{n} sockets connected at once (HELLO done); {client_rss / max(1, n):,.0f} B broker RSS per client; "
+            "target 1,000", True),
+        rate_row("connect + HELLO", "texbridge.connect()", n, connect_s, "clients/s", f"{n} clients, one process"),
+        rate_row("requests in flight at once", f"STATS from {n} clients", answered, burst_s, "replies/s",
+                 f"{answered} answered; every client sent before any read its reply"),
+    ]
+
+
+def bench_scale(ns: str, n: int, open_n: int) -> list[Row]:
+    """Register n resources (each its own sealed memfd, kept only by the broker), measure the broker's RSS."""
+    with texbridge.connect(ns, app_name="bench-scale") as s:
+        broker_pid = s.broker_pid
+        desc = Descriptor(kind="buffer", size=4096).validate().to_wire()
+        # Warm the broker's allocator and code paths so the RSS delta is the registry's growth, not start-up.
+        _register(s, desc, 1000)
+        s.close()
+    time.sleep(0.2)
+    with texbridge.connect(ns, app_name="bench-scale") as s:
+        before = rss(broker_pid)
+        t = time.perf_counter()
+        handles = _register(s, desc, n)
+        register_s = time.perf_counter() - t
+        after = rss(broker_pid)
+        stats = s.stats()
+        per = (after - before) / n
+        # open/close with the registry full: dict lookups should not care.
+        target = handles[len(handles) // 2]
+        t = time.perf_counter()
+        for _ in range(open_n):
+            s.open(target).close()
+        cycle_s = time.perf_counter() - t
+    release_s = _hang_up(s, broker_pid, stats["resources"] - n)
+    return [
+        Row("broker memory per resource", "texbridge broker (VmRSS delta)", per, "B", None,
+            f"{n:,} registered ({stats['resources']:,} held, {stats['fds']:,} fds); RSS {before / 2**20:.1f} -> "
+            f"{after / 2**20:.1f} MiB; target < 1024 B"),
+        rate_row("REGISTER rate", "texbridge REGISTER", n, register_s, "ops/s",
+                 f"{n:,} x (memfd_create + seal + register round trip)"),
+        rate_row(GROUP_CYCLE, f"texbridge open + close, {n:,} registered", open_n, cycle_s, "ops/s",
+                 "same as above with the registry full"),
+        Row("release on disconnect", f"texbridge: {n:,} resources", release_s * 1e3, "ms", None,
+            "client hangs up; broker drops every reference and closes every fd"),
+    ]
+
+
+def _register(s: texbridge.Session, desc: dict, n: int) -> list[int]:
+    """REGISTER n fresh memfds through the session's channel; the client keeps no fd and no mapping, so the
+    process-wide limits on fds and mappings (vm.max_map_count) bind only the broker, as they would in production."""
+    handles = []
+    request = s._channel.request
+    fields = {"descriptor": desc}
+    for _ in range(n):
+        fd = create_sealed("texbridge:bench", 4096)
+        try:
+            handles.append(request(Op.REGISTER, fields, [fd])[0]["handle"])
+        finally:
+            os.close(fd)
+    return handles
+
+
+def _hang_up(s: texbridge.Session, broker_pid: int, baseline: int) -> float:
+    """Close the session and time until the broker reports the resources gone."""
+    t = time.perf_counter()
+    s.close()
+    with texbridge.connect(s.namespace, app_name="bench-check", autostart=False) as check:
+        while check.stats()["resources"] > baseline:
+            time.sleep(0.001)
+    return time.perf_counter() - t
+
+
+def run(quick: bool) -> list[Row]:
+    n_open = 2_000 if quick else 20_000
+    n_clients = 1_000
+    n_resources = 10_000 if quick else 100_000
+    raise_fd_limit()
+    rows: list[Row] = []
+    with private_broker(quota_resources=n_resources + 10_000) as ns:
+        rows += bench_open(ns, n_open)
+        rows += bench_clients(ns, n_clients)
+        rows += bench_scale(ns, n_resources, 2_000 if quick else 10_000)
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    from _report import print_rows
+
+    print_rows(run("--quick" in sys.argv))
