@@ -39,6 +39,10 @@ from ._errors import TexbridgeTimeout as TexbridgeTimeout
 from ._errors import WouldBlock as WouldBlock
 from ._formats import FORMATS as FORMATS
 from ._resources import Resource as Resource
+from .senders import Receiver as Receiver
+from .senders import Sender as Sender
+from .senders import list_senders as list_senders
+from .senders import watch_senders as watch_senders
 
 __version__ = "0.1.0"
 
@@ -47,5 +51,5 @@ __all__ = [
     "FORMATS", "Handle", "IncompatibleDevice", "InvalidDescriptor", "KeyedMutexAbandoned", "KeyedMutexError",
     "KeyedMutexTimeout", "LocalProtocolError", "NameInUse", "NotFound", "ProtocolError", "QuotaExceeded",
     "RemoteProtocolError", "Resource", "Session", "TexbridgeError", "TexbridgeTimeout", "Usage", "WouldBlock",
-    "connect",
+    "connect", "Sender", "Receiver", "list_senders", "watch_senders",
 ]
