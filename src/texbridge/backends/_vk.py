@@ -15,7 +15,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import vulkan as _vkmod  # ImportError here is what makes the backend "unavailable" (see backends/__init__.py)
+try:
+    import vulkan as _vkmod  # ImportError here is what makes the backend "unavailable" (see backends/__init__.py)
+except OSError as _e:  # the package is there but libvulkan.so.1 is not: same meaning for the loader
+    raise ImportError(f"the Vulkan loader (libvulkan.so.1) cannot be loaded: {_e}") from _e
 
 from .._errors import BackendError, InvalidDescriptor
 
