@@ -1,0 +1,874 @@
+"""CUDA backend: zero-copy CUDA, torch and CuPy views of shared memory, and CUDA as a producer.
+
+Two kinds of memory meet here (docs/backends-cuda.md):
+
+- ``opaque_fd`` (exported by the Vulkan backend): imported with cuImportExternalMemory. Buffers and linear images
+  become device pointers; optimal-tiling images become a CUDA mipmapped array (``.array`` is level 0), reachable
+  through copy helpers, since their texel layout is the driver's own.
+- ``cuda_vmm`` (made here): cuMemCreate with POSIX file-descriptor handles, exported with
+  cuMemExportToShareableHandle. The fd the broker keeps references the physical allocation, so the memory outlives
+  its creator, unlike torch.multiprocessing's cudaIpc handles. Textures are pitch-linear (rows aligned to 256 bytes).
+
+Every CUDA call goes through `check`, the one place a CUresult becomes a BackendError. Work runs in the device's
+primary context (the one torch and CuPy use), pushed around each call so the caller's current context is untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+from cuda.bindings import driver as cu  # an ImportError here makes the backend unavailable, not texbridge
+
+from .._descriptor import Descriptor, Usage, align, d3d11_texture_desc, texture_layout
+from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
+from .._formats import Format, get_format
+from .._resources import Resource
+
+_SUCCESS = cu.CUresult.CUDA_SUCCESS
+_POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+_HOST, _DEVICE, _ARRAY = (cu.CUmemorytype.CU_MEMORYTYPE_HOST, cu.CUmemorytype.CU_MEMORYTYPE_DEVICE,
+                          cu.CUmemorytype.CU_MEMORYTYPE_ARRAY)
+_VK_COLOR_ATTACHMENT, _VK_STORAGE = 0x10, 0x08  # VkImageUsageFlagBits, as recorded in driver_private["vk_usage"]
+KDLCUDA = 2  # DLPack device type
+
+
+# -- errors: the one CUresult → exception mapping ----------------------------------------------------------------------
+class CudaError(BackendError):
+    """A CUDA driver call failed; .result is the CUresult, .call the function name."""
+
+    def __init__(self, message: str, result: Any = None, call: str = "") -> None:
+        super().__init__(message)
+        self.result, self.call = result, call
+
+
+class CudaOutOfMemory(CudaError):
+    """The device has no room for the allocation or mapping."""
+
+
+def check(ret: Any, call: str) -> Any:
+    """Raise CudaError for a failed cuda-bindings call; return its outputs (None, one value, or a tuple)."""
+    err, *out = ret if isinstance(ret, tuple) else (ret,)
+    if err != _SUCCESS:
+        raise _error(err, call)
+    if not out:
+        return None
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _error(err: Any, call: str) -> CudaError:
+    try:
+        name = cu.cuGetErrorName(err)[1].decode()
+        text = cu.cuGetErrorString(err)[1].decode()
+    except Exception:
+        name, text = str(err), ""
+    cls = CudaOutOfMemory if err == cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY else CudaError
+    return cls(f"{call} failed: {name}" + (f" ({text})" if text else ""), err, call)
+
+
+# -- driver and devices ----------------------------------------------------------------------------------------------
+_lock = threading.RLock()
+_init_state: list[str | None] = []  # [] = not tried; [None] = ready; [reason] = unavailable
+_devices: dict[int, "CudaDevice"] = {}
+
+
+def unavailable_reason() -> str | None:
+    """None when CUDA works here, else why not, naming the missing capability (for skips and `doctor`)."""
+    with _lock:
+        if not _init_state:
+            _init_state.append(_try_init())
+        return _init_state[0]
+
+
+def _try_init() -> str | None:
+    try:
+        err, = cu.cuInit(0)
+    except Exception as e:  # cuda-bindings raises (not returns) when libcuda itself cannot be loaded
+        return f"no CUDA driver (libcuda.so.1 not found: {type(e).__name__})"
+    if err == cu.CUresult.CUDA_ERROR_NO_DEVICE:
+        return "no CUDA device (cuInit: CUDA_ERROR_NO_DEVICE)"
+    if err != _SUCCESS:
+        return f"CUDA driver unusable: {_error(err, 'cuInit')}"
+    count = check(cu.cuDeviceGetCount(), "cuDeviceGetCount")
+    return None if count else "no CUDA device (cuDeviceGetCount = 0)"
+
+
+def _require_driver() -> None:
+    reason = unavailable_reason()
+    if reason:
+        raise BackendError(f"the cuda backend is unavailable: {reason}")
+
+
+def _uuid_bytes(u: Any) -> bytes:
+    b = u.bytes
+    return b.encode("latin-1") if isinstance(b, str) else bytes(b)
+
+
+class CudaDevice:
+    """One GPU and its retained primary context (shared with torch/CuPy). `with dev:` makes it current."""
+
+    def __init__(self, ordinal: int) -> None:
+        self.ordinal = ordinal
+        self.handle = check(cu.cuDeviceGet(ordinal), "cuDeviceGet")
+        self.name = check(cu.cuDeviceGetName(256, self.handle), "cuDeviceGetName").split(b"\0")[0].decode()
+        self.uuid = _uuid_bytes(check(cu.cuDeviceGetUuid(self.handle), "cuDeviceGetUuid"))
+        self.vmm_posix_fd = bool(self.attribute("CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED"))
+        self.context = check(cu.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
+        self._granularity: int | None = None
+
+    def attribute(self, name: str) -> int:
+        attr = getattr(cu.CUdevice_attribute, name, None)
+        if attr is None:
+            return 0
+        return int(check(cu.cuDeviceGetAttribute(attr, self.handle), f"cuDeviceGetAttribute({name})"))
+
+    def __enter__(self) -> "CudaDevice":
+        check(cu.cuCtxPushCurrent(self.context), "cuCtxPushCurrent")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        check(cu.cuCtxPopCurrent(), "cuCtxPopCurrent")
+
+    def alloc_prop(self) -> Any:
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = self.ordinal
+        prop.requestedHandleTypes = _POSIX_FD
+        return prop
+
+    @property
+    def granularity(self) -> int:
+        """cuMemCreate's minimum granularity for fd-exportable device memory (2 MiB on current GPUs)."""
+        if self._granularity is None:
+            self._granularity = int(check(cu.cuMemGetAllocationGranularity(
+                self.alloc_prop(), cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+                "cuMemGetAllocationGranularity"))
+        return self._granularity
+
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes on this device, as cuMemGetInfo sees them."""
+        with self:
+            return tuple(int(x) for x in check(cu.cuMemGetInfo(), "cuMemGetInfo"))  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"<CudaDevice {self.ordinal} {self.name} uuid={self.uuid.hex()}>"
+
+
+def device_count() -> int:
+    _require_driver()
+    return int(check(cu.cuDeviceGetCount(), "cuDeviceGetCount"))
+
+
+def get_device(device: int | None = None, device_uuid: bytes | None = None) -> CudaDevice:
+    """The device by ordinal, or the one whose UUID is `device_uuid` (IncompatibleDevice when none is)."""
+    _require_driver()
+    with _lock:
+        if device is None and device_uuid is None:
+            device = 0
+        if device is not None:
+            if not isinstance(device, int) or isinstance(device, bool) or not 0 <= device < device_count():
+                raise BackendError(f"no CUDA device {device!r} (there are {device_count()})")
+            if device not in _devices:
+                _devices[device] = CudaDevice(device)
+            dev = _devices[device]
+            if device_uuid is not None and dev.uuid != device_uuid:
+                raise IncompatibleDevice(f"CUDA device {device} ({dev.name}) has UUID {dev.uuid.hex()}, "
+                                         f"not {bytes(device_uuid).hex()}")
+            return dev
+        for i in range(device_count()):
+            uuid = _uuid_bytes(check(cu.cuDeviceGetUuid(check(cu.cuDeviceGet(i), "cuDeviceGet")), "cuDeviceGetUuid"))
+            if uuid == device_uuid:
+                return get_device(i)
+        raise IncompatibleDevice(f"no CUDA device has UUID {bytes(device_uuid or b'').hex()}: the memory was "
+                                 "exported by another GPU or driver")
+
+
+def _as_stream(stream: Any) -> Any:
+    """None/int/CUstream/torch or CuPy stream → CUstream (None = the legacy default stream)."""
+    if stream is None:
+        return cu.CUstream(0)
+    if isinstance(stream, cu.CUstream):
+        return stream
+    for attr in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
+        if hasattr(stream, attr):
+            return cu.CUstream(int(getattr(stream, attr)))
+    return cu.CUstream(int(stream))
+
+
+# -- CUDA array formats ------------------------------------------------------------------------------------------------
+_ARRAY_FORMATS = {
+    "u1": "CU_AD_FORMAT_UNSIGNED_INT8", "u2": "CU_AD_FORMAT_UNSIGNED_INT16", "u4": "CU_AD_FORMAT_UNSIGNED_INT32",
+    "f2": "CU_AD_FORMAT_HALF", "f4": "CU_AD_FORMAT_FLOAT",
+}
+
+
+def array_format(fmt: Format) -> tuple[Any, int]:
+    """(CUarray_format, NumChannels) holding one texel of `fmt` (packed formats as one 32-bit channel)."""
+    dt = fmt.numpy_dtype
+    key = f"{dt.kind}{dt.itemsize}"
+    if key not in _ARRAY_FORMATS or fmt.channels not in (1, 2, 4):
+        raise BackendError(f"format {fmt.name} has no CUDA array format")
+    return getattr(cu.CUarray_format, _ARRAY_FORMATS[key]), fmt.channels
+
+
+# -- external semaphores (the GPU half of a keyed mutex) --------------------------------------------------------------
+class CudaSemaphore:
+    """A Vulkan timeline semaphore imported into CUDA, waited and signalled on CUDA streams."""
+
+    def __init__(self, device: CudaDevice, fd: int) -> None:
+        """Takes ownership of `fd` (CUDA owns it after a successful import; closed here on failure)."""
+        self.device, self.handle = device, None
+        try:
+            desc = cu.CUDA_EXTERNAL_SEMAPHORE_HANDLE_DESC()
+            desc.type = cu.CUexternalSemaphoreHandleType.CU_EXTERNAL_SEMAPHORE_HANDLE_TYPE_TIMELINE_SEMAPHORE_FD
+            desc.handle.fd = fd
+            with device:
+                self.handle = check(cu.cuImportExternalSemaphore(desc), "cuImportExternalSemaphore")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def wait(self, value: int, stream: Any = None) -> None:
+        """Work queued on `stream` after this waits (on the GPU) until the semaphore reaches `value`."""
+        p = cu.CUDA_EXTERNAL_SEMAPHORE_WAIT_PARAMS()
+        p.params.fence.value = int(value)
+        with self.device:
+            check(cu.cuWaitExternalSemaphoresAsync([self.handle], [p], 1, _as_stream(stream)),
+                  "cuWaitExternalSemaphoresAsync")
+
+    def signal(self, value: int, stream: Any = None) -> None:
+        """The semaphore reaches `value` once the work queued on `stream` so far is done."""
+        p = cu.CUDA_EXTERNAL_SEMAPHORE_SIGNAL_PARAMS()
+        p.params.fence.value = int(value)
+        with self.device:
+            check(cu.cuSignalExternalSemaphoresAsync([self.handle], [p], 1, _as_stream(stream)),
+                  "cuSignalExternalSemaphoresAsync")
+
+    def destroy(self) -> None:
+        h, self.handle = self.handle, None
+        if h is not None:
+            with self.device:
+                check(cu.cuDestroyExternalSemaphore(h), "cuDestroyExternalSemaphore")
+
+
+# -- DLPack, by hand (ctypes): no dependency on torch or CuPy to export ------------------------------------------------
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                ("byte_offset", ctypes.c_uint64)]
+
+
+_Deleter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter)]
+
+
+class _DLManagedTensorVersioned(ctypes.Structure):
+    _fields_ = [("version_major", ctypes.c_uint32), ("version_minor", ctypes.c_uint32),
+                ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter), ("flags", ctypes.c_uint64),
+                ("dl_tensor", _DLTensor)]
+
+
+_CAPSULE_NAMES = (b"dltensor", b"dltensor_versioned")  # module constants: capsules keep pointers to them
+_py = ctypes.PyDLL(None)  # our own function objects: argtypes set here cannot clash with other libraries'
+_py.PyCapsule_New.restype = ctypes.py_object
+_py.PyCapsule_New.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+_py.PyCapsule_IsValid.restype = ctypes.c_int
+_py.PyCapsule_IsValid.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+_py.PyCapsule_GetPointer.restype = ctypes.c_void_p
+_py.PyCapsule_GetPointer.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+_dl_live: dict[int, tuple[Any, ...]] = {}  # struct address → (struct, shape, strides, resource)
+_DL_CODES = {"u": 1, "i": 0, "f": 2}
+
+
+def _dl_delete(address: int) -> None:
+    entry = _dl_live.pop(address, None)
+    if entry is not None:
+        entry[-1]._view_released()
+
+
+_DL_DELETER = _Deleter(_dl_delete)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _capsule_destructor(capsule: int) -> None:
+    """An unconsumed capsule dies with its tensor; a consumed one was renamed and the consumer calls the deleter."""
+    for name in _CAPSULE_NAMES:
+        if _py.PyCapsule_IsValid(capsule, name):
+            _dl_delete(_py.PyCapsule_GetPointer(capsule, name))
+
+
+def _dlpack_capsule(res: "CUDAResource", versioned: bool) -> Any:
+    ptr, shape, byte_strides, dtype = res._view_layout()
+    item = dtype.itemsize
+    if any(s % item for s in byte_strides):
+        raise BufferError(f"row pitch is not a multiple of the {dtype} item size: no DLPack view")
+    c_shape = (ctypes.c_int64 * len(shape))(*shape)
+    c_strides = (ctypes.c_int64 * len(shape))(*(s // item for s in byte_strides))
+    managed = (_DLManagedTensorVersioned if versioned else _DLManagedTensor)()
+    t = managed.dl_tensor
+    t.data, t.ndim, t.shape, t.strides, t.byte_offset = ptr, len(shape), c_shape, c_strides, 0
+    t.device.device_type, t.device.device_id = KDLCUDA, res.device.ordinal
+    t.dtype.code, t.dtype.bits, t.dtype.lanes = _DL_CODES[dtype.kind], item * 8, 1
+    managed.deleter = _DL_DELETER
+    if versioned:
+        managed.version_major, managed.version_minor = 1, 0
+    address = ctypes.addressof(managed)
+    _dl_live[address] = (managed, c_shape, c_strides, res)
+    res._views += 1
+    return _py.PyCapsule_New(address, _CAPSULE_NAMES[versioned], ctypes.cast(_capsule_destructor, ctypes.c_void_p))
+
+
+# -- the resource --------------------------------------------------------------------------------------------------------
+class CUDAResource(Resource):
+    """A texture or buffer visible to CUDA in this process.
+
+    .device_ptr is the linear device address (buffers, cuda_vmm textures, linear Vulkan images); optimal-tiling
+    Vulkan images have .array (a CUarray, mip 0) instead, read and written with the copy helpers. Views:
+    __cuda_array_interface__ (CuPy, Numba) and __dlpack__ (torch.from_dlpack), zero-copy, (H, W, C) honouring the
+    row pitch. A DLPack view keeps the memory mapped after close() until the consumer drops it.
+    """
+
+    backend_name = "cuda"
+
+    def __init__(self, descriptor: Descriptor, device: CudaDevice, *, ptr: int = 0, pitch: int = 0,
+                 array: Any = None, mipmap: Any = None, ext_mem: Any = None, vmm_handle: Any = None,
+                 mapped_size: int = 0, exportable: bool = False) -> None:
+        super().__init__(descriptor)
+        self.device = device
+        self._ptr, self._pitch, self.array, self._mipmap = int(ptr), pitch, array, mipmap
+        self._ext_mem, self._vmm_handle, self._mapped_size = ext_mem, vmm_handle, mapped_size
+        self.exportable = exportable
+        self.semaphore: CudaSemaphore | None = None
+        self.cuda_sync: str | None = None  # "timeline_semaphore" | "stream_sync": how the last release synced
+        self._stream: Any = None
+        self._views = 0
+        self._free_pending = False
+
+    # -- addresses and layout ------------------------------------------------------------------------------------
+    @property
+    def device_ptr(self) -> int:
+        self._check_open()
+        if self.array is not None:
+            raise BackendError("this optimal-tiling image lives in a CUDA array (.array): copy it with "
+                               "copy_to_device()/download(); it has no linear device pointer")
+        return self._ptr
+
+    @property
+    def row_pitch(self) -> int:
+        return self._pitch
+
+    @property
+    def format(self) -> Format | None:
+        return get_format(self.descriptor.format) if self.descriptor.kind == "texture2d" else None
+
+    def _view_layout(self) -> tuple[int, tuple[int, ...], tuple[int, ...], np.dtype]:
+        ptr, d = self.device_ptr, self.descriptor
+        if d.kind == "texture2d":
+            fmt = get_format(d.format)
+            return ptr, self.shape, (self._pitch, fmt.bytes_per_pixel, fmt.numpy_dtype.itemsize), fmt.numpy_dtype
+        return ptr, (d.size,), (1,), np.dtype(np.uint8)
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        ptr, shape, strides, dtype = self._view_layout()
+        return {"shape": shape, "typestr": dtype.str, "data": (ptr, False), "version": 3,
+                "strides": strides if len(shape) > 1 else None}
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (KDLCUDA, self.device.ordinal)
+
+    def __dlpack__(self, *, stream: Any = None, max_version: tuple[int, int] | None = None,
+                   dl_device: Any = None, copy: bool | None = None) -> Any:
+        """A DLPack capsule over the same memory. Work queued on .stream is finished first (our copies are
+        synchronous), so any consumer stream sees complete data."""
+        if copy:
+            raise BufferError("texbridge CUDA resources only export zero-copy views")
+        if dl_device is not None and tuple(dl_device) != self.__dlpack_device__():
+            raise BufferError(f"the memory is on CUDA device {self.device.ordinal}, not {tuple(dl_device)}")
+        self._check_open()
+        if self._stream is not None:
+            self.synchronize()
+        return _dlpack_capsule(self, bool(max_version and max_version[0] >= 1))
+
+    def _view_released(self) -> None:
+        self._views -= 1
+        if self._views == 0 and self._free_pending:
+            self._free()
+
+    # -- streams and sync ----------------------------------------------------------------------------------------
+    @property
+    def stream(self) -> Any:
+        """This resource's own CUDA stream (a blocking stream, created on first use; int(res.stream) is its address)."""
+        self._check_open()
+        if self._stream is None:
+            with self.device:
+                self._stream = check(cu.cuStreamCreate(0), "cuStreamCreate")
+        return self._stream
+
+    def synchronize(self, stream: Any = None) -> None:
+        """Wait for `stream` (default: this resource's stream if it has one, else the legacy default stream)."""
+        s = _as_stream(stream if stream is not None else self._stream)
+        with self.device:
+            check(cu.cuStreamSynchronize(s), "cuStreamSynchronize")
+
+    def import_semaphore(self, fd: int) -> CudaSemaphore:
+        """Attach a Vulkan timeline semaphore (OPAQUE_FD, e.g. VulkanDevice.sync_semaphore.export_fd()) that the
+        peer signals with the keyed mutex's sync value; acquire/release then sync on the GPU. Takes `fd`."""
+        self._check_open()
+        sem = CudaSemaphore(self.device, fd)
+        if self.semaphore is not None:
+            self.semaphore.destroy()
+        self.semaphore = sem
+        return sem
+
+    def acquire(self, key: int, timeout: float | None = None, *, stream: Any = None) -> int:
+        """Keyed-mutex acquire; with a semaphore, `stream` then waits on the GPU for the releaser's work.
+        Returns the sync value to pass to release()."""
+        self._check_open()
+        if self.mutex is None:
+            raise BackendError("this resource was not created with keyed_mutex=True")
+        value = self.mutex.acquire(key, timeout)
+        if self.semaphore is not None:
+            self.semaphore.wait(value, stream)
+        return value
+
+    def release(self, key: int, acquired_value: int | None = None, *, stream: Any = None) -> None:
+        """Keyed-mutex release after the work queued on `stream`: signalled on the GPU with a semaphore
+        (acquired_value + 1), else the stream is synchronized first. Records the path in `cuda_sync`."""
+        self._check_open()
+        if self.mutex is None:
+            raise BackendError("this resource was not created with keyed_mutex=True")
+        if self.semaphore is not None:
+            if acquired_value is None:
+                raise ValueError("release with a semaphore needs the value acquire() returned")
+            value = int(acquired_value) + 1
+            self.semaphore.signal(value, stream)
+            self.cuda_sync = "timeline_semaphore"
+            self.mutex.release(key, sync_value=value)
+            return
+        self.synchronize(stream if stream is not None else 0)
+        self.cuda_sync = "stream_sync"
+        self.mutex.release(key, sync_value=None if acquired_value is None else int(acquired_value) + 1)
+
+    # -- export --------------------------------------------------------------------------------------------------
+    def export_fds(self) -> list[int]:
+        """A new POSIX fd for the allocation (cuMemExportToShareableHandle; the caller owns it)."""
+        self._check_open()
+        if self._vmm_handle is None:
+            raise BackendError("only cuda_vmm memory can be exported from CUDA; Vulkan memory is exported by its "
+                               "creator (the broker keeps its fd)")
+        with self.device:
+            return [int(check(cu.cuMemExportToShareableHandle(self._vmm_handle, _POSIX_FD, 0),
+                              "cuMemExportToShareableHandle"))]
+
+    # -- copies --------------------------------------------------------------------------------------------------
+    def _row_bytes(self) -> int:
+        d = self.descriptor
+        return d.width * get_format(d.format).bytes_per_pixel
+
+    def _here(self, layer: int) -> tuple[Any, ...]:
+        d = self.descriptor
+        if not 0 <= layer < d.array_size:
+            raise ValueError(f"layer {layer} out of range (array_size {d.array_size})")
+        if self.array is not None:
+            return ("array", self.array, layer)
+        return ("device", self._ptr, self._pitch)
+
+    def _copy(self, src: tuple[Any, ...], dst: tuple[Any, ...], stream: Any) -> None:
+        d = self.descriptor
+        c = cu.CUDA_MEMCPY3D()
+        c.WidthInBytes, c.Height, c.Depth = self._row_bytes(), d.height, 1
+        for side, spec in (("src", src), ("dst", dst)):
+            kind, what, extra = spec
+            if kind == "array":
+                setattr(c, side + "MemoryType", _ARRAY)
+                setattr(c, side + "Array", what)
+                setattr(c, side + "Z", extra)
+            else:
+                setattr(c, side + "MemoryType", _HOST if kind == "host" else _DEVICE)
+                setattr(c, side + ("Host" if kind == "host" else "Device"), int(what))
+                setattr(c, side + "Pitch", extra)
+                setattr(c, side + "Height", d.height)
+        with self.device:
+            if stream is None:
+                check(cu.cuMemcpy3D(c), "cuMemcpy3D")
+            else:
+                check(cu.cuMemcpy3DAsync(c, _as_stream(stream)), "cuMemcpy3DAsync")
+
+    def copy_to_device(self, dst_ptr: int, dst_pitch: int | None = None, *, layer: int = 0,
+                       stream: Any = None) -> None:
+        """Copy the texture (mip 0 of `layer`) into linear device memory at dst_ptr (rows dst_pitch apart)."""
+        self._check_open()
+        self._need_texture()
+        self._copy(self._here(layer), ("device", int(dst_ptr), dst_pitch or self._row_bytes()), stream)
+
+    def copy_from_device(self, src_ptr: int, src_pitch: int | None = None, *, layer: int = 0,
+                         stream: Any = None) -> None:
+        """Copy linear device memory at src_ptr (rows src_pitch apart) into the texture (mip 0 of `layer`)."""
+        self._check_open()
+        self._need_texture()
+        self._copy(("device", int(src_ptr), src_pitch or self._row_bytes()), self._here(layer), stream)
+
+    def _need_texture(self) -> None:
+        if self.descriptor.kind != "texture2d":
+            raise BackendError("copy_to_device/copy_from_device are for textures; use device_ptr for buffers")
+
+    def upload(self, array: np.ndarray, *, layer: int = 0) -> None:
+        """Copy a host array (shape of download()) into the resource; returns when the copy is done."""
+        self._check_open()
+        d = self.descriptor
+        if d.kind == "texture2d":
+            fmt = get_format(d.format)
+            host = np.ascontiguousarray(np.asarray(array), dtype=fmt.numpy_dtype)
+            if host.shape != self.shape and host.size != int(np.prod(self.shape)):
+                raise ValueError(f"upload of shape {host.shape} into a resource of shape {self.shape}")
+            self._copy(("host", host.ctypes.data, self._row_bytes()), self._here(layer), None)
+            return
+        host = np.ascontiguousarray(np.asarray(array)).view(np.uint8).reshape(-1)
+        if host.size != d.size:
+            raise ValueError(f"upload of {host.size} bytes into a buffer of {d.size}")
+        with self.device:
+            check(cu.cuMemcpyHtoD(self._ptr, host.ctypes.data, d.size), "cuMemcpyHtoD")
+
+    def download(self, *, layer: int = 0) -> np.ndarray:
+        """A host copy: (H, W, C) for textures (mip 0 of `layer`), 1-D uint8 for buffers."""
+        self._check_open()
+        d = self.descriptor
+        if d.kind == "texture2d":
+            out = np.empty(self.shape, get_format(d.format).numpy_dtype)
+            self._copy(self._here(layer), ("host", out.ctypes.data, self._row_bytes()), None)
+            return out
+        out = np.empty(d.size, np.uint8)
+        with self.device:
+            check(cu.cuMemcpyDtoH(out.ctypes.data, self._ptr, d.size), "cuMemcpyDtoH")
+        return out
+
+    def clear(self, word: int = 0, *, stream: Any = None) -> None:
+        """Fill linear memory with the 32-bit `word` on the GPU (textures: every texel row, padding untouched)."""
+        self._check_open()
+        d, s = self.descriptor, _as_stream(stream)
+        with self.device:
+            if d.kind != "texture2d":
+                check(cu.cuMemsetD32Async(self.device_ptr, word & 0xFFFFFFFF, d.size // 4, s), "cuMemsetD32Async")
+                return
+            if self._row_bytes() % 4:
+                raise BackendError(f"rows of {self._row_bytes()} bytes are not whole 32-bit words")
+            check(cu.cuMemsetD2D32Async(self.device_ptr, self._pitch, word & 0xFFFFFFFF, self._row_bytes() // 4,
+                                        d.height, s), "cuMemsetD2D32Async")
+
+    # -- lifetime ------------------------------------------------------------------------------------------------
+    def _release(self) -> None:
+        if self._views:
+            self._free_pending = True  # a DLPack consumer still maps it: free when the last view goes
+            return
+        self._free()
+
+    def _free(self) -> None:
+        """Destroy every CUDA object, in dependency order; state is swapped out first so nothing is freed twice."""
+        self._free_pending = False
+        sem, self.semaphore = self.semaphore, None
+        stream, self._stream = self._stream, None
+        ptr, self._ptr = self._ptr, 0
+        mipmap, self._mipmap, self.array = self._mipmap, None, None
+        ext_mem, self._ext_mem = self._ext_mem, None
+        vmm, self._vmm_handle = self._vmm_handle, None
+        with self.device:
+            # Nothing queued may still touch the memory: our stream, and the legacy stream (which waits for all
+            # blocking streams, torch's default included).
+            if stream is not None:
+                check(cu.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            check(cu.cuStreamSynchronize(cu.CUstream(0)), "cuStreamSynchronize")
+            try:
+                if vmm is not None:
+                    _unmap(ptr, self._mapped_size, vmm)
+                else:
+                    if ptr:
+                        check(cu.cuMemFree(ptr), "cuMemFree")
+                    if mipmap is not None:
+                        check(cu.cuMipmappedArrayDestroy(mipmap), "cuMipmappedArrayDestroy")
+                    if ext_mem is not None:
+                        check(cu.cuDestroyExternalMemory(ext_mem), "cuDestroyExternalMemory")
+            finally:
+                if stream is not None:
+                    cu.cuStreamDestroy(stream)
+                if sem is not None:
+                    sem.destroy()
+
+
+# -- VMM helpers ---------------------------------------------------------------------------------------------------------
+def _map(dev: CudaDevice, handle: Any, size: int) -> int:
+    """Reserve a VA range, map `handle` there and give this device read-write access. Current context needed."""
+    ptr = int(check(cu.cuMemAddressReserve(size, dev.granularity, 0, 0), "cuMemAddressReserve"))
+    mapped = False
+    try:
+        check(cu.cuMemMap(ptr, size, 0, handle, 0), "cuMemMap")
+        mapped = True
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = dev.ordinal
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        check(cu.cuMemSetAccess(ptr, size, [access], 1), "cuMemSetAccess")
+    except BaseException:
+        if mapped:
+            cu.cuMemUnmap(ptr, size)
+        cu.cuMemAddressFree(ptr, size)
+        raise
+    return ptr
+
+
+def _unmap(ptr: int, size: int, handle: Any) -> None:
+    try:
+        if ptr:
+            check(cu.cuMemUnmap(ptr, size), "cuMemUnmap")
+            check(cu.cuMemAddressFree(ptr, size), "cuMemAddressFree")
+    finally:
+        check(cu.cuMemRelease(handle), "cuMemRelease")
+
+
+def _private_int(dp: dict[str, Any], key: str, default: int | None = None) -> int:
+    v = dp.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise InvalidDescriptor(f"driver_private[{key!r}] must be a non-negative integer, not {v!r}")
+    return v
+
+
+def _options(options: dict[str, Any]) -> tuple[int | None, bytes | None]:
+    device, device_uuid = options.pop("device", None), options.pop("device_uuid", None)
+    if options:
+        raise TypeError(f"cuda backend options are device= and device_uuid=, not {', '.join(options)}")
+    return device, device_uuid
+
+
+# -- the backend -----------------------------------------------------------------------------------------------------------
+class CUDABackend:
+    """CUDA as producer (cuda_vmm) and as importer (cuda_vmm, opaque_fd from Vulkan)."""
+
+    name = "cuda"
+
+    def _allocate(self, dev: CudaDevice, nbytes: int) -> tuple[Any, int, int]:
+        """(handle, device pointer, allocation size): fd-exportable device memory, mapped and zeroed."""
+        if not dev.vmm_posix_fd:
+            raise BackendError(f"{dev.name}: cuMemCreate cannot export POSIX fds "
+                               "(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED = 0)")
+        size = align(nbytes, dev.granularity)
+        with dev:
+            handle = check(cu.cuMemCreate(size, dev.alloc_prop(), 0), "cuMemCreate")
+            try:
+                ptr = _map(dev, handle, size)
+            except BaseException:
+                cu.cuMemRelease(handle)
+                raise
+            try:
+                check(cu.cuMemsetD8(ptr, 0, size), "cuMemsetD8")  # defined contents, like a memfd
+            except BaseException:
+                _unmap(ptr, size, handle)
+                raise
+        return handle, ptr, size
+
+    def create_texture(self, width: int, height: int, format: str, *, usage: int = int(Usage.DEFAULT),
+                       keyed_mutex: bool = False, **options: Any) -> CUDAResource:
+        """A pitch-linear texture (rows aligned to 256 bytes) in fd-exportable device memory, zeroed."""
+        dev = get_device(*_options(options))
+        fmt = get_format(format)
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65536:
+                raise InvalidDescriptor(f"{name} must be 1..65536, not {v!r}")
+        pitch, nbytes = texture_layout(width, height, fmt.name)
+        handle, ptr, size = self._allocate(dev, nbytes)
+        try:
+            desc = Descriptor(
+                kind="texture2d", size=size, width=width, height=height, format=fmt.name, planes=((0, pitch),),
+                memory="cuda_vmm", backend="cuda", device_uuid=dev.uuid, usage=int(usage), keyed_mutex=keyed_mutex,
+                runtime_private=d3d11_texture_desc(width, height, fmt.name, keyed_mutex=keyed_mutex),
+                driver_private={"granularity": dev.granularity, "allocation_size": size, "pitch": pitch}).validate()
+        except BaseException:
+            with dev:
+                _unmap(ptr, size, handle)
+            raise
+        return CUDAResource(desc, dev, ptr=ptr, pitch=pitch, vmm_handle=handle, mapped_size=size, exportable=True)
+
+    def create_buffer(self, size: int, *, usage: int = int(Usage.DEFAULT), keyed_mutex: bool = False,
+                      **options: Any) -> CUDAResource:
+        """A buffer of `size` bytes rounded up to the allocation granularity (descriptor.size says how much)."""
+        dev = get_device(*_options(options))
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 1 << 40:
+            raise InvalidDescriptor(f"size must be a positive integer, not {size!r}")
+        handle, ptr, alloc = self._allocate(dev, size)
+        try:
+            desc = Descriptor(kind="buffer", size=alloc, memory="cuda_vmm", backend="cuda", device_uuid=dev.uuid,
+                              usage=int(usage), keyed_mutex=keyed_mutex,
+                              driver_private={"granularity": dev.granularity, "allocation_size": alloc,
+                                              "requested_size": size}).validate()
+        except BaseException:
+            with dev:
+                _unmap(ptr, alloc, handle)
+            raise
+        return CUDAResource(desc, dev, ptr=ptr, vmm_handle=handle, mapped_size=alloc, exportable=True)
+
+    def import_resource(self, descriptor: Descriptor, fds: Sequence[int], **options: Any) -> CUDAResource:
+        """Map memory another process exported. Takes ownership of every fd, on success and failure alike."""
+        fds = list(fds)
+        box = [fds[0] if fds else -1]
+        for extra in fds[1:]:
+            os.close(extra)
+        try:
+            device, device_uuid = _options(options)
+            d = descriptor
+            if box[0] < 0:
+                raise InvalidDescriptor("import needs the memory fd")
+            if d.memory not in ("opaque_fd", "cuda_vmm"):
+                raise InvalidDescriptor(f"the cuda backend cannot import {d.memory!r} memory")
+            if d.kind not in ("texture2d", "buffer"):
+                raise InvalidDescriptor(f"the cuda backend cannot import a {d.kind}")
+            if len(d.device_uuid) != 16:
+                raise InvalidDescriptor(f"{d.memory} memory must name its device UUID")
+            if device_uuid is not None and device_uuid != d.device_uuid:
+                raise IncompatibleDevice("device_uuid= differs from the UUID of the device that exported the memory")
+            dev = get_device(device, d.device_uuid)  # IncompatibleDevice when no CUDA device has that UUID
+            if d.memory == "cuda_vmm":
+                return _import_vmm(dev, d, box)
+            return _import_opaque(dev, d, box)
+        finally:
+            if box[0] >= 0:
+                os.close(box[0])
+
+    def import_semaphore(self, fd: int, *, device: int | None = None) -> CudaSemaphore:
+        """Import a Vulkan timeline semaphore (OPAQUE_FD). Takes ownership of `fd`."""
+        try:
+            dev = get_device(device)
+        except BaseException:
+            os.close(fd)
+            raise
+        return CudaSemaphore(dev, fd)
+
+    def diagnostics(self) -> dict[str, Any]:
+        try:
+            reason = unavailable_reason()
+            if reason:
+                return {"available": False, "detail": reason}
+            version = int(check(cu.cuDriverGetVersion(), "cuDriverGetVersion"))
+            devices = []
+            for i in range(device_count()):
+                dev = get_device(i)
+                devices.append({
+                    "ordinal": i, "name": dev.name, "uuid": dev.uuid.hex(), "vmm_posix_fd": dev.vmm_posix_fd,
+                    "compute_capability": f"{dev.attribute('CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR')}."
+                                          f"{dev.attribute('CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR')}",
+                    "memory_bytes": dev.mem_info()[1]})
+            usable = [d for d in devices if d["vmm_posix_fd"]]
+            return {"available": True, "driver_version": f"{version // 1000}.{version % 1000 // 10}",
+                    "devices": devices,
+                    "detail": f"{devices[0]['name']}: opaque_fd import" +
+                              (", cuda_vmm export/import (POSIX fds)" if usable else ", no cuda_vmm POSIX fd export")}
+        except Exception as e:  # never raises: doctor reports instead
+            return {"available": False, "detail": f"{type(e).__name__}: {e}"}
+
+
+def _import_vmm(dev: CudaDevice, d: Descriptor, box: list[int]) -> CUDAResource:
+    dp = d.driver_private
+    size = _private_int(dp, "allocation_size", d.size)
+    if size != d.size or size % dev.granularity:
+        raise InvalidDescriptor(f"cuda_vmm size {d.size} (allocation {size}) is not a whole number of "
+                                f"{dev.granularity}-byte granules")
+    pitch = 0
+    if d.kind == "texture2d":
+        get_format(d.format)
+        if len(d.planes) != 1 or d.offset != 0 or d.mip_levels != 1 or d.array_size != 1:
+            raise InvalidDescriptor("a cuda_vmm texture is one pitch-linear plane at offset 0")
+        pitch = d.row_pitch
+    with dev:
+        handle = check(cu.cuMemImportFromShareableHandle(box[0], _POSIX_FD), "cuMemImportFromShareableHandle")
+        # The import does not take the fd: the allocation now lives in `handle`; the finally closes box[0].
+        try:
+            ptr = _map(dev, handle, size)
+        except BaseException:
+            cu.cuMemRelease(handle)
+            raise
+    return CUDAResource(d, dev, ptr=ptr, pitch=pitch, vmm_handle=handle, mapped_size=size, exportable=True)
+
+
+def _import_opaque(dev: CudaDevice, d: Descriptor, box: list[int]) -> CUDAResource:
+    dp = d.driver_private
+    alloc = _private_int(dp, "allocation_size", d.size)
+    if alloc != d.size:
+        raise InvalidDescriptor(f"allocation_size {alloc} differs from the descriptor size {d.size}")
+    tiling = dp.get("tiling", "optimal") if d.kind == "texture2d" else None
+    pitch = offset = 0
+    if d.kind == "texture2d":
+        fmt = get_format(d.format)
+        if tiling == "linear":
+            layouts = dp.get("plane_layouts")
+            if isinstance(layouts, list) and layouts and isinstance(layouts[0], dict):
+                offset, pitch = _private_int(layouts[0], "offset", 0), _private_int(layouts[0], "row_pitch")
+            elif "row_pitch" in dp:
+                offset, pitch = _private_int(dp, "offset", 0), _private_int(dp, "row_pitch")
+            elif d.planes:
+                offset, pitch = d.offset, d.row_pitch
+            else:
+                raise InvalidDescriptor("a linear image descriptor needs its row pitch (planes or driver_private)")
+            if d.array_size != 1 or d.mip_levels != 1 or pitch < d.width * fmt.bytes_per_pixel \
+                    or offset + pitch * d.height > alloc:
+                raise InvalidDescriptor("linear image layout does not fit its allocation")
+        elif tiling == "optimal":
+            cu_format, channels = array_format(fmt)
+        else:
+            raise InvalidDescriptor(f"the cuda backend cannot map {tiling!r} images (optimal or linear tiling only)")
+    hd = cu.CUDA_EXTERNAL_MEMORY_HANDLE_DESC()
+    hd.type = cu.CUexternalMemoryHandleType.CU_EXTERNAL_MEMORY_HANDLE_TYPE_OPAQUE_FD
+    hd.handle.fd = box[0]
+    hd.size = alloc
+    hd.flags = cu.CUDA_EXTERNAL_MEMORY_DEDICATED if dp.get("dedicated") else 0
+    with dev:
+        ext = check(cu.cuImportExternalMemory(hd), "cuImportExternalMemory")
+        box[0] = -1  # CUDA owns the fd now
+        try:
+            if tiling == "optimal":
+                md = cu.CUDA_EXTERNAL_MEMORY_MIPMAPPED_ARRAY_DESC()
+                md.offset = 0
+                a = md.arrayDesc
+                a.Width, a.Height, a.Depth = d.width, d.height, d.array_size if d.array_size > 1 else 0
+                a.Format, a.NumChannels = cu_format, channels
+                vk_usage = _private_int(dp, "vk_usage", 0)
+                flags = cu.CUDA_ARRAY3D_LAYERED if d.array_size > 1 else 0
+                if vk_usage & _VK_COLOR_ATTACHMENT:
+                    flags |= cu.CUDA_ARRAY3D_COLOR_ATTACHMENT
+                if vk_usage & _VK_STORAGE:
+                    flags |= cu.CUDA_ARRAY3D_SURFACE_LDST
+                a.Flags = flags
+                md.numLevels = d.mip_levels
+                mipmap = check(cu.cuExternalMemoryGetMappedMipmappedArray(ext, md),
+                               "cuExternalMemoryGetMappedMipmappedArray")
+                try:
+                    array = check(cu.cuMipmappedArrayGetLevel(mipmap, 0), "cuMipmappedArrayGetLevel")
+                except BaseException:
+                    cu.cuMipmappedArrayDestroy(mipmap)
+                    raise
+                return CUDAResource(d, dev, array=array, mipmap=mipmap, ext_mem=ext)
+            bd = cu.CUDA_EXTERNAL_MEMORY_BUFFER_DESC()
+            bd.offset, bd.size = offset, (alloc - offset)
+            ptr = int(check(cu.cuExternalMemoryGetMappedBuffer(ext, bd), "cuExternalMemoryGetMappedBuffer"))
+            return CUDAResource(d, dev, ptr=ptr, pitch=pitch, ext_mem=ext)
+        except BaseException:
+            cu.cuDestroyExternalMemory(ext)
+            raise
+
+
+BACKEND = CUDABackend()
+
+__all__ = ["BACKEND", "CUDABackend", "CUDAResource", "CudaDevice", "CudaError", "CudaOutOfMemory", "CudaSemaphore",
+           "array_format", "check", "device_count", "get_device", "unavailable_reason"]
