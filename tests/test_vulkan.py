@@ -462,28 +462,27 @@ def test_keyed_mutex_ping_pong_1000_frames(session, dev):
     assert tex.mutex is not None
     child = spawn_py(f"""
         import numpy as np, texbridge
-        from texbridge.backends.vulkan import gpu_acquire, gpu_release
         with texbridge.connect() as s:
             r = s.open("vk-pingpong", backend="vulkan")
             for i in range({FRAMES}):
-                v = gpu_acquire(r.mutex, 1, timeout=30)
-                got = r.download()
-                assert (got == 2 * i).all(), (i, got[0, 0])
-                r.upload(np.full(got.shape, 2 * i + 1, np.uint32))
-                gpu_release(r.mutex, 0, v)
+                with r.mutex.hold(acquire=1, release=0, timeout=30):   # GPU waits/signals folded in
+                    got = r.download()
+                    assert (got == 2 * i).all(), (i, got[0, 0])
+                    r.upload(np.full(got.shape, 2 * i + 1, np.uint32))
             r.close()
         print("ok")
     """)
     try:
         shape = tex.shape
+        expected_sync = "timeline_opaque_fd" if dev.gpu_sync == "timeline_semaphore" else ""
+        assert tex.descriptor.gpu_sync == expected_sync
         for i in range(FRAMES):
-            v = gpu_acquire(tex.mutex, 0, timeout=30)
-            if i:
-                got = tex.download()
-                assert (got == 2 * i - 1).all(), (i, got[0, 0])
-            tex.upload(np.full(shape, 2 * i, np.uint32))
-            gpu_release(tex.mutex, 1, v)
-        gpu_acquire(tex.mutex, 0, timeout=30)
+            with tex.mutex.hold(acquire=0, release=1, timeout=30):
+                if i:
+                    got = tex.download()
+                    assert (got == 2 * i - 1).all(), (i, got[0, 0])
+                tex.upload(np.full(shape, 2 * i, np.uint32))
+        tex.mutex.acquire(0, timeout=30)
         assert (tex.download() == 2 * FRAMES - 1).all()
         out, err = child.communicate(timeout=60)
         assert child.returncode == 0 and out.strip() == "ok", err

@@ -9,9 +9,10 @@ bugs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -54,6 +55,18 @@ class Resource:
     def _release(self) -> None:
         """Free this process's API objects. Called once, by close()."""
 
+    # -- GPU ordering around the keyed mutex (backends with GPU queues override) -----------------------------------
+    def gpu_acquired(self, value: int) -> None:
+        """After acquire: order this API's next GPU work after the releaser's (wait for `value` on the GPU).
+
+        The default does nothing: CPU-visible memory needs no ordering beyond the mutex itself.
+        """
+
+    def gpu_releasing(self, acquired_value: int) -> int | None:
+        """Before release: make this API's work visible to the next owner. Returns the sync value to publish
+        (a timeline-semaphore value the GPU will signal), or None when the work is already complete."""
+        return None
+
     # -- common -----------------------------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
@@ -69,6 +82,8 @@ class Resource:
         return (d.size,)
 
     def _attach(self, session: Session, handle: Handle, mutex: KeyedMutex | None) -> None:
+        if mutex is not None and not isinstance(mutex, ResourceMutex) and type(self).gpu_releasing is not Resource.gpu_releasing:
+            mutex = ResourceMutex(mutex, self)
         self._session, self.handle, self.mutex = session, handle, mutex
 
     def _check_open(self) -> None:
@@ -113,3 +128,49 @@ class Resource:
         d = self.descriptor
         geo = f"{d.width}x{d.height} {d.format}" if d.kind == "texture2d" else f"{d.size} bytes"
         return f"<{type(self).__name__} {self.handle or 'unregistered'} {d.kind} {geo} #{self._uid}>"
+
+
+class ResourceMutex:
+    """A resource's keyed mutex with the resource's GPU ordering folded into acquire and release.
+
+    It is the same mutex (same shared state) as the plain KeyedMutex it wraps; only the GPU side is added:
+    acquire waits for the releaser's sync value on this API's queue, release makes this API's work visible first
+    (signalling a timeline semaphore, or finishing the queue where there is none). Everything else is delegated.
+    """
+
+    def __init__(self, mutex: KeyedMutex, resource: Resource) -> None:
+        self._mutex, self._resource = mutex, resource
+        self._acquired_value = 0
+
+    def acquire(self, key: int, timeout: float | None = None) -> int:
+        value = self._mutex.acquire(key, timeout)
+        self._acquired(value)
+        return value
+
+    def acquire_nowait(self, key: int) -> int:
+        value = self._mutex.acquire_nowait(key)
+        self._acquired(value)
+        return value
+
+    def _acquired(self, value: int) -> None:
+        self._acquired_value = value
+        self._resource.gpu_acquired(value)
+
+    def release(self, key: int, *, private_data: bytes | None = None, sync_value: int | None = None) -> None:
+        if sync_value is None:
+            sync_value = self._resource.gpu_releasing(self._acquired_value)
+        self._mutex.release(key, private_data=private_data, sync_value=sync_value)
+
+    @contextlib.contextmanager
+    def hold(self, acquire: int = 0, release: int = 1, timeout: float | None = None) -> Iterator[int]:
+        value = self.acquire(acquire, timeout)
+        try:
+            yield value
+        finally:
+            self.release(release)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mutex, name)
+
+    def __repr__(self) -> str:
+        return f"<ResourceMutex of {self._resource!r}: {self._mutex!r}>"

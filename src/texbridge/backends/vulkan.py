@@ -365,6 +365,7 @@ class VulkanResource(Resource):
         self._fd, self._host, self._host_map = fd, host, host_map
         self._staging: _Staging | None = None
         self._extra_buffer = extra_buffer  # memfd textures seen as a VkBuffer too (host path)
+        self.semaphore: TimelineSemaphore | None = None  # the keyed mutex's GPU half (descriptor.gpu_sync)
         device._register(self)
 
     @property
@@ -383,7 +384,36 @@ class VulkanResource(Resource):
                                                  "memory": self.memory, "handleType": self.handle_type})
         out = ffi.new("int*")
         check(self.device.vkGetMemoryFdKHR(self.device.device, info, out), "vkGetMemoryFdKHR")
-        return [out[0]]
+        fds = [out[0]]
+        if self.semaphore is not None:
+            try:
+                fds.append(self.semaphore.export_fd())
+            except BaseException:
+                os.close(fds[0])
+                raise
+        return fds
+
+    # -- keyed mutex ↔ GPU -------------------------------------------------------------------------------------------
+    def gpu_acquired(self, value: int) -> None:
+        """The next submit on this device waits (on the GPU) for the releaser's value; no CPU stall."""
+        if self.semaphore is not None:
+            self.device.submit_wait(value, self.semaphore)
+
+    def gpu_releasing(self, acquired_value: int) -> int | None:
+        """Timeline path: the queue signals acquired+1 when this process's work is done, and release returns at
+        once. cpu_wait path (no external semaphores, e.g. lavapipe): wait for the queue before releasing."""
+        if self.semaphore is None:
+            self.device.wait_idle()
+            return None
+        value = acquired_value + 1
+        self.device.submit_signal(value, self.semaphore)
+        return value
+
+    def _attach_semaphore(self) -> None:
+        """Give an exported resource with a keyed mutex its own shareable timeline semaphore, where the device can."""
+        if self.descriptor.keyed_mutex and self.device.gpu_sync == "timeline_semaphore":
+            self.semaphore = self.device.create_timeline_semaphore()
+            self.descriptor = self.descriptor.with_(gpu_sync="timeline_opaque_fd")
 
     # -- transfers ------------------------------------------------------------------------------------------------
     def _staging_for(self, size: int) -> _Staging:
@@ -554,6 +584,7 @@ class VulkanResource(Resource):
     # -- lifetime ----------------------------------------------------------------------------------------------------
     def _release(self) -> None:
         dev = self.device
+        semaphore, self.semaphore = self.semaphore, None
         staging, self._staging = self._staging, None
         image, buffer, memory = self.image, self.buffer, self.memory
         self.image = self.buffer = self.memory = None
@@ -565,6 +596,8 @@ class VulkanResource(Resource):
                 lib.vkQueueWaitIdle(dev.queue)  # never destroy what queued work may still touch
                 if staging is not None:
                     staging.close()
+                if semaphore is not None:
+                    semaphore.destroy()
                 _destroy(dev, image=image, buffer=buffer, memory=memory)
         finally:
             if host is not None:
@@ -686,6 +719,7 @@ class VulkanBackend:
                 _barrier(cmd, image, dst, vk.VK_IMAGE_LAYOUT_GENERAL, mip_levels, array_size)
 
             dev.one_shot(init)
+            res._attach_semaphore()
         except BaseException:
             res.close()
             raise
@@ -725,6 +759,7 @@ class VulkanBackend:
         res = VulkanResource(desc, dev, buffer=buf, memory=mem, handle_type=HANDLE_OPAQUE_FD, exportable=True)
         try:
             dev.one_shot(lambda cmd: (lib.vkCmdFillBuffer(cmd, buf, 0, WHOLE_SIZE, 0), _memory_barrier(cmd)))
+            res._attach_semaphore()
         except BaseException:
             res.close()
             raise
@@ -741,8 +776,9 @@ class VulkanBackend:
         """
         fds = list(fds)
         owned = fds[0] if fds else -1
-        for extra in fds[1:]:
-            os.close(extra)  # the keyed-mutex fd is the session's business; never leak one handed to us
+        sem_fd = fds[1] if descriptor.gpu_sync and len(fds) > 1 else -1
+        for extra in fds[1 + (sem_fd >= 0):]:
+            os.close(extra)  # anything else is not ours to keep; never leak one handed to us
         try:
             if owned < 0:
                 raise InvalidDescriptor("import needs the memory fd")
@@ -760,10 +796,19 @@ class VulkanBackend:
             else:
                 raise InvalidDescriptor(f"the vulkan backend cannot import {d.memory!r} memory")
             owned = -1
+            if sem_fd >= 0:
+                try:
+                    fd, sem_fd = sem_fd, -1
+                    res.semaphore = dev.import_timeline_semaphore(fd)  # takes the fd, success or failure
+                except BaseException:
+                    res.close()
+                    raise
             return res
         finally:
             if owned >= 0:
                 os.close(owned)
+            if sem_fd >= 0:
+                os.close(sem_fd)
 
     def diagnostics(self) -> dict[str, Any]:
         try:
