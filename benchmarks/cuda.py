@@ -1,0 +1,196 @@
+"""CUDA backend figures, peers in the same run: open by handle → torch tensor, and a frame handed back and forth
+between two processes with the keyed mutex against torch.multiprocessing sharing the same CUDA tensor through a
+queue (the usual way ML pipelines pass GPU frames today). Targets: open ≤ 1 ms, handoff ≤ 0.1 ms (≥ 4×)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+if __package__ in (None, ""):  # run as a script: this file's folder must not shadow the `cuda` package
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+from benchmarks._report import Row, latency_row, print_rows  # noqa: E402
+
+
+def _skip_reason() -> str | None:
+    try:
+        from texbridge.backends.cuda import unavailable_reason
+    except ImportError as e:
+        return f"cuda-bindings not installed ({e})"
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    try:
+        import torch
+    except ImportError:
+        return "torch not installed (the peer and the views need it)"
+    return None if torch.cuda.is_available() else "torch sees no CUDA device"
+
+
+@contextmanager
+def _private_broker(namespace: str) -> Iterator[dict[str, str]]:
+    """A throwaway runtime dir and namespace, so the figures never touch a user's broker."""
+    keys = ("TEXBRIDGE_RUNTIME_DIR", "TEXBRIDGE_NAMESPACE")
+    old = {k: os.environ.get(k) for k in keys}
+    with tempfile.TemporaryDirectory() as d:
+        os.environ.update({"TEXBRIDGE_RUNTIME_DIR": d, "TEXBRIDGE_NAMESPACE": namespace})
+        try:
+            yield dict(os.environ)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def run(quick: bool) -> list[Row]:
+    reason = _skip_reason()
+    if reason:
+        print(f"cuda benchmark skipped: {reason}")
+        return []
+    import torch
+
+    from texbridge.backends.cuda import get_device
+
+    dev = get_device()
+    where = f"{dev.name}, torch {torch.__version__}"
+    rows = _open(quick, where)
+    rows += _handoff(quick, where)
+    return rows
+
+
+def _open(quick: bool, where: str) -> list[Row]:
+    import torch
+
+    import texbridge
+
+    n = 200 if quick else 2000
+    rows = []
+    with _private_broker("bench-cuda-open"), texbridge.connect() as s:
+        sources = [("cuda_vmm 1080p rgba8 texture", s.create_texture(1920, 1080, "rgba8", backend="cuda"))]
+        try:
+            sources.append(("Vulkan opaque_fd 8 MB buffer", s.create_buffer(1920 * 1080 * 4, backend="vulkan")))
+        except texbridge.TexbridgeError as e:
+            print(f"cuda benchmark: no Vulkan source ({e})")
+        for what, src in sources:
+            samples, views = [], []
+            for _ in range(n + 10):
+                t0 = time.perf_counter()
+                r = s.open(src.handle, backend="cuda")
+                t = torch.from_dlpack(r)
+                samples.append(time.perf_counter() - t0)
+                assert t.data_ptr() == r.device_ptr
+                del t
+                r.close()
+            rows.append(latency_row("open by handle → torch tensor", f"texbridge: {what}", samples[10:],
+                                    f"{where}; broker round trip + CUDA import + map + from_dlpack, {n} runs"))
+            src.close()
+        s.shutdown()
+    return rows
+
+
+_KM_PEER = """
+import sys, torch, texbridge
+n = int(sys.argv[1])
+with texbridge.connect() as s:
+    r = s.open("bench-handoff", backend="cuda")
+    t = torch.from_dlpack(r)
+    stream = torch.cuda.current_stream()
+    print("ready", flush=True)
+    for _ in range(n):
+        v = r.acquire(1, timeout=30)
+        t[0, 0, 0] += 1
+        r.release(0, v, stream=stream)
+    del t
+    r.close()
+"""
+
+def _handoff(quick: bool, where: str) -> list[Row]:
+    """Round trips of one frame: producer writes (one tiny kernel), hands over, consumer writes, hands back."""
+    import torch
+    import torch.multiprocessing as mp
+
+    import texbridge
+
+    n = 300 if quick else 3000
+    group = "frame handoff round trip (2 processes, 1080p rgba8 on the GPU)"
+    rows = []
+    with _private_broker("bench-cuda-handoff") as env, texbridge.connect() as s:
+        tex = s.create_texture(1920, 1080, "rgba8", backend="cuda", keyed_mutex=True, name="bench-handoff")
+        t = torch.from_dlpack(tex)
+        stream = torch.cuda.current_stream()
+        peer = subprocess.Popen([sys.executable, "-c", _KM_PEER, str(n)], env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            assert peer.stdout.readline().strip() == "ready"
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                v = tex.acquire(0, timeout=30)
+                t[0, 0, 0] += 1
+                tex.release(1, v, stream=stream)
+                samples.append(time.perf_counter() - t0)
+            tex.acquire(0, timeout=30)
+            assert int(t[0, 0, 0]) == (2 * n) % 256, "frames were lost"
+            tex.release(0)
+            peer.wait(60)
+        finally:
+            peer.kill()
+        del t
+        tex.close()
+        s.shutdown()
+    rows.append(latency_row(group, "texbridge keyed mutex (cuda_vmm, stream sync)", _round_trips(samples),
+                            f"{where}; acquire → kernel → release, peer the same; {n} frames"))
+
+    # Peer: torch.multiprocessing, the same tensor put on a queue every frame, an ack back.
+    ctx = mp.get_context("spawn")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    frame = torch.zeros((1080, 1920, 4), dtype=torch.uint8, device="cuda")
+    proc = ctx.Process(target=_mp_peer, args=(inbox, outbox, n + 10))
+    proc.start()
+    try:
+        samples = []
+        for i in range(n + 10):
+            t0 = time.perf_counter()
+            frame[0, 0, 0] += 1
+            torch.cuda.current_stream().synchronize()
+            inbox.put(frame)
+            outbox.get(timeout=60)
+            samples.append(time.perf_counter() - t0)
+        assert int(frame[0, 0, 0]) == (2 * (n + 10)) % 256, "frames were lost"
+        proc.join(60)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    rows.append(latency_row(group, "torch.multiprocessing queue (same CUDA tensor)", samples[10:],
+                            "producer kernel + sync, put, consumer kernel + sync, ack; same run"))
+    return rows
+
+
+def _round_trips(samples: list[float]) -> list[float]:
+    """Each producer sample spans acquire (waiting for the peer's turn) → release: one full round trip."""
+    return samples[10:] if len(samples) > 20 else samples
+
+
+def _mp_peer(inbox, outbox, n):  # module level: torch.multiprocessing's spawn pickles it by name
+    import torch
+
+    for _ in range(n):
+        t = inbox.get()
+        t[0, 0, 0] += 1
+        torch.cuda.current_stream().synchronize()
+        outbox.put(1)
+        del t
+
+
+if __name__ == "__main__":
+    print_rows(run(quick="--quick" in sys.argv))
