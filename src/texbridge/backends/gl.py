@@ -406,6 +406,7 @@ class GLResource(Resource):
         self.target = target  # GL_TEXTURE_2D / GL_TEXTURE_2D_ARRAY for textures
         self.gl_sync: str | None = None  # "semaphore" or "finish": how GL's work was last ordered before release
         self._producer = producer  # the Vulkan resource whose memory this is, when GL created it
+        self._host_semaphore: Any = None  # an importer's view of the exporter's timeline semaphore, if any
         self._fbo = 0
         self._moderngl: Any = None
 
@@ -473,6 +474,38 @@ class GLResource(Resource):
         return ctx.external_texture(self.texture, (d.width, d.height), fmt.channels, 0, dtype)
 
     # -- sync ------------------------------------------------------------------------------------------------------
+    def _attach_host_semaphore(self, fd: int) -> None:
+        """The exporter orders its GPU work with a timeline semaphore. GL cannot wait on a timeline value without
+        GL_NV_timeline_semaphore, so it is imported into Vulkan and waited/signalled from the host instead:
+        correct everywhere, at the cost of a CPU wait per handoff. Takes ownership of `fd`."""
+        try:
+            from .vulkan import default_device
+            self._host_semaphore = default_device().import_timeline_semaphore(fd)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def _timeline(self) -> Any:
+        producer_sem = getattr(self._producer, "semaphore", None)
+        return producer_sem if producer_sem is not None else self._host_semaphore
+
+    def gpu_acquired(self, value: int) -> None:
+        """The releaser's GPU work must be done before GL touches the memory: a host wait on its timeline value."""
+        sem = self._timeline
+        if sem is not None and value and not sem.wait(value, timeout=10.0):
+            raise BackendError(f"the previous owner's GPU work (timeline value {value}) did not finish within 10 s")
+
+    def gpu_releasing(self, acquired_value: int) -> int | None:
+        """glFinish (or a semaphore signal + glFlush where GL has one), then, where the resource's consumers wait
+        on a timeline semaphore, signal the next value from the host."""
+        self.end_access()
+        sem = self._timeline
+        if sem is None:
+            return None
+        sem.signal(acquired_value + 1)
+        return acquired_value + 1
+
     @property
     def shared_layout(self) -> str:
         """The layout both APIs keep the image in between operations (the exporter's choice, default general)."""
@@ -597,7 +630,10 @@ class GLResource(Resource):
         tex, buf, mem, fbo = self.texture, self.buffer, self.memory_object, self._fbo
         self.texture = self.buffer = self.memory_object = self._fbo = 0
         producer, self._producer = self._producer, None
+        host_sem, self._host_semaphore = self._host_semaphore, None
         try:
+            if host_sem is not None:
+                host_sem.destroy()
             if self.context.try_enter():
                 _delete_objects(tex, buf, mem, fbo)
             elif tex or buf or mem:
@@ -672,6 +708,9 @@ class GLBackend:
                 raise InvalidDescriptor("no memory fd to import")
             res = self._import(descriptor, fds, context, None)
             fds[0] = -1  # GL owns it now
+            if descriptor.gpu_sync and len(fds) > 1:
+                sem_fd, fds[1] = fds[1], -1
+                res._attach_host_semaphore(sem_fd)
             return res
         finally:
             for fd in fds:
