@@ -114,9 +114,13 @@ def demo(frames: int, size: tuple[int, int], backend: str, namespace: str | None
     from .backends import get_backend
 
     try:
-        get_backend(backend)
+        chosen = get_backend(backend)
     except BackendError as e:
         _fail(str(e))
+    if backend != "memfd":  # importable is not usable: ask the backend before starting two processes
+        report = chosen.diagnostics()
+        if not report.get("available"):
+            _fail(f"backend {backend!r} is unavailable here: {report.get('detail', 'no detail')}")
     cfg = DemoConfig(frames=frames, width=size[0], height=size[1], backend=backend, namespace=namespace,
                      corrupt_frame=corrupt_frame)
     console.print(f"[bold]texbridge demo[/]: {frames} frames of {size[0]}x{size[1]} rgba8 in {backend} memory, "
