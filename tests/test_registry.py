@@ -2,6 +2,8 @@
 
 import itertools
 
+import msgpack
+
 import pytest
 
 from texbridge._broker.registry import Policy, Quotas, Registry
@@ -54,7 +56,7 @@ def test_register_open_close_lifecycle_and_fd_ownership():
     fd, r = w.register(1)
     h = w.ok(r)["handle"]
     opened = w.call(2, Op.OPEN, handle=h)
-    assert opened.fds == (fd,) and w.ok(opened)["descriptor"]["width"] == 64
+    assert opened.fds == (fd,) and msgpack.unpackb(w.ok(opened)["descriptor"])["width"] == 64
     w.ok(w.call(1, Op.CLOSE, handle=h))
     assert fd not in w.closed  # client 2 still holds it: the resource outlives its creator
     w.ok(w.call(2, Op.CLOSE, handle=h))
@@ -161,3 +163,13 @@ def test_unknown_handle_is_not_found():
     w.connect(1)
     w.err(w.call(1, Op.OPEN, handle=12345), "not_found")
     w.err(w.call(1, Op.INFO, name="x"), "not_found")
+
+
+def test_quiet_close_sends_nothing_even_on_error():
+    w = World()
+    w.connect(1)
+    h = w.ok(w.register(1)[1])["handle"]
+    fx = w.reg.handle(1, Message(Op.CLOSE, 9, {"handle": h, "quiet": True}))
+    assert fx.out == [] and not w.reg.resources
+    fx = w.reg.handle(1, Message(Op.CLOSE, 10, {"handle": h, "quiet": True}))
+    assert fx.out == []

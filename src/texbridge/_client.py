@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import msgpack
+
 from ._broker.launch import connect_socket
 from ._descriptor import Descriptor, Handle, Usage
 from ._errors import BrokenError, ClosedError, InvalidDescriptor, RemoteProtocolError, TexbridgeError, error_from_code
@@ -56,15 +58,7 @@ class _Channel:
 
     def request(self, op: Op, fields: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> tuple[dict, list[int]]:
         with self.lock:
-            if self.sock is None:
-                raise ClosedError("the session is closed")
-            msg = Message(op, self.conn.next_request_id(), fields, len(fds))
-            data = self.conn.send(msg)
-            try:
-                send_frame(self.sock, data, fds)
-            except OSError as e:
-                self._raise_parting_error()  # the broker may have said why it hung up (e.g. uid not allowed)
-                raise BrokenError(f"lost the broker while sending {op.value}: {e.strerror}") from None
+            msg = self._send(op, fields, fds)
             while True:
                 reply, rfds = self._receive()
                 if reply.op is Op.EVENT:
@@ -77,6 +71,23 @@ class _Channel:
                     _close(rfds)
                     raise error_from_code(str(reply.fields.get("code")), str(reply.fields.get("message")))
                 return reply.fields, rfds
+
+    def notify(self, op: Op, fields: dict[str, Any]) -> None:
+        """Send a request that expects no reply (a quiet CLOSE): one send, no round trip."""
+        with self.lock:
+            self._send(op, fields, ())
+
+    def _send(self, op: Op, fields: dict[str, Any], fds: list[int] | tuple[int, ...]) -> Message:
+        if self.sock is None:
+            raise ClosedError("the session is closed")
+        msg = Message(op, self.conn.next_request_id(), fields, len(fds))
+        data = self.conn.send(msg)
+        try:
+            send_frame(self.sock, data, fds)
+        except OSError as e:
+            self._raise_parting_error()  # the broker may have said why it hung up (e.g. uid not allowed)
+            raise BrokenError(f"lost the broker while sending {op.value}: {e.strerror}") from None
+        return msg
 
     def _raise_parting_error(self) -> None:
         assert self.sock is not None
@@ -202,7 +213,7 @@ class Session:
         """
         fields, fds = self._channel.request(Op.OPEN, _target(handle_or_name))
         try:
-            desc = Descriptor.from_wire(fields["descriptor"])
+            desc = Descriptor.from_wire(_unpack_descriptor(fields["descriptor"]))
             if len(fds) != desc.nfds:
                 raise InvalidDescriptor(f"the broker sent {len(fds)} fds for a descriptor needing {desc.nfds}")
         except BaseException:
@@ -282,7 +293,7 @@ class Session:
         if handle is None or self._channel.sock is None:
             return
         try:
-            self._channel.request(Op.CLOSE, {"handle": handle})
+            self._channel.notify(Op.CLOSE, {"handle": handle, "quiet": True})
         except (BrokenError, ClosedError):
             pass  # the broker dropped every reference of this connection already
 
@@ -385,6 +396,16 @@ def connect(namespace: str | None = None, *, app_name: str | None = None, autost
             timeout: float = 10.0) -> Session:
     """Connect to the namespace's broker (TEXBRIDGE_NAMESPACE or "default"), starting one if none runs."""
     return Session(namespace, app_name=app_name, autostart=autostart, timeout=timeout)
+
+
+def _unpack_descriptor(wire: Any) -> Any:
+    """OPEN replies carry the descriptor as the broker keeps it, msgpack bytes; INFO replies as a map."""
+    if isinstance(wire, bytes):
+        try:
+            return msgpack.unpackb(wire, raw=False)
+        except Exception:
+            raise RemoteProtocolError("the broker sent an undecodable descriptor") from None
+    return wire
 
 
 def _register_fields(desc: Descriptor, name: str | None) -> dict[str, Any]:

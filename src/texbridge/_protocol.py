@@ -65,12 +65,12 @@ ALLOWED: dict[State, frozenset[Op]] = {
 }
 
 # Per-op field schema: name -> (type, required). Fields not listed are rejected: the schema is the contract.
-_INT, _STR, _MAP, _LIST = int, str, dict, list
+_INT, _STR, _MAP, _BOOL = int, str, dict, bool
 SCHEMA: dict[Op, dict[str, tuple[type, bool]]] = {
     Op.HELLO: {"version": (_INT, True), "name": (_STR, True), "pid": (_INT, True)},
     Op.REGISTER: {"descriptor": (_MAP, True), "name": (_STR, False), "meta": (_MAP, False)},
     Op.OPEN: {"handle": (_INT, False), "name": (_STR, False)},
-    Op.CLOSE: {"handle": (_INT, True)},
+    Op.CLOSE: {"handle": (_INT, True), "quiet": (_BOOL, False)},  # quiet: no reply, not even an error
     Op.PUBLISH: {"handle": (_INT, True), "name": (_STR, True)},
     Op.UNPUBLISH: {"name": (_STR, True)},
     Op.UPDATE: {"handle": (_INT, True), "meta": (_MAP, True)},

@@ -89,6 +89,16 @@ def _futex_wake(addr: int) -> None:
                   None, None, ctypes.c_uint32(0))
 
 
+_fence_lock = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier: taking a Lock is a locked read-modify-write (lock cmpxchg on x86). Needed where a
+    store must be visible before a later load (pin, then check the slot; mark the slot, then check the pins)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -414,45 +424,68 @@ class Sender:
         if self._closed:
             raise ClosedError(f"sender {self.name!r} is closed")
 
-    def _wait_receivers(self) -> None:
-        """frame_sync: wait (bounded) until every attached receiver consumed the previous frame."""
+    def wait_frame_sync(self, timeout: float | None = None) -> bool:
+        """Spout's WaitFrameSync: wait until every attached receiver has consumed the latest frame sent. send()
+        calls it first when frame_sync is on (timeout: sync_timeout). False (and sync_timeouts + 1) on timeout;
+        receivers that died without detaching are dropped while waiting."""
+        self._check_open()
         ctl = self._ctl
-        deadline = time.monotonic() + self.sync_timeout
+        deadline = time.monotonic() + (self.sync_timeout if timeout is None else timeout)
         ack = ctl.word_addr(_ACK)
         while True:
             a = int(ctl.u[_ACK])
             r = ctl.readers
             active = r[:, _R_PID] != 0
             if not active.any() or (r[active, _R_CONSUMED] >= self._frame).all():
-                return
+                return True
             left = deadline - time.monotonic()
             if left <= 0:
                 self.sync_timeouts += 1
-                return
+                return False
             _futex_wait(ack, a, min(left, 0.05))
             for i in np.flatnonzero(active):
                 pid = int(r[i, _R_PID])
                 if r[i, _R_CONSUMED] < self._frame and not _pid_alive(pid):
                     r[i] = 0  # a receiver that died without detaching
 
+    def wait_for_receivers(self, count: int = 1, timeout: float | None = None) -> bool:
+        """Block until at least `count` receivers are attached (futex on the control buffer's ack word)."""
+        self._check_open()
+        ctl = self._ctl
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            a = int(ctl.u[_ACK])
+            if self.receivers >= count:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            _futex_wait(ctl.word_addr(_ACK), a, left)
+
     def _begin(self) -> int:
         if self.frame_sync and self._frame:
-            self._wait_receivers()
+            self.wait_frame_sync()
         ctl = self._ctl
         r = ctl.readers
         pinned = int(np.bitwise_or.reduce(r[:, _R_PIN]))
         if r[:, _R_FLAGS].any() and not self._mirror:
             self._make_mirror()
         n, last = self._nslots, self._latest_slot
-        slot = (last + 1) % n
+        u = ctl.u
         for k in range(1, n):
             cand = (last + k) % n
+            if (pinned >> cand) & 1:
+                continue
+            u[_SEQ + cand] += 1  # odd: writing
+            _fence()
+            # Dekker with the receiver (pin, fence, read seq): either it sees the odd seq, or we see its pin.
+            pinned = int(np.bitwise_or.reduce(r[:, _R_PIN]))
             if not (pinned >> cand) & 1:
-                slot = cand
-                break
-        else:
-            self.overwrites += 1
-        ctl.u[_SEQ + slot] += 1  # odd: writing
+                return cand
+            u[_SEQ + cand] -= 1  # pinned meanwhile: untouched, restore the exact even value it read
+        slot = (last + 1) % n  # every slot is pinned: overwrite the oldest; its readers see the seq move
+        self.overwrites += 1
+        u[_SEQ + slot] += 1
         return slot
 
     def _end(self, slot: int, ok: bool = True) -> None:
@@ -644,6 +677,7 @@ class Receiver:
         self._last: np.ndarray | None = None
         self._pinned_seq: tuple[int, int] | None = None
         self._retry = False
+        self._followed = 0  # control handle of the sender instance connected last
         self._watch = watch_senders(self._session, initial=False)
         self._thread = threading.Thread(target=self._watch_loop, name="texbridge-receiver-watch", daemon=True)
         self._thread.start()
@@ -698,13 +732,14 @@ class Receiver:
             if ev is None:
                 continue
             link = self._link
-            if ev.kind == "retired" and link is not None and ev.handle == link.handle:
-                self._gone = True
-                self.events.append(ev)
-                try:
-                    _futex_wake(link.ctl.word_addr(_LATEST))  # a waiter in wait_frame() learns of it now
-                except Exception:
-                    pass
+            if ev.kind == "retired" and ev.handle in (self._followed, link.handle if link else None):
+                self.events.append(ev)  # also when receive() already saw the closed flag and let go
+                if link is not None and ev.handle == link.handle:
+                    self._gone = True
+                    try:
+                        _futex_wake(link.ctl.word_addr(_LATEST))  # a waiter in wait_frame() learns of it now
+                    except Exception:
+                        pass
             elif ev.kind == "announced" and (self.requested is None or ev.name == self.requested):
                 self.events.append(ev)
                 self._changed.set()
@@ -754,6 +789,7 @@ class Receiver:
             ctl.close()
             raise TexbridgeError(f"sender {name!r} has {MAX_READERS} receivers attached already")
         self._link = _Link(name, ctl, reader, handle=res.handle.value)
+        self._followed = res.handle.value
         try:
             self.info = SenderInfo.from_meta(name, self._session.info(name).get("meta") or {})
         except TexbridgeError:
@@ -776,6 +812,8 @@ class Receiver:
                     r[i, _R_PIN] = r[i, _R_FLAGS] = 0
                     r[i, _R_CONSUMED] = 0
                     r[i, _R_PID] = os.getpid()
+                    ctl.u[_ACK] += 1
+                    _futex_wake(ctl.word_addr(_ACK))  # wait_for_receivers()
                     return i
             return -1
         finally:
@@ -846,7 +884,8 @@ class Receiver:
     def receive(self, *, copy: bool = True, out: np.ndarray | None = None) -> np.ndarray | None:
         """The newest frame without blocking, or None before the first frame / with no sender.
 
-        copy=True (default) returns a new array you own. out=array copies into your array (no allocation).
+        copy=True (default) returns a new array you own. out=array copies into your array (no allocation) when it
+        has the frame's shape and dtype, else (after a resize) a new array is returned: compare `frame is out`.
         copy=False returns a read-only view of the shared slot itself: the sender will not write that slot while
         this receiver has it pinned (until the next receive() or release()) unless all slots are pinned, so check
         `still_valid()` after using the view if you must be certain it was not overwritten.
@@ -876,10 +915,13 @@ class Receiver:
             if slot >= len(link.slots):
                 return None  # the sender is closing (it parks `latest` on slot _SLOT_MASK)
             rows[link.reader, _R_PIN] = 1 << slot
+            _fence()  # the pin must be visible before we read the seq (see Sender._begin)
             s1 = int(u[_SEQ + slot])
             if s1 & 1 or int(u[_SLOT_FRAME + slot]) != frame:
                 continue
             view = link.views[slot]
+            if out is not None and (out.shape != link.shape or out.dtype != link.dtype):
+                out = None  # the sender resized: a new array this time (check `frame is out`)
             if not copy:
                 data = view if view is not None else link.slots[slot].download()
                 if view is not None:

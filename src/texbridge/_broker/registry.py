@@ -13,8 +13,11 @@ retired at once).
 from __future__ import annotations
 
 import secrets
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
+
+import msgpack
 
 from .._descriptor import Descriptor, Handle
 from .._errors import (AccessDenied, InvalidDescriptor, NameInUse, NotFound, QuotaExceeded, RemoteProtocolError,
@@ -46,17 +49,24 @@ class Policy:
 
 @dataclass(slots=True)
 class Record:
-    """One registered resource. Kept small: 100,000 of them must fit in well under 100 MB."""
+    """One registered resource. Kept small (100,000 of them in < 1 KiB each): the descriptor is kept packed, as
+    the msgpack bytes OPEN replies carry verbatim, and decoded only for the rare LIST/INFO."""
 
     handle: int
-    descriptor: Descriptor
+    packed: bytes  # msgpack of the validated descriptor's wire form
     fds: tuple[int, ...]
     creator_pid: int
     creator: int  # client id
-    created: float
+    size: int
+    has_mutex: bool
+    kind: str
     refs: int = 1
-    names: list[str] = field(default_factory=list)
+    names: tuple[str, ...] = ()
     meta: dict[str, Any] | None = None
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return Descriptor.from_wire(msgpack.unpackb(self.packed))
 
 
 @dataclass(slots=True)
@@ -147,7 +157,8 @@ class Registry:
         except TexbridgeError as e:
             self.counters["errors"] += 1
             fx.close.extend(fd for fd, _ in fd_list)
-            fx.error(client_id, msg.request_id, e)
+            if not msg.fields.get("quiet"):
+                fx.error(client_id, msg.request_id, e)
         return fx
 
     def _op_hello(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
@@ -175,8 +186,9 @@ class Registry:
         handle = self._new_handle() or 1
         while handle in self.resources:
             handle = self._new_handle() or 1
-        rec = Record(handle, desc, tuple(fd for fd, _ in fds), client.pid, client.id, self.clock(),
-                     meta=msg.fields.get("meta"))
+        rec = Record(handle, msgpack.packb(desc.to_wire(), use_bin_type=True), tuple(fd for fd, _ in fds),
+                     client.pid, client.id, desc.size, desc.keyed_mutex or desc.kind == "keyed_mutex",
+                     sys.intern(desc.kind), meta=msg.fields.get("meta"))
         self.resources[handle] = rec
         client.refs[handle] = 1
         client.bytes += desc.size
@@ -193,7 +205,7 @@ class Registry:
         client.refs[rec.handle] = client.refs.get(rec.handle, 0) + 1
         rec.refs += 1
         self.counters["opened"] += 1
-        fx.reply(client.id, msg.request_id, rec.fds, handle=rec.handle, descriptor=rec.descriptor.to_wire(),
+        fx.reply(client.id, msg.request_id, rec.fds, handle=rec.handle, descriptor=rec.packed,
                  creator_pid=rec.creator_pid, names=list(rec.names), meta=rec.meta)
         return False
 
@@ -205,7 +217,8 @@ class Registry:
         if client.refs.get(handle) == 1 and _has_mutex(rec):
             fx.abandon.append((rec.fds[-1], client.id))  # closing while owning: waiters must not hang
         self._unref(rec, 1, client, fx)
-        fx.reply(client.id, msg.request_id)
+        if not msg.fields.get("quiet"):
+            fx.reply(client.id, msg.request_id)
         return False
 
     def _op_publish(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
@@ -244,7 +257,7 @@ class Registry:
         offset = max(0, msg.fields.get("offset", 0))
         limit = min(LIST_PAGE, max(1, msg.fields.get("limit", LIST_PAGE)))
         kind = msg.fields.get("kind")
-        recs = [r for r in self.resources.values() if kind is None or r.descriptor.kind == kind]
+        recs = [r for r in self.resources.values() if kind is None or r.kind == kind]
         page = [self.summary(r) for r in recs[offset:offset + limit]]
         fx.reply(client.id, msg.request_id, resources=page, total=len(recs))
         return False
@@ -277,7 +290,7 @@ class Registry:
     # -- queries ----------------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         return {"clients": len(self.clients), "resources": len(self.resources), "names": len(self.names),
-                "bytes": sum(r.descriptor.size for r in self.resources.values()),
+                "bytes": sum(r.size for r in self.resources.values()),
                 "fds": sum(len(r.fds) for r in self.resources.values()), **self.counters}
 
     def summary(self, rec: Record) -> dict[str, Any]:
@@ -337,7 +350,7 @@ class Registry:
 
     def _publish(self, client: Client, rec: Record, name: str, fx: Effects) -> None:
         self.names[name] = rec.handle
-        rec.names.append(name)
+        rec.names += (name,)
         client.names.add(name)
         self._event(fx, "published", name=name, handle=rec.handle, pid=client.pid, app=client.name,
                     summary=self.summary(rec))
@@ -346,7 +359,7 @@ class Registry:
         handle = self.names.pop(name)
         rec = self.resources.get(handle)
         if rec is not None and name in rec.names:
-            rec.names.remove(name)
+            rec.names = tuple(n for n in rec.names if n != name)
         for c in self.clients.values():
             c.names.discard(name)
         self._event(fx, "unpublished", name=name, handle=handle)
@@ -358,11 +371,11 @@ class Registry:
         else:
             client.refs[rec.handle] = held - count
         if rec.creator == client.id and rec.handle not in client.refs:
-            client.bytes -= rec.descriptor.size
+            client.bytes -= rec.size
         rec.refs -= min(held, count)
         self._event(fx, "released", handle=rec.handle, pid=client.pid, open_count=rec.refs)
         if rec.refs <= 0:
-            for name in list(rec.names):
+            for name in rec.names:
                 self._unpublish(name, fx)
             del self.resources[rec.handle]
             fx.close.extend(rec.fds)
@@ -376,7 +389,7 @@ class Registry:
 
 
 def _has_mutex(rec: Record) -> bool:
-    return rec.descriptor.keyed_mutex or rec.descriptor.kind == "keyed_mutex"
+    return rec.has_mutex
 
 
 def _fmt(handle: int) -> str:
