@@ -25,7 +25,7 @@ from ._paths import namespace_name
 from ._protocol import VERSION, Connection, Message, Op
 from ._resources import Resource
 from ._unix import close_fds as _close
-from ._unix import recv_frame, send_frame
+from ._unix import recv_frame_spinning, send_frame
 from .backends import DEFAULT_IMPORTER, get_backend
 
 
@@ -106,7 +106,7 @@ class _Channel:
     def _receive(self) -> tuple[Message, list[int]]:
         assert self.sock is not None
         try:
-            data, fds, truncated = recv_frame(self.sock)
+            data, fds, truncated = recv_frame_spinning(self.sock)
         except (InterruptedError, TimeoutError, BlockingIOError):
             raise
         except OSError as e:
@@ -213,7 +213,7 @@ class Session:
         """
         fields, fds = self._channel.request(Op.OPEN, _target(handle_or_name))
         try:
-            desc = Descriptor.from_wire(_unpack_descriptor(fields["descriptor"]))
+            desc = Descriptor.from_wire(_unpack_descriptor(fields["descriptor"]), validated=True)
             if len(fds) != desc.nfds:
                 raise InvalidDescriptor(f"the broker sent {len(fds)} fds for a descriptor needing {desc.nfds}")
         except BaseException:

@@ -178,8 +178,12 @@ class Descriptor:
         return d
 
     @classmethod
-    def from_wire(cls, data: Any) -> "Descriptor":
-        """Build and validate a descriptor from untrusted wire data; every failure is InvalidDescriptor."""
+    def from_wire(cls, data: Any, *, validated: bool = False) -> "Descriptor":
+        """Build and validate a descriptor from untrusted wire data; every failure is InvalidDescriptor.
+
+        validated=True skips the range checks for a descriptor the broker validated when it was registered (an
+        OPEN reply); the structure is still checked, and backends still check the memory itself against it.
+        """
         if not isinstance(data, dict):
             raise InvalidDescriptor("descriptor must be a map")
         known = set(cls.__dataclass_fields__)
@@ -191,7 +195,7 @@ class Descriptor:
             desc = cls(**{**data, "planes": planes})
         except TypeError as e:
             raise InvalidDescriptor(f"malformed descriptor: {e}") from None
-        return desc.validate()
+        return desc if validated else desc.validate()
 
     def with_(self, **changes: Any) -> "Descriptor":
         return replace(self, **changes)

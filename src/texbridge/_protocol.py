@@ -48,6 +48,7 @@ class Op(str, enum.Enum):
     EVENT = "event"  # broker -> client (watchers): event, ...
 
 
+_OPS = {op.value: op for op in Op}  # a dict lookup: Op(name) is slow on a path taken by every frame
 REQUESTS = frozenset(Op) - {Op.REPLY, Op.ERROR, Op.EVENT}
 RESPONSES = frozenset({Op.REPLY, Op.ERROR, Op.EVENT})
 
@@ -124,10 +125,9 @@ def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
         raise RemoteProtocolError(f"protocol version {version!r} is not supported (this side speaks {VERSION})")
     if not (_is_int(request_id) and 0 <= request_id <= MAX_REQUEST_ID):
         raise RemoteProtocolError(f"bad request id {request_id!r}")
-    try:
-        op = Op(op_name)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown op {op_name!r}", ) from None
+    op = _OPS.get(op_name) if isinstance(op_name, str) else None
+    if op is None:
+        raise RemoteProtocolError(f"unknown op {op_name!r}")
     if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
         raise RemoteProtocolError("fields must be a map with string keys")
     if declared != nfds:
