@@ -21,7 +21,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from .._errors import AccessDenied, RemoteProtocolError, TexbridgeError
+from .._errors import AccessDenied, QuotaExceeded, RemoteProtocolError, TexbridgeError
 from .._memfd import inspect_fd
 from .._protocol import Connection, Message, Op, State, peek_request_id
 from .._unix import close_fds as _close_all
@@ -55,6 +55,12 @@ def raise_fd_limit(want: int = 1 << 20) -> int:
         except (ValueError, OSError):
             continue
     return soft
+
+
+def _out_of_fds() -> bool:
+    """True when this process is at its RLIMIT_NOFILE, which makes the kernel drop received fds (MSG_CTRUNC)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return len(os.listdir("/proc/self/fd")) >= soft - 16
 
 
 class BrokerServer:
@@ -163,6 +169,9 @@ class BrokerServer:
                 msg = peer.conn.receive(data, len(fds), truncated=truncated)
             except RemoteProtocolError as e:
                 _close_all(fds)
+                if truncated and _out_of_fds():
+                    e = QuotaExceeded("the broker is out of file descriptors (RLIMIT_NOFILE): the fds of this "
+                                      "message were dropped; close resources or raise the broker's limit")
                 self.registry.counters["errors"] += 1
                 self._send(peer, Message(Op.ERROR, peek_request_id(data), {"code": e.code, "message": str(e)}), ())
                 if peer.conn.state is State.AWAITING_HELLO:
