@@ -42,6 +42,14 @@ def rate_row(group: str, subject: str, count: int, seconds: float, unit: str = "
     return Row(group, subject, count / seconds if seconds > 0 else float("inf"), unit, None, note, True)
 
 
+def ratio_text(base: Row, peer: Row) -> str:
+    """How the group's first row (texbridge) compares with `peer`, as '3.2x faster' or '0.5x (slower)'."""
+    if not base.value or not peer.value or base.unit != peer.unit:
+        return ""
+    better = base.value / peer.value if base.higher_is_better else peer.value / base.value
+    return f"{better:.2f}x " + ("better" if better >= 1 else "(worse)")
+
+
 def print_rows(rows: list[Row]) -> None:
     """Print rows grouped, each with its ratio against the first row of its group (texbridge goes first)."""
     from rich.console import Console
@@ -53,12 +61,7 @@ def print_rows(rows: list[Row]) -> None:
     first: dict[str, Row] = {}
     for r in rows:
         base = first.setdefault(r.group, r)
-        if base is r or not base.value or not r.value:
-            ratio = ""
-        elif r.higher_is_better:
-            ratio = f"texbridge {base.value / r.value:.2f}x" if r.value else ""
-        else:
-            ratio = f"texbridge {r.value / base.value:.2f}x faster" if base.value else ""
+        ratio = "" if base is r else ratio_text(base, r)
         p99 = f"{r.p99:.2f} {r.unit}" if r.p99 is not None else ""
         table.add_row(r.group, r.subject, f"{r.value:,.2f} {r.unit}", p99, ratio, r.note)
     Console().print(table)
