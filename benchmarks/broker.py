@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from multiprocessing import shared_memory
 from typing import Iterator
 
+import msgpack
 import numpy as np
 
 try:
