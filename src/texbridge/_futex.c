@@ -316,6 +316,10 @@ static int owner_dead_locked(km_state *st) {
         atomic_store(&st->slots[os - 1].state, SLOT_FREE);
         return release_locked(st, LD(st->key));
     }
+    if (os >= 1 && os <= KM_SLOTS && slot_is_owner_grant(st, &st->slots[os - 1], SLOT_GRANTED_ABANDONED)) {
+        atomic_store(&st->slots[os - 1].state, SLOT_FREE); /* already abandoned once: pass it on, count once */
+        return pass_abandoned_locked(st, 0);
+    }
     return pass_abandoned_locked(st, 1);
 }
 
