@@ -305,7 +305,7 @@ class Sender:
         self._mirror: list[Resource] = []
         self._frame = 0
         self._latest_slot = -1
-        self._fps = 0.0
+        self._fps = self._dt = 0.0
         self._last_t = 0.0
         self.sync_timeouts = 0
         self.overwrites = 0  # frames written into a slot a receiver had pinned (every slot was pinned)
@@ -504,8 +504,9 @@ class Sender:
         now = time.monotonic()
         if self._last_t:
             dt = now - self._last_t
-            if dt > 0:
-                self._fps = 1.0 / dt if not self._fps else 0.9 * self._fps + 0.1 / dt
+            if dt > 0:  # average the interval, not its inverse (1/dt of jittery sleeps overestimates)
+                self._dt = dt if not self._dt else 0.9 * self._dt + 0.1 * dt
+                self._fps = 1.0 / self._dt
                 self._ctl.f[_FPS] = self._fps
         self._last_t = now
         if self._frame == 1:
