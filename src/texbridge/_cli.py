@@ -492,5 +492,8 @@ def bench(quick: bool, list_only: bool, names: tuple[str, ...]) -> None:
         _fail(f"{len(failures)} benchmark(s) failed: {', '.join(failures)}")
 
 
+importlib.import_module("texbridge._senders_cli").register(main)  # send-test, senders, view
+
+
 if __name__ == "__main__":
     main()
