@@ -631,3 +631,62 @@ def test_stress_8_processes_random_keys(children):
 @pytest.mark.slow
 def test_stress_8_processes_100k_operations(children):
     run_stress(children, n=8, keys=4, ops=100_000)
+
+
+# -- through the Session API (real broker) -----------------------------------------------------------------------------
+
+
+def test_texture_with_keyed_mutex_hands_frames_between_sessions(runtime, children):
+    import texbridge
+
+    with texbridge.connect() as s:
+        tex = s.create_texture(64, 32, "rgba8", name="km-frames", keyed_mutex=True)
+        view = tex.numpy()
+        c = children("""
+            import texbridge
+            with texbridge.connect() as s:
+                tex = s.open("km-frames")
+                view = tex.numpy()
+                for i in range(50):
+                    tex.mutex.acquire(1, 10)
+                    assert view[0, 0, 0] == i, (view[0, 0, 0], i)
+                    view[31, 63, 3] = i
+                    tex.mutex.release(0)
+                say("done", tex.mutex.statistics().acquisitions)
+                del view
+        """)
+        for i in range(50):
+            tex.mutex.acquire(0, 10)
+            if i:
+                assert view[31, 63, 3] == i - 1  # the consumer's write, seen zero-copy
+            view[0, 0, 0] = i
+            tex.mutex.release(1)
+        assert c.line(30).startswith("done")
+        c.finish()
+        tex.mutex.acquire(0, 5)
+        assert view[31, 63, 3] == 49
+        del view
+
+
+def test_session_disconnect_abandons_through_the_broker(runtime, children):
+    """The owner's process lives on, but its session ends: the broker abandons the mutex for the waiters."""
+    import texbridge
+
+    with texbridge.connect() as s:
+        res = s.create_keyed_mutex(name="km-standalone", initial_key=3)
+        c = children("""
+            import texbridge
+            s = texbridge.connect()
+            km = s.open("km-standalone")
+            km.mutex.acquire(3, 10)
+            say("held")
+            s._channel.sock.close()  # drop the connection only: the KeyedMutex handle stays open and owning
+            say("disconnected")
+            time.sleep(60)
+        """)
+        assert c.line(30) == "held"
+        with pytest.raises(KeyedMutexAbandoned):
+            res.mutex.acquire(3, 20)
+        assert c.proc.poll() is None  # abandoned by the broker's view, not by death
+        assert res.mutex.owned
+        res.mutex.release(4)
