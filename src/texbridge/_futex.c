@@ -82,7 +82,7 @@ _Static_assert(sizeof(km_state) == KM_SIZE, "one page");
 
 #define NS 1000000000ull
 #define SLICE_NS 20000000ull      /* waiters wake at least this often: liveness checks, Ctrl-C */
-#define MARGIN_NS 60000ull        /* the last stretch before a deadline is spun, not slept: precise timeouts */
+#define MARGIN_NS 120000ull       /* the last stretch before a deadline is spun, not slept: precise timeouts */
 #define SPIN_MIN_NS 1000ull
 #define SPIN_MAX_NS 50000ull
 #define META_STUCK_NS (2 * NS)    /* a meta lock held this long by a live thread means a scribbled word */
@@ -534,7 +534,7 @@ static int wait_slot(Core *c, int i, int has_dl, uint64_t dl, uint64_t *sync) {
             }
             uint64_t until = last_check + SLICE_NS;
             if (has_dl) {
-                if (dl - now <= MARGIN_NS) { /* precise deadline: spin the last few tens of microseconds */
+                if (dl - now <= MARGIN_NS) { /* precise deadline: spin the last 120 us (timer slack + wake-up latency) */
                     for (int k = 0; k < 64 && atomic_load(&s->state) == SLOT_WAITING; k++) cpu_relax();
                     continue;
                 }
