@@ -39,6 +39,7 @@ _GLYPHS = {
     "#": (0x0A, 0x0A, 0x1F, 0x0A, 0x1F, 0x0A, 0x0A), "(": (0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02),
     ")": (0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08), "%": (0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03),
     "|": (0x04,) * 7, "?": (0x0E, 0x11, 0x01, 0x02, 0x04, 0, 0x04), "'": (0x04, 0x04, 0, 0, 0, 0, 0),
+    ",": (0, 0, 0, 0, 0x0C, 0x04, 0x08),
 }
 _BITMAPS = {ch: ((np.array(rows, np.uint8)[:, None] >> np.arange(4, -1, -1)) & 1).astype(bool)
             for ch, rows in _GLYPHS.items()}
@@ -334,9 +335,24 @@ class Viewer:
 
 
 def save_image(path: str, img: np.ndarray) -> None:
-    """.npy keeps every byte (tests); anything else is written as a binary PPM (RGB)."""
+    """.npy keeps every byte (tests), .png is a PNG (RGB, written with zlib: no imaging library needed), anything
+    else a binary PPM (RGB)."""
     if path.endswith(".npy"):
         np.save(path, img)
+        return
+    rgb = np.ascontiguousarray(img[..., :3])
+    if path.lower().endswith(".png"):
+        import struct
+        import zlib
+
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+        rows = np.concatenate([np.zeros((rgb.shape[0], 1), np.uint8), rgb.reshape(rgb.shape[0], -1)], axis=1)
+        header = struct.pack(">IIBBBBB", rgb.shape[1], rgb.shape[0], 8, 2, 0, 0, 0)
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+                    + chunk(b"IEND", b""))
         return
     with open(path, "wb") as f:
         f.write(b"P6\n%d %d\n255\n" % (img.shape[1], img.shape[0]))
