@@ -536,6 +536,29 @@ def test_scribbled_page_is_an_error_not_a_hang(fd, mutex):
         raw.close()
 
 
+def test_scribble_under_a_sleeping_waiter_wakes_it_with_an_error(fd, mutex):
+    """A waiter blocked forever notices a scribbled page at its next 20 ms check instead of sleeping on."""
+    with KeyedMutex(fd) as other:
+        out = []
+
+        def wait():
+            try:
+                other.acquire(5)
+            except TexbridgeError as e:
+                out.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        wait_until(lambda: mutex.statistics().waiters == 1)
+        raw = map_fd(fd, KEYED_MUTEX_STATE_SIZE)
+        try:
+            raw[0:4] = b"XXXX"
+            t.join(5)
+            assert not t.is_alive() and isinstance(out[0], KeyedMutexError)
+        finally:
+            raw.close()
+
+
 @settings(max_examples=150)
 @given(st.lists(st.tuples(st.integers(0, KEYED_MUTEX_STATE_SIZE - 1), st.binary(min_size=1, max_size=16)),
                 min_size=1, max_size=6), st.integers(0, 3))
