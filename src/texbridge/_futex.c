@@ -925,7 +925,78 @@ static PyObject *mod_stats(PyObject *self, PyObject *buf) {
     return r;
 }
 
+/* ---- futex words for other shared structures (senders' control buffer) ------------------------------------------- */
+
+/* The 32-bit word at `offset` of a writable buffer, or NULL with an exception set. */
+static a32 *word_at(PyObject *buf, Py_buffer *view, Py_ssize_t offset) {
+    if (PyObject_GetBuffer(buf, view, PyBUF_WRITABLE) < 0) return NULL;
+    if (offset < 0 || offset % 4 || offset + 4 > view->len || ((uintptr_t)view->buf + offset) % 4) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "offset must be 4-byte aligned and inside the buffer");
+        return NULL;
+    }
+    return (a32 *)((char *)view->buf + offset);
+}
+
+/* wait_word(buffer, offset, expected, timeout=None): sleep while the word equals `expected` (GIL released, Ctrl-C
+ * checked every slice). Returns False on timeout, True otherwise (changed, woken, or spurious: callers re-check). */
+static PyObject *mod_wait_word(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *buf, *timeout_obj = Py_None;
+    Py_ssize_t offset;
+    unsigned long long expected;
+    if (!PyArg_ParseTuple(args, "OnK|O", &buf, &offset, &expected, &timeout_obj)) return NULL;
+    double timeout = -1;
+    if (timeout_obj != Py_None) {
+        timeout = PyFloat_AsDouble(timeout_obj);
+        if (timeout == -1 && PyErr_Occurred()) return NULL;
+        if (!(timeout >= 0)) timeout = 0; /* negative or NaN: poll */
+    }
+    Py_buffer view;
+    a32 *w = word_at(buf, &view, offset);
+    if (!w) return NULL;
+    uint64_t deadline = timeout < 0 ? UINT64_MAX : mono_ns() + (uint64_t)(timeout * 1e9);
+    int timed_out = 0;
+    for (;;) {
+        if (atomic_load_explicit(w, memory_order_acquire) != (uint32_t)expected) break;
+        uint64_t now = mono_ns();
+        if (now >= deadline) { timed_out = 1; break; }
+        uint64_t until = deadline - now > SLICE_NS ? now + SLICE_NS : deadline;
+        long r;
+        Py_BEGIN_ALLOW_THREADS
+        r = futex_wait_abs(w, (uint32_t)expected, until);
+        Py_END_ALLOW_THREADS
+        if (r == 0) break; /* woken */
+        if (PyErr_CheckSignals() < 0) { PyBuffer_Release(&view); return NULL; }
+    }
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(!timed_out);
+}
+
+static PyObject *mod_wake_word(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *buf;
+    Py_ssize_t offset;
+    if (!PyArg_ParseTuple(args, "On", &buf, &offset)) return NULL;
+    Py_buffer view;
+    a32 *w = word_at(buf, &view, offset);
+    if (!w) return NULL;
+    futex_wake(w);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_fence(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    atomic_thread_fence(memory_order_seq_cst);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef mod_methods[] = {
+    {"wait_word", mod_wait_word, METH_VARARGS,
+     "wait_word(buffer, offset, expected, timeout=None) -> bool: futex-wait while the u32 word equals expected"},
+    {"wake_word", mod_wake_word, METH_VARARGS, "wake_word(buffer, offset): wake every waiter on the u32 word"},
+    {"fence", mod_fence, METH_NOARGS, "fence(): a full (sequentially consistent) memory barrier"},
     {"init", mod_init, METH_VARARGS, "init(buffer, initial_key): format a fresh state page"},
     {"abandon_session", mod_abandon_session, METH_VARARGS,
      "abandon_session(buffer, session_id) -> bool: abandon the mutex if that session owns it"},

@@ -23,10 +23,8 @@ long as the session that made it), else the most recently announced live sender.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import platform
 import threading
 import time
 import warnings
@@ -37,6 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import _futex as _core
 from ._client import Session, connect
 from ._errors import (BackendError, BrokenError, ClosedError, InvalidDescriptor, KeyedMutexAbandoned, NotFound,
                       TexbridgeError)
@@ -64,39 +63,11 @@ _WANT_COPY = 1
 _SLOT_BITS = 4  # latest = frame << 4 | slot; the futex waits on its low 32 bits, which change every frame
 _SLOT_MASK = (1 << _SLOT_BITS) - 1  # slot value a closing sender parks `latest` on (no ring slot has it)
 
-# -- futex on shared memory (no FUTEX_PRIVATE_FLAG: waiters and wakers are different processes) --------------------
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine(), 202)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-def _futex_wait(addr: int, expected: int, timeout: float | None) -> None:
-    """Sleep while the 32-bit word at `addr` equals `expected` (returns on change, wake, signal or timeout)."""
-    ts = None
-    if timeout is not None:
-        timeout = max(0.0, timeout)
-        ts = ctypes.byref(_Timespec(int(timeout), int((timeout % 1.0) * 1e9)))
-    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(0),
-                  ctypes.c_uint32(expected & 0xFFFFFFFF), ts, None, ctypes.c_uint32(0))
-
-
-def _futex_wake(addr: int) -> None:
-    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(1), ctypes.c_int(0x7FFFFFFF),
-                  None, None, ctypes.c_uint32(0))
-
-
-_fence_lock = threading.Lock()
-
-
+# -- futex waits and fences come from the compiled core (texbridge._futex): the only native code in texbridge --------
 def _fence() -> None:
-    """A full memory barrier: taking a Lock is a locked read-modify-write (lock cmpxchg on x86). Needed where a
-    store must be visible before a later load (pin, then check the slot; mark the slot, then check the pins)."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+    """A full memory barrier, where a store must be visible before a later load (pin, then check the slot; mark
+    the slot, then check the pins)."""
+    _core.fence()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -276,13 +247,17 @@ class _Control:
         self.u = raw.view(np.uint64)
         self.f = raw.view(np.float64)
         self.readers = self.u[_READERS:_READERS + MAX_READERS * _READER_WORDS].reshape(MAX_READERS, _READER_WORDS)
-        self.addr = raw.ctypes.data
+        self.raw = raw
 
-    def word_addr(self, index: int) -> int:
-        return self.addr + index * 8
+    def wait(self, index: int, expected: int, timeout: float | None) -> None:
+        """Sleep while the low 32 bits of word `index` equal `expected` (they change with every update)."""
+        _core.wait_word(self.raw, index * 8, expected & 0xFFFFFFFF, timeout)
+
+    def wake(self, index: int) -> None:
+        _core.wake_word(self.raw, index * 8)
 
     def close(self) -> None:
-        self.u = self.f = self.readers = None  # type: ignore[assignment]
+        self.u = self.f = self.readers = self.raw = None  # type: ignore[assignment]
         self.res.close()
 
 
@@ -431,7 +406,6 @@ class Sender:
         self._check_open()
         ctl = self._ctl
         deadline = time.monotonic() + (self.sync_timeout if timeout is None else timeout)
-        ack = ctl.word_addr(_ACK)
         while True:
             a = int(ctl.u[_ACK])
             r = ctl.readers
@@ -442,7 +416,7 @@ class Sender:
             if left <= 0:
                 self.sync_timeouts += 1
                 return False
-            _futex_wait(ack, a, min(left, 0.05))
+            ctl.wait(_ACK, a, min(left, 0.05))
             for i in np.flatnonzero(active):
                 pid = int(r[i, _R_PID])
                 if r[i, _R_CONSUMED] < self._frame and not _pid_alive(pid):
@@ -460,7 +434,7 @@ class Sender:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            _futex_wait(ctl.word_addr(_ACK), a, left)
+            ctl.wait(_ACK, a, left)
 
     def _begin(self) -> int:
         if self.frame_sync and self._frame:
@@ -500,7 +474,7 @@ class Sender:
         u[_SENT_NS] = time.monotonic_ns()
         u[_LATEST] = (self._frame << _SLOT_BITS) | slot
         self._latest_slot = slot
-        _futex_wake(self._ctl.word_addr(_LATEST))
+        self._ctl.wake(_LATEST)
         now = time.monotonic()
         if self._last_t:
             dt = now - self._last_t
@@ -617,8 +591,8 @@ class Sender:
             # Park `latest` on a slot no ring has: its low 32 bits change, so a receiver about to sleep on the
             # old value cannot miss this wake.
             ctl.u[_LATEST] = (self._frame << _SLOT_BITS) | _SLOT_MASK
-            _futex_wake(ctl.word_addr(_LATEST))
-            _futex_wake(ctl.word_addr(_ACK))
+            ctl.wake(_LATEST)
+            ctl.wake(_ACK)
             try:
                 self._session.unpublish(self.name)
             except TexbridgeError:
@@ -738,7 +712,7 @@ class Receiver:
                 if link is not None and ev.handle == link.handle:
                     self._gone = True
                     try:
-                        _futex_wake(link.ctl.word_addr(_LATEST))  # a waiter in wait_frame() learns of it now
+                        link.ctl.wake(_LATEST)  # a waiter in wait_frame() learns of it now
                     except Exception:
                         pass
             elif ev.kind == "announced" and (self.requested is None or ev.name == self.requested):
@@ -757,7 +731,7 @@ class Receiver:
         try:
             if not link.ctl.res.closed:
                 link.ctl.readers[link.reader] = 0
-                _futex_wake(link.ctl.word_addr(_ACK))  # a frame_sync sender must not wait for us any more
+                link.ctl.wake(_ACK)  # a frame_sync sender must not wait for us any more
         except Exception:
             pass
         for s in link.slots:
@@ -814,7 +788,7 @@ class Receiver:
                     r[i, _R_CONSUMED] = 0
                     r[i, _R_PID] = os.getpid()
                     ctl.u[_ACK] += 1
-                    _futex_wake(ctl.word_addr(_ACK))  # wait_for_receivers()
+                    ctl.wake(_ACK)  # wait_for_receivers()
                     return i
             return -1
         finally:
@@ -952,7 +926,7 @@ class Receiver:
             rows[link.reader, _R_CONSUMED] = frame
             if int(u[_SYNC]):
                 u[_ACK] += 1
-                _futex_wake(link.ctl.word_addr(_ACK))
+                link.ctl.wake(_ACK)
             return data
         return None
 
@@ -992,7 +966,7 @@ class Receiver:
                 return None
             if self._gone or int(link.ctl.u[_CLOSED]):
                 continue
-            _futex_wait(link.ctl.word_addr(_LATEST), latest, left)
+            link.ctl.wait(_LATEST, latest, left)
 
     # -- lifetime -------------------------------------------------------------------------------------------------------
     @property
