@@ -354,3 +354,22 @@ def test_bad_input(runtime):
     with pytest.raises(ClosedError):
         s.send(np.zeros(s.shape, np.uint8))
     assert texbridge.list_senders() == []
+
+
+def test_receive_into_a_gpu_api_resource(runtime):
+    """Output in the receiver's API of choice: frames land in a Vulkan (lavapipe) image the receiver owns."""
+    pytest.importorskip("vulkan", reason="the vulkan package (texbridge[vulkan]) is not installed")
+    try:
+        from texbridge.backends.vulkan import BACKEND as VK
+        target = VK.create_texture(16, 8, "rgba8")
+    except texbridge.BackendError as e:
+        pytest.skip(f"no Vulkan device with external memory: {e}")
+    try:
+        with texbridge.Sender("to-vk", 16, 8) as s, texbridge.Receiver("to-vk") as rx:
+            s.send(np.full(s.shape, 9, np.uint8))
+            assert rx.wait_frame(5, out=target) is target and rx.is_new
+            assert _uniform(target.download(), 9)
+            s.send(np.full(s.shape, 10, np.uint8))
+            assert rx.receive(out=target) is target and _uniform(target.download(), 10)
+    finally:
+        target.close()

@@ -856,8 +856,11 @@ class Receiver:
         return link
 
     # -- receiving ------------------------------------------------------------------------------------------------------
-    def receive(self, *, copy: bool = True, out: np.ndarray | None = None) -> np.ndarray | None:
+    def receive(self, *, copy: bool = True, out: "np.ndarray | Resource | None" = None) -> Any:
         """The newest frame without blocking, or None before the first frame / with no sender.
+
+        out=a texbridge Resource (a GL texture, Vulkan image or CUDA array of the frame's size and format) puts
+        the frame into that API: the frame is uploaded into it when new, and the resource is returned.
 
         copy=True (default) returns a new array you own. out=array copies into your array (no allocation) when it
         has the frame's shape and dtype, else (after a resize) a new array is returned: compare `frame is out`.
@@ -865,6 +868,13 @@ class Receiver:
         this receiver has it pinned (until the next receive() or release()) unless all slots are pinned, so check
         `still_valid()` after using the view if you must be certain it was not overwritten.
         is_new tells whether it is a frame not returned before."""
+        if isinstance(out, Resource):
+            frame = self.receive()
+            if frame is None:
+                return None
+            if self.is_new:
+                out.upload(frame)
+            return out
         with self._lock:
             link = self._ensure()
             self.is_new = False
@@ -945,7 +955,7 @@ class Receiver:
         self._pinned_seq = None
 
     def wait_frame(self, timeout: float | None = None, *, copy: bool = True,
-                   out: np.ndarray | None = None) -> np.ndarray | None:
+                   out: "np.ndarray | Resource | None" = None) -> Any:
         """Block until a frame newer than the last one returned arrives (or a sender appears and sends one).
         Returns it, or None after `timeout` seconds. Sleeps on a futex: no polling."""
         deadline = None if timeout is None else time.monotonic() + timeout
