@@ -101,7 +101,7 @@ def _open(quick: bool, where: str) -> list[Row]:
 
 _KM_PEER = """
 import sys, torch, texbridge
-n = int(sys.argv[1])
+n, kernel = int(sys.argv[1]), sys.argv[2] == "1"
 with texbridge.connect() as s:
     r = s.open("bench-handoff", backend="cuda")
     t = torch.from_dlpack(r)
@@ -109,38 +109,54 @@ with texbridge.connect() as s:
     print("ready", flush=True)
     for _ in range(n):
         v = r.acquire(1, timeout=30)
-        t[0, 0, 0] += 1
+        if kernel:
+            t[0, 0, 0] += 1
         r.release(0, v, stream=stream)
     del t
     r.close()
 """
 
+
 def _handoff(quick: bool, where: str) -> list[Row]:
-    """Round trips of one frame: producer writes (one tiny kernel), hands over, consumer writes, hands back."""
+    """Round trips of one frame between two processes: each side (optionally) runs one tiny kernel on the frame,
+    synchronizes its stream, and hands the frame over; texbridge's keyed mutex against torch.multiprocessing."""
+    n = 300 if quick else 3000
+    rows = []
+    for kernel in (True, False):
+        group = ("frame handoff round trip, one kernel per side (2 processes, 1080p rgba8)" if kernel else
+                 "frame handoff round trip, no GPU work (the handoff's own cost)")
+        rows.append(latency_row(group, "texbridge keyed mutex (cuda_vmm, stream sync)", _keyed_mutex(n, kernel),
+                                f"{where}; acquire → {'kernel → ' if kernel else ''}stream sync → release; "
+                                f"{n} frames"))
+        rows.append(latency_row(group, "torch.multiprocessing queue (same CUDA tensor)", _torch_mp(n, kernel),
+                                f"put the tensor, peer {'runs the kernel, syncs, ' if kernel else ''}acks; same run"))
+    return rows
+
+
+def _keyed_mutex(n: int, kernel: bool) -> list[float]:
     import torch
-    import torch.multiprocessing as mp
 
     import texbridge
 
-    n = 300 if quick else 3000
-    group = "frame handoff round trip (2 processes, 1080p rgba8 on the GPU)"
-    rows = []
     with _private_broker("bench-cuda-handoff") as env, texbridge.connect() as s:
         tex = s.create_texture(1920, 1080, "rgba8", backend="cuda", keyed_mutex=True, name="bench-handoff")
         t = torch.from_dlpack(tex)
         stream = torch.cuda.current_stream()
-        peer = subprocess.Popen([sys.executable, "-c", _KM_PEER, str(n)], env=env, stdout=subprocess.PIPE, text=True)
+        peer = subprocess.Popen([sys.executable, "-c", _KM_PEER, str(n), str(int(kernel))], env=env,
+                                stdout=subprocess.PIPE, text=True)
         try:
             assert peer.stdout.readline().strip() == "ready"
             samples = []
-            for _ in range(n):
+            for _ in range(n):  # each turn waits for the peer's: one iteration is one round trip
                 t0 = time.perf_counter()
                 v = tex.acquire(0, timeout=30)
-                t[0, 0, 0] += 1
+                if kernel:
+                    t[0, 0, 0] += 1
                 tex.release(1, v, stream=stream)
                 samples.append(time.perf_counter() - t0)
             tex.acquire(0, timeout=30)
-            assert int(t[0, 0, 0]) == (2 * n) % 256, "frames were lost"
+            assert int(t[0, 0, 0]) == (2 * n * kernel) % 256, "frames were lost"
+            assert tex.cuda_sync == "stream_sync"
             tex.release(0)
             peer.wait(60)
         finally:
@@ -148,45 +164,43 @@ def _handoff(quick: bool, where: str) -> list[Row]:
         del t
         tex.close()
         s.shutdown()
-    rows.append(latency_row(group, "texbridge keyed mutex (cuda_vmm, stream sync)", _round_trips(samples),
-                            f"{where}; acquire → kernel → release, peer the same; {n} frames"))
+    return samples[10:]
 
-    # Peer: torch.multiprocessing, the same tensor put on a queue every frame, an ack back.
+
+def _torch_mp(n: int, kernel: bool) -> list[float]:
+    import torch
+    import torch.multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
     frame = torch.zeros((1080, 1920, 4), dtype=torch.uint8, device="cuda")
-    proc = ctx.Process(target=_mp_peer, args=(inbox, outbox, n + 10))
+    proc = ctx.Process(target=_mp_peer, args=(inbox, outbox, n, kernel))
     proc.start()
     try:
         samples = []
-        for i in range(n + 10):
+        for _ in range(n):
             t0 = time.perf_counter()
-            frame[0, 0, 0] += 1
+            if kernel:
+                frame[0, 0, 0] += 1
             torch.cuda.current_stream().synchronize()
             inbox.put(frame)
             outbox.get(timeout=60)
             samples.append(time.perf_counter() - t0)
-        assert int(frame[0, 0, 0]) == (2 * (n + 10)) % 256, "frames were lost"
+        assert int(frame[0, 0, 0]) == (2 * n * kernel) % 256, "frames were lost"
         proc.join(60)
     finally:
         if proc.is_alive():
             proc.kill()
-    rows.append(latency_row(group, "torch.multiprocessing queue (same CUDA tensor)", samples[10:],
-                            "producer kernel + sync, put, consumer kernel + sync, ack; same run"))
-    return rows
+    return samples[10:]
 
 
-def _round_trips(samples: list[float]) -> list[float]:
-    """Each producer sample spans acquire (waiting for the peer's turn) → release: one full round trip."""
-    return samples[10:] if len(samples) > 20 else samples
-
-
-def _mp_peer(inbox, outbox, n):  # module level: torch.multiprocessing's spawn pickles it by name
+def _mp_peer(inbox, outbox, n, kernel):  # module level: torch.multiprocessing's spawn pickles it by name
     import torch
 
     for _ in range(n):
         t = inbox.get()
-        t[0, 0, 0] += 1
+        if kernel:
+            t[0, 0, 0] += 1
         torch.cuda.current_stream().synchronize()
         outbox.put(1)
         del t

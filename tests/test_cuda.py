@@ -368,39 +368,49 @@ def test_keyed_mutex_1000_frames_cuda_to_cuda(session, cuda):
 
 
 @needs_cuda
-def test_keyed_mutex_frames_vulkan_to_cuda_with_timeline_semaphore(session, cuda, vk):
+def test_keyed_mutex_1000_frames_on_a_vulkan_timeline_semaphore(session, cuda, vk, tmp_path):
+    """The GPU-sync path: two CUDA processes hand frames over, each waiting on its stream for the other's signal of
+    a Vulkan-made timeline semaphore. A third process owns the Vulkan image and semaphore (and only host-waits: see
+    docs/backends-cuda.md on Vulkan queue work after CUDA signals), so this process's Vulkan device stays clean."""
     if vk.gpu_sync != "timeline_semaphore":
         pytest.skip(f"exportable timeline semaphores not supported by {vk.name}")
-    from texbridge.backends.vulkan import gpu_acquire, gpu_release
-
     n = 1000
-    tex = session.create_texture(32, 32, "rgba8", backend="vulkan", keyed_mutex=True, name="tl", memory="opaque_fd")
-    sem_fd = vk.sync_semaphore.export_fd()
-    peer = spawn_py(child(f"""
+    peer = tmp_path / "peer.py"
+    peer.write_text(child(f"""
+        key, fd = int(sys.argv[1]), int(sys.argv[2])
         with texbridge.connect() as s:
             r = s.open("tl", backend="cuda")
-            r.import_semaphore({sem_fd})
+            r.import_semaphore(fd)
             for i in range({n}):
-                v = r.acquire(1, timeout=30)  # the legacy stream waits for Vulkan's signal
-                got = r.download()
-                assert (got == i % 251).all(), f"frame {{i}}: {{got[0, 0]}}"
-                r.upload(np.full((32, 32, 4), (i * 7 + 1) % 256, np.uint8))
-                r.release(0, v)  # signals v + 1 on the GPU
+                v = r.acquire(key, timeout=30)  # the legacy stream waits on the GPU for the other side's signal
+                want = (2 * i - 1 + key) % 256 if i or key else 0
+                got = r.download()  # on the legacy stream: after the wait
+                assert (got == want).all(), f"key {{key}} frame {{i}}: {{got[0, 0]}} != {{want}}"
+                r.upload(np.full((32, 32, 4), (2 * i + key) % 256, np.uint8))
+                r.release(1 - key, v)  # signals v + 1 on the GPU
             print(r.cuda_sync)
-    """), pass_fds=(sem_fd,))
-    os.close(sem_fd)
-    try:
-        for i in range(n):
-            v = gpu_acquire(tex.mutex, 0, 30)
-            if i:
-                assert (tex.download() == ((i - 1) * 7 + 1) % 256).all(), f"frame {i - 1} back"
-            tex.upload(np.full((32, 32, 4), i % 251, np.uint8))
-            gpu_release(tex.mutex, 1, v)
-        out, err = peer.communicate(timeout=120)
-    finally:
-        peer.kill()
-    assert peer.returncode == 0, err
-    assert out.strip() == "timeline_semaphore"
+    """))
+    out = run_py(child(f"""
+        import subprocess
+        from texbridge.backends import _vk
+        vk = _vk.default_device()
+        with texbridge.connect() as s:
+            tex = s.create_texture(32, 32, "rgba8", backend="vulkan", keyed_mutex=True, name="tl", memory="opaque_fd")
+            sem = vk.create_timeline_semaphore()
+            fds = [sem.export_fd(), sem.export_fd()]
+            peers = [subprocess.Popen([sys.executable, "{peer}", str(key), str(fd)], pass_fds=(fd,),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for key, fd in enumerate(fds)]
+            for fd in fds:
+                os.close(fd)
+            results = [p.communicate(timeout=180) for p in peers]
+            for p, (o, e) in zip(peers, results):
+                assert p.returncode == 0, e
+            assert sem.wait({2 * n}, timeout=10) and sem.value == {2 * n}, sem.value
+            print(*[o.strip() for o, _ in results])
+            tex.close()
+    """), timeout=240)
+    assert out.stdout.split() == ["timeline_semaphore", "timeline_semaphore"]
 
 
 @needs_cuda
