@@ -105,13 +105,13 @@ n, kernel = int(sys.argv[1]), sys.argv[2] == "1"
 with texbridge.connect() as s:
     r = s.open("bench-handoff", backend="cuda")
     t = torch.from_dlpack(r)
-    stream = torch.cuda.current_stream()
+    r.sync_stream = torch.cuda.current_stream()
     print("ready", flush=True)
     for _ in range(n):
-        v = r.acquire(1, timeout=30)
+        r.mutex.acquire(1, timeout=30)
         if kernel:
             t[0, 0, 0] += 1
-        r.release(0, v, stream=stream)
+        r.mutex.release(0)
     del t
     r.close()
 """
@@ -141,7 +141,7 @@ def _keyed_mutex(n: int, kernel: bool) -> list[float]:
     with _private_broker("bench-cuda-handoff") as env, texbridge.connect() as s:
         tex = s.create_texture(1920, 1080, "rgba8", backend="cuda", keyed_mutex=True, name="bench-handoff")
         t = torch.from_dlpack(tex)
-        stream = torch.cuda.current_stream()
+        tex.sync_stream = torch.cuda.current_stream()
         peer = subprocess.Popen([sys.executable, "-c", _KM_PEER, str(n), str(int(kernel))], env=env,
                                 stdout=subprocess.PIPE, text=True)
         try:
@@ -149,15 +149,15 @@ def _keyed_mutex(n: int, kernel: bool) -> list[float]:
             samples = []
             for _ in range(n):  # each turn waits for the peer's: one iteration is one round trip
                 t0 = time.perf_counter()
-                v = tex.acquire(0, timeout=30)
+                tex.mutex.acquire(0, timeout=30)
                 if kernel:
                     t[0, 0, 0] += 1
-                tex.release(1, v, stream=stream)
+                tex.mutex.release(1)
                 samples.append(time.perf_counter() - t0)
-            tex.acquire(0, timeout=30)
+            tex.mutex.acquire(0, timeout=30)
             assert int(t[0, 0, 0]) == (2 * n * kernel) % 256, "frames were lost"
             assert tex.cuda_sync == "stream_sync"
-            tex.release(0)
+            tex.mutex.release(0)
             peer.wait(60)
         finally:
             peer.kill()

@@ -340,26 +340,28 @@ def test_keyed_mutex_1000_frames_cuda_to_cuda(session, cuda):
     peer = spawn_py(child(f"""
         with texbridge.connect() as s:
             r = s.open("frames")
+            r.sync_stream = r.stream
             for i in range({n}):
-                v = r.acquire(1, timeout=30)
+                r.mutex.acquire(1, timeout=30)
                 word = (i * 2654435761) & 0xFFFFFFFF
                 got = r.download().view("<u4")
                 assert (got == word).all(), f"frame {{i}}: {{got[0, 0]}} != {{word}}"
                 r.clear(word ^ 0xFFFFFFFF, stream=r.stream)  # GPU write on a stream: release must sync it
-                r.release(0, v, stream=r.stream)
+                r.mutex.release(0)
             print(r.cuda_sync)
     """))
     try:
+        tex.sync_stream = tex.stream
         for i in range(n):
-            v = tex.acquire(0, timeout=30)
+            tex.mutex.acquire(0, timeout=30)
             if i:
                 prev = (((i - 1) * 2654435761) & 0xFFFFFFFF) ^ 0xFFFFFFFF
                 assert (tex.download().view("<u4") == prev).all(), f"frame {i - 1} back"
             tex.clear((i * 2654435761) & 0xFFFFFFFF, stream=tex.stream)
-            tex.release(1, v, stream=tex.stream)
-        tex.acquire(0, timeout=30)
+            tex.mutex.release(1)
+        tex.mutex.acquire(0, timeout=30)
         assert (tex.download().view("<u4") == (((n - 1) * 2654435761) & 0xFFFFFFFF) ^ 0xFFFFFFFF).all()
-        tex.release(0)
+        tex.mutex.release(0)
         out, err = peer.communicate(timeout=120)
     finally:
         peer.kill()
@@ -368,49 +370,70 @@ def test_keyed_mutex_1000_frames_cuda_to_cuda(session, cuda):
 
 
 @needs_cuda
-def test_keyed_mutex_1000_frames_on_a_vulkan_timeline_semaphore(session, cuda, vk, tmp_path):
-    """The GPU-sync path: two CUDA processes hand frames over, each waiting on its stream for the other's signal of
-    a Vulkan-made timeline semaphore. A third process owns the Vulkan image and semaphore (and only host-waits: see
-    docs/backends-cuda.md on Vulkan queue work after CUDA signals), so this process's Vulkan device stays clean."""
+def test_keyed_mutex_1000_frames_on_the_resources_timeline_semaphore(session, cuda, vk):
+    """The GPU-sync path: a Vulkan texture created with keyed_mutex=True carries its own timeline semaphore through
+    the broker (descriptor.gpu_sync); two CUDA processes hand frames over, each waiting on the GPU for the other's
+    signal, with nothing but res.mutex.acquire/release in their code."""
     if vk.gpu_sync != "timeline_semaphore":
         pytest.skip(f"exportable timeline semaphores not supported by {vk.name}")
     n = 1000
-    peer = tmp_path / "peer.py"
-    peer.write_text(child(f"""
-        key, fd = int(sys.argv[1]), int(sys.argv[2])
+    tex = session.create_texture(32, 32, "rgba8", backend="vulkan", keyed_mutex=True, name="tl", memory="opaque_fd")
+    assert tex.descriptor.gpu_sync == "timeline_opaque_fd" and tex.semaphore is not None
+    code = child(f"""
+        key = int(sys.argv[1])
         with texbridge.connect() as s:
             r = s.open("tl", backend="cuda")
-            r.import_semaphore(fd)
+            assert r.semaphore is not None
             for i in range({n}):
-                v = r.acquire(key, timeout=30)  # the legacy stream waits on the GPU for the other side's signal
+                r.mutex.acquire(key, timeout=30)  # the legacy stream waits on the GPU for the other side's signal
                 want = (2 * i - 1 + key) % 256 if i or key else 0
-                got = r.download()  # on the legacy stream: after the wait
+                got = r.download()
                 assert (got == want).all(), f"key {{key}} frame {{i}}: {{got[0, 0]}} != {{want}}"
                 r.upload(np.full((32, 32, 4), (2 * i + key) % 256, np.uint8))
-                r.release(1 - key, v)  # signals v + 1 on the GPU
+                r.mutex.release(1 - key)  # signals the next value on the GPU
+            print(r.cuda_sync)
+    """)
+    peers = [spawn_py(code, str(key)) for key in (0, 1)]
+    results = [p.communicate(timeout=180) for p in peers]
+    for p, (_, err) in zip(peers, results):
+        assert p.returncode == 0, err
+    assert [o.strip() for o, _ in results] == ["timeline_semaphore", "timeline_semaphore"]
+    assert tex.semaphore.wait(2 * n, timeout=10) and tex.semaphore.value == 2 * n
+
+
+@needs_cuda
+def test_vulkan_and_cuda_take_turns_on_the_gpu(session, cuda, vk):
+    """Vulkan in this process and CUDA in another, 200 handoffs, each side waiting for the other on its GPU queue."""
+    if vk.gpu_sync != "timeline_semaphore":
+        pytest.skip(f"exportable timeline semaphores not supported by {vk.name}")
+    n = 200
+    tex = session.create_texture(16, 16, "r32ui", backend="vulkan", keyed_mutex=True, name="vkcu", memory="opaque_fd")
+    peer = spawn_py(child(f"""
+        with texbridge.connect() as s:
+            r = s.open("vkcu", backend="cuda")
+            for i in range({n}):
+                r.mutex.acquire(1, timeout=30)
+                got = r.download().view("<u4")
+                assert (got == 2 * i).all(), f"frame {{i}}: {{got[0, 0]}}"
+                r.upload(np.full((16, 16, 1), 2 * i + 1, np.uint32))
+                r.mutex.release(0)
             print(r.cuda_sync)
     """))
-    out = run_py(child(f"""
-        import subprocess
-        from texbridge.backends import _vk
-        vk = _vk.default_device()
-        with texbridge.connect() as s:
-            tex = s.create_texture(32, 32, "rgba8", backend="vulkan", keyed_mutex=True, name="tl", memory="opaque_fd")
-            sem = vk.create_timeline_semaphore()
-            fds = [sem.export_fd(), sem.export_fd()]
-            peers = [subprocess.Popen([sys.executable, "{peer}", str(key), str(fd)], pass_fds=(fd,),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for key, fd in enumerate(fds)]
-            for fd in fds:
-                os.close(fd)
-            results = [p.communicate(timeout=180) for p in peers]
-            for p, (o, e) in zip(peers, results):
-                assert p.returncode == 0, e
-            assert sem.wait({2 * n}, timeout=10) and sem.value == {2 * n}, sem.value
-            print(*[o.strip() for o, _ in results])
-            tex.close()
-    """), timeout=240)
-    assert out.stdout.split() == ["timeline_semaphore", "timeline_semaphore"]
+    try:
+        for i in range(n):
+            tex.mutex.acquire(0, timeout=30)
+            if i:
+                assert (tex.download() == 2 * i - 1).all(), f"frame {i}"
+            tex.upload(np.full(tex.shape, 2 * i, np.uint32))
+            tex.mutex.release(1)
+        tex.mutex.acquire(0, timeout=30)
+        assert (tex.download() == 2 * n - 1).all()
+        out, err = peer.communicate(timeout=120)
+        assert peer.returncode == 0, err
+        assert out.strip() == "timeline_semaphore"
+    finally:
+        if peer.poll() is None:
+            peer.kill()
 
 
 @needs_cuda

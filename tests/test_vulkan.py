@@ -21,7 +21,7 @@ vulkan_mod = pytest.importorskip("vulkan", reason="the `vulkan` Python package (
 
 from texbridge.backends import _vk  # noqa: E402
 from texbridge.backends import memfd as memfd_backend  # noqa: E402
-from texbridge.backends.vulkan import BACKEND, gpu_acquire, gpu_release, live_objects  # noqa: E402
+from texbridge.backends.vulkan import BACKEND, live_objects  # noqa: E402
 
 
 def _device_or_skip() -> _vk.VulkanDevice:

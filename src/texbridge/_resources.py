@@ -159,6 +159,10 @@ class ResourceMutex:
     def release(self, key: int, *, private_data: bytes | None = None, sync_value: int | None = None) -> None:
         if sync_value is None:
             sync_value = self._resource.gpu_releasing(self._acquired_value)
+        if sync_value is None:
+            # Nothing was signalled: keep the value, so a peer that waits on the resource's timeline semaphore
+            # never waits for a value no one will signal.
+            sync_value = self._acquired_value
         self._mutex.release(key, private_data=private_data, sync_value=sync_value)
 
     @contextlib.contextmanager

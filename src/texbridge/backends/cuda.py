@@ -355,6 +355,7 @@ class CUDAResource(Resource):
         self.exportable = exportable
         self.semaphore: CudaSemaphore | None = None
         self.cuda_sync: str | None = None  # "timeline_semaphore" | "stream_sync": how the last release synced
+        self.sync_stream: Any = None  # where keyed-mutex waits/signals go (a CUstream, torch or cupy stream); None: 0
         self._stream: Any = None
         self._views = 0
         self._free_pending = False
@@ -436,34 +437,24 @@ class CUDAResource(Resource):
         self.semaphore = sem
         return sem
 
-    def acquire(self, key: int, timeout: float | None = None, *, stream: Any = None) -> int:
-        """Keyed-mutex acquire; with a semaphore, `stream` then waits on the GPU for the releaser's work.
-        Returns the sync value to pass to release()."""
-        self._check_open()
-        if self.mutex is None:
-            raise BackendError("this resource was not created with keyed_mutex=True")
-        value = self.mutex.acquire(key, timeout)
+    # -- keyed mutex ↔ GPU (called by the resource's ResourceMutex) ----------------------------------------------------
+    def gpu_acquired(self, value: int) -> None:
+        """With the resource's timeline semaphore, `sync_stream` (default: the legacy stream, which orders later
+        work on blocking streams) waits on the GPU for the releaser's value; no CPU stall."""
         if self.semaphore is not None:
-            self.semaphore.wait(value, stream)
-        return value
+            self.semaphore.wait(value, self.sync_stream if self.sync_stream is not None else 0)
 
-    def release(self, key: int, acquired_value: int | None = None, *, stream: Any = None) -> None:
-        """Keyed-mutex release after the work queued on `stream`: signalled on the GPU with a semaphore
-        (acquired_value + 1), else the stream is synchronized first. Records the path in `cuda_sync`."""
-        self._check_open()
-        if self.mutex is None:
-            raise BackendError("this resource was not created with keyed_mutex=True")
+    def gpu_releasing(self, acquired_value: int) -> int | None:
+        """Signal acquired+1 on `sync_stream` after the work queued there (timeline path), else synchronize it so
+        the next owner sees finished memory. Records the path in `cuda_sync`."""
+        stream = self.sync_stream if self.sync_stream is not None else 0
         if self.semaphore is not None:
-            if acquired_value is None:
-                raise ValueError("release with a semaphore needs the value acquire() returned")
-            value = int(acquired_value) + 1
-            self.semaphore.signal(value, stream)
+            self.semaphore.signal(acquired_value + 1, stream)
             self.cuda_sync = "timeline_semaphore"
-            self.mutex.release(key, sync_value=value)
-            return
-        self.synchronize(stream if stream is not None else 0)
+            return acquired_value + 1
+        self.synchronize(stream)
         self.cuda_sync = "stream_sync"
-        self.mutex.release(key, sync_value=None if acquired_value is None else int(acquired_value) + 1)
+        return None
 
     # -- export --------------------------------------------------------------------------------------------------
     def export_fds(self) -> list[int]:
@@ -724,8 +715,24 @@ class CUDABackend:
         """Map memory another process exported. Takes ownership of every fd, on success and failure alike."""
         fds = list(fds)
         box = [fds[0] if fds else -1]
-        for extra in fds[1:]:
+        sem_fd = fds[1] if descriptor.gpu_sync and len(fds) > 1 else -1
+        for extra in fds[1 + (sem_fd >= 0):]:
             os.close(extra)
+        try:
+            res = self._import(descriptor, box, options)
+        except BaseException:
+            if sem_fd >= 0:
+                os.close(sem_fd)
+            raise
+        if sem_fd >= 0:
+            try:
+                res.import_semaphore(sem_fd)  # the exporter's timeline: keyed-mutex handoffs order on the GPU
+            except BaseException:
+                res.close()
+                raise
+        return res
+
+    def _import(self, descriptor: Descriptor, box: list[int], options: dict[str, Any]) -> CUDAResource:
         try:
             device, device_uuid = _options(options)
             d = descriptor

@@ -1058,27 +1058,7 @@ def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanRes
     return res
 
 
-# -- keyed mutex ↔ GPU sync -------------------------------------------------------------------------------------------
-def gpu_acquire(mutex: Any, key: int, timeout: float | None = None, *, device: VulkanDevice | None = None,
-                semaphore: TimelineSemaphore | None = None) -> int:
-    """Acquire `mutex` with `key`, then make this device's next submit wait (on the GPU) for the releaser's work.
-    Returns the sync value; pass it to gpu_release. On the cpu_wait path the releaser already finished its work."""
-    value = mutex.acquire(key, timeout)
-    (device or default_device()).submit_wait(value, semaphore)
-    return value
-
-
-def gpu_release(mutex: Any, key: int, acquired_value: int, *, device: VulkanDevice | None = None,
-                semaphore: TimelineSemaphore | None = None) -> int:
-    """Signal acquired_value + 1 when this queue's work so far is done (timeline path) or wait for it (cpu_wait),
-    then release `mutex` to `key` carrying that value. Returns the value."""
-    value = acquired_value + 1
-    (device or default_device()).submit_signal(value, semaphore)
-    mutex.release(key, sync_value=value)
-    return value
-
-
 BACKEND = VulkanBackend()
 
 __all__ = ["BACKEND", "VulkanBackend", "VulkanResource", "VulkanDevice", "TimelineSemaphore", "VulkanError",
-           "default_device", "live_objects", "vk_image_usage", "vk_buffer_usage", "gpu_acquire", "gpu_release"]
+           "default_device", "live_objects", "vk_image_usage", "vk_buffer_usage"]
