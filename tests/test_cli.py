@@ -269,8 +269,9 @@ def test_bench_runs_modules_and_survives_a_broken_one(tmp_path):
     bench.mkdir()
     repo_report = texbridge_root() / "benchmarks" / "_report.py"
     (bench / "_report.py").write_text(repo_report.read_text())
+    (bench / "__init__.py").write_text("")  # benchmark folders are packages, like the repo's own
     (bench / "good.py").write_text(textwrap.dedent("""
-        from _report import Row
+        from ._report import Row
         def run(quick):
             return [Row("thing", "texbridge widget", 42.0 if quick else 1.0, "us")]
     """))

@@ -435,13 +435,11 @@ def benchmarks_dir() -> Path:
 
 
 def _load_benchmark(directory: Path, stem: str):
-    """Import benchmarks/<stem>.py as `benchmarks.<stem>` when it is a package (relative imports work), else bare."""
-    for p in (str(directory.parent), str(directory)):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    if (directory / "__init__.py").exists():
-        return importlib.import_module(f"{directory.name}.{stem}")
-    return importlib.import_module(stem)
+    """Import benchmarks/<stem>.py as `benchmarks.<stem>` (a package, so relative imports work). Only the parent
+    goes on sys.path: benchmarks/ itself there would let benchmarks/vulkan.py shadow the `vulkan` package."""
+    if str(directory.parent) not in sys.path:
+        sys.path.insert(0, str(directory.parent))
+    return importlib.import_module(f"{directory.name}.{stem}")
 
 
 @main.command()

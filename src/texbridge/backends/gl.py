@@ -536,7 +536,7 @@ class GLResource(Resource):
         self.context.enter()
         if self.buffer:
             data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-            if data.size != self.shape[0]:
+            if data.size > self.shape[0]:  # fewer bytes fill a prefix: drivers round buffer sizes up
                 raise ValueError(f"upload of {data.size} bytes into a {self.shape[0]}-byte buffer")
             self._buffer_upload(data)
             return

@@ -479,8 +479,11 @@ class VulkanResource(Resource):
             staging = self._staging_for(n)
             view = staging.array[:n].view(fmt.numpy_dtype).reshape(self.shape)
         else:
+            # A buffer takes any bytes up to its size (a prefix): its size is the allocation's, which drivers round
+            # up (create_buffer(10000) may hold 10048 bytes; the request is in driver_private["requested_size"]).
+            array = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
             staging = self._staging_for(d.size)
-            view = staging.array[:d.size]
+            view = staging.array[:min(array.size, d.size)]
         if array.shape != view.shape and array.size != view.size:
             raise ValueError(f"upload of shape {array.shape} into a resource of shape {view.shape}")
         view[...] = array.reshape(view.shape)
@@ -489,7 +492,7 @@ class VulkanResource(Resource):
         elif d.kind == "texture2d":
             self._copy_buffer(True, staging, self._texture_rows())
         else:
-            self._copy_buffer(True, staging, [(0, 0, d.size)])
+            self._copy_buffer(True, staging, [(0, 0, view.size)])
         if self._host_map is not None:
             self.sync_to_host()
 
