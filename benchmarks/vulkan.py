@@ -118,20 +118,17 @@ def _ping_pong(quick: bool, where: str) -> list[Row]:
     """Frames handed back and forth between two processes through the keyed mutex, each side writing then reading
     a 256x256 rgba8 Vulkan texture (the GPU-sync path of this device)."""
     import texbridge
-    from texbridge.backends.vulkan import gpu_acquire, gpu_release
 
     frames = 200 if quick else 2000
     child_code = textwrap.dedent(f"""
         import numpy as np, texbridge
-        from texbridge.backends.vulkan import gpu_acquire, gpu_release
         with texbridge.connect() as s:
             r = s.open("bench-pingpong", backend="vulkan")
             a = np.zeros(r.shape, np.uint8)
             for i in range({frames}):
-                v = gpu_acquire(r.mutex, 1, timeout=30)
-                r.download()
-                r.upload(a)
-                gpu_release(r.mutex, 0, v)
+                with r.mutex.hold(acquire=1, release=0, timeout=30):  # GPU waits/signals folded in
+                    r.download()
+                    r.upload(a)
             r.close()
     """)
     try:
@@ -147,11 +144,10 @@ def _ping_pong(quick: bool, where: str) -> list[Row]:
                     a = np.zeros(tex.shape, np.uint8)
                     t0 = time.perf_counter()
                     for _ in range(frames):
-                        v = gpu_acquire(tex.mutex, 0, timeout=30)
-                        tex.upload(a)
-                        tex.download()
-                        gpu_release(tex.mutex, 1, v)
-                    gpu_acquire(tex.mutex, 0, timeout=30)
+                        with tex.mutex.hold(acquire=0, release=1, timeout=30):
+                            tex.upload(a)
+                            tex.download()
+                    tex.mutex.acquire(0, timeout=30)
                     elapsed = time.perf_counter() - t0
                     child.wait(60)
                     tex.close()
