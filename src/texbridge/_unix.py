@@ -18,7 +18,7 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 # Spinning keeps a request/reply exchange on cores that are already awake: on a VM, waking an idle vCPU costs tens
 # of microseconds, more than the whole exchange. Only where there is a second core to spin on.
-SPIN_SECONDS = float(os.environ.get("TEXBRIDGE_SPIN_US", "150")) / 1e6 if (os.cpu_count() or 1) > 1 else 0.0
+SPIN_SECONDS = float(os.environ.get("TEXBRIDGE_SPIN_US", "500")) / 1e6 if (os.cpu_count() or 1) > 1 else 0.0
 
 
 def recv_frame(sock: socket.socket, nowait: bool = False) -> tuple[bytes, list[int], bool]:
