@@ -6,8 +6,13 @@ Peers are measured in the same run and every row names the peer it is compared w
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 
 @dataclass
@@ -65,3 +70,29 @@ def print_rows(rows: list[Row]) -> None:
         p99 = f"{r.p99:.2f} {r.unit}" if r.p99 is not None else ""
         table.add_row(r.group, r.subject, f"{r.value:,.2f} {r.unit}", p99, ratio, r.note)
     Console().print(table)
+
+
+@contextmanager
+def private_namespace(namespace: str) -> Iterator[dict[str, str]]:
+    """A throwaway runtime dir and namespace for the figures, inherited by child processes (the yielded dict is the
+    environment to give them); a user's own broker is never touched, and the broker started inside is stopped."""
+    import texbridge
+
+    keys = ("TEXBRIDGE_RUNTIME_DIR", "TEXBRIDGE_NAMESPACE")
+    saved = {k: os.environ.get(k) for k in keys}
+    directory = tempfile.mkdtemp(prefix="texbridge-bench-")
+    os.environ.update({"TEXBRIDGE_RUNTIME_DIR": directory, "TEXBRIDGE_NAMESPACE": namespace})
+    try:
+        yield dict(os.environ)
+    finally:
+        try:
+            with texbridge.connect(autostart=False, app_name="bench-stop") as s:
+                s.shutdown()
+        except texbridge.TexbridgeError:
+            pass
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(directory, ignore_errors=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import socket
-import tempfile
 import time
 from contextlib import contextmanager
 from multiprocessing import shared_memory
@@ -24,9 +22,9 @@ import msgpack
 import numpy as np
 
 try:
-    from ._report import Row, latency_row, rate_row
+    from ._report import Row, latency_row, private_namespace, rate_row
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from _report import Row, latency_row, rate_row
+    from _report import Row, latency_row, private_namespace, rate_row
 
 import texbridge
 from texbridge._broker.launch import start_broker
@@ -55,25 +53,11 @@ def rss(pid: int) -> int:
 
 @contextmanager
 def private_broker(quota_resources: int) -> Iterator[str]:
-    """A persistent broker in its own runtime dir and namespace; shut down (and the dir removed) on exit."""
-    saved = os.environ.get("TEXBRIDGE_RUNTIME_DIR")
-    directory = tempfile.mkdtemp(prefix="texbridge-bench-")
-    os.environ["TEXBRIDGE_RUNTIME_DIR"] = directory
+    """A persistent broker with room for the scale figures, in a throwaway namespace."""
     ns = f"bench-{os.getpid()}"
-    try:
+    with private_namespace(ns):
         start_broker(ns, persistent=True, extra_args=["--quota-resources", str(quota_resources)])
         yield ns
-    finally:
-        try:
-            with texbridge.connect(ns, autostart=False, app_name="bench-stop") as s:
-                s.shutdown()
-        except texbridge.TexbridgeError:
-            pass
-        if saved is None:
-            os.environ.pop("TEXBRIDGE_RUNTIME_DIR", None)
-        else:
-            os.environ["TEXBRIDGE_RUNTIME_DIR"] = saved
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def bench_open(ns: str, n: int) -> list[Row]:
@@ -84,7 +68,7 @@ def bench_open(ns: str, n: int) -> list[Row]:
         handle = tex.handle
         for _ in range(min(200, n)):  # warm-up: imports, allocator, broker caches
             s.open(handle).close()
-        opens, closes, cycles = [], [], []
+        opens, closes = [], []
         pc = time.perf_counter
         gc.disable()
         try:

@@ -7,18 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
-import textwrap
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 if __package__ in (None, ""):  # run as a script: this file's folder must not shadow the `cuda` package
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-from benchmarks._report import Row, latency_row, print_rows  # noqa: E402
+from benchmarks._report import Row, latency_row, print_rows, private_namespace  # noqa: E402
 
 
 def _skip_reason() -> str | None:
@@ -34,23 +30,6 @@ def _skip_reason() -> str | None:
     except ImportError:
         return "torch not installed (the peer and the views need it)"
     return None if torch.cuda.is_available() else "torch sees no CUDA device"
-
-
-@contextmanager
-def _private_broker(namespace: str) -> Iterator[dict[str, str]]:
-    """A throwaway runtime dir and namespace, so the figures never touch a user's broker."""
-    keys = ("TEXBRIDGE_RUNTIME_DIR", "TEXBRIDGE_NAMESPACE")
-    old = {k: os.environ.get(k) for k in keys}
-    with tempfile.TemporaryDirectory() as d:
-        os.environ.update({"TEXBRIDGE_RUNTIME_DIR": d, "TEXBRIDGE_NAMESPACE": namespace})
-        try:
-            yield dict(os.environ)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def run(quick: bool) -> list[Row]:
@@ -76,14 +55,14 @@ def _open(quick: bool, where: str) -> list[Row]:
 
     n = 200 if quick else 2000
     rows = []
-    with _private_broker("bench-cuda-open"), texbridge.connect() as s:
+    with private_namespace("bench-cuda-open"), texbridge.connect() as s:
         sources = [("cuda_vmm 1080p rgba8 texture", s.create_texture(1920, 1080, "rgba8", backend="cuda"))]
         try:
             sources.append(("Vulkan opaque_fd 8 MB buffer", s.create_buffer(1920 * 1080 * 4, backend="vulkan")))
         except texbridge.TexbridgeError as e:
             print(f"cuda benchmark: no Vulkan source ({e})")
         for what, src in sources:
-            samples, views = [], []
+            samples = []
             for _ in range(n + 10):
                 t0 = time.perf_counter()
                 r = s.open(src.handle, backend="cuda")
@@ -138,7 +117,7 @@ def _keyed_mutex(n: int, kernel: bool) -> list[float]:
 
     import texbridge
 
-    with _private_broker("bench-cuda-handoff") as env, texbridge.connect() as s:
+    with private_namespace("bench-cuda-handoff") as env, texbridge.connect() as s:
         tex = s.create_texture(1920, 1080, "rgba8", backend="cuda", keyed_mutex=True, name="bench-handoff")
         t = torch.from_dlpack(tex)
         tex.sync_stream = torch.cuda.current_stream()

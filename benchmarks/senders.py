@@ -16,21 +16,16 @@ full 4K writes ≥ 90% of the memcpy-bound rate (np.copyto of 4K frames into a 3
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import shutil
-import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from multiprocessing import shared_memory
-from typing import Iterator
 
 import numpy as np
 
 try:
-    from ._report import Row, latency_row, rate_row
+    from ._report import Row, latency_row, private_namespace, rate_row
 except ImportError:  # run as a script
-    from _report import Row, latency_row, rate_row
+    from _report import Row, latency_row, private_namespace, rate_row
 
 SIZES = {"1080p": (1920, 1080), "4K": (3840, 2160)}
 STOP = -1  # stamp of the last frame: the consumer exits
@@ -218,36 +213,11 @@ def _memcpy_rate(size: tuple[int, int], seconds: float, destinations: int = 3) -
     return count / (time.perf_counter() - t0)
 
 
-@contextmanager
-def _private_namespace() -> Iterator[None]:
-    """A private runtime dir and namespace (inherited by the spawned consumers); the broker is stopped after."""
-    saved = {k: os.environ.get(k) for k in ("TEXBRIDGE_RUNTIME_DIR", "TEXBRIDGE_NAMESPACE")}
-    directory = tempfile.mkdtemp(prefix="texbridge-bench-")
-    os.environ["TEXBRIDGE_RUNTIME_DIR"] = directory
-    os.environ["TEXBRIDGE_NAMESPACE"] = "bench-senders"
-    try:
-        yield
-    finally:
-        import texbridge
-
-        try:
-            with texbridge.connect(autostart=False) as s:
-                s.shutdown()
-        except texbridge.TexbridgeError:
-            pass
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def run(quick: bool) -> list[Row]:
     rows: list[Row] = []
     secs = 1.0 if quick else 3.0
     n_lat = 300 if quick else 3000
-    with _private_namespace():
+    with private_namespace("bench-senders"):
         for label, size in SIZES.items():
             memcpy = _memcpy_rate(size, secs)  # the reference: same memory footprint as the 3-slot ring
             memcpy_one = _memcpy_rate(size, secs, destinations=1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -17,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: this file's folder must not sh
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-from benchmarks._report import Row, latency_row, median, print_rows, rate_row  # noqa: E402
+from benchmarks._report import Row, latency_row, median, print_rows, private_namespace, rate_row  # noqa: E402
 
 
 def _throughput(group: str, subject: str, nbytes: int, seconds: list[float], note: str = "") -> Row:
@@ -86,27 +85,16 @@ def _open_by_handle(desc, quick: bool, where: str) -> list[Row]:
     import texbridge
 
     try:
-        with tempfile.TemporaryDirectory() as d:
-            old = {k: os.environ.get(k) for k in ("TEXBRIDGE_RUNTIME_DIR", "TEXBRIDGE_NAMESPACE")}
-            os.environ["TEXBRIDGE_RUNTIME_DIR"], os.environ["TEXBRIDGE_NAMESPACE"] = d, "bench-vulkan"
-            try:
-                with texbridge.connect() as s:
-                    tex = s.create_texture(1920, 1080, "rgba8", backend="vulkan")
-                    n = 200 if quick else 2000
-                    samples = []
-                    for _ in range(n + 10):
-                        t0 = time.perf_counter()
-                        r = s.open(tex.handle, backend="vulkan")
-                        samples.append(time.perf_counter() - t0)
-                        r.close()
-                    tex.close()
-                    s.shutdown()
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+        with private_namespace("bench-vulkan"), texbridge.connect() as s:
+            tex = s.create_texture(1920, 1080, "rgba8", backend="vulkan")
+            n = 200 if quick else 2000
+            samples = []
+            for _ in range(n + 10):
+                t0 = time.perf_counter()
+                r = s.open(tex.handle, backend="vulkan")
+                samples.append(time.perf_counter() - t0)
+                r.close()
+            tex.close()
         return [latency_row("import fd → VkImage (1080p rgba8)", "session.open(handle) end to end", samples[10:],
                             f"{where}; broker round trip + import")]
     except Exception as e:  # the broker is another module's business: report, don't fail the Vulkan figures
@@ -132,32 +120,19 @@ def _ping_pong(quick: bool, where: str) -> list[Row]:
             r.close()
     """)
     try:
-        with tempfile.TemporaryDirectory() as d:
-            env = {**os.environ, "TEXBRIDGE_RUNTIME_DIR": d, "TEXBRIDGE_NAMESPACE": "bench-pp"}
-            old = {k: os.environ.get(k) for k in ("TEXBRIDGE_RUNTIME_DIR", "TEXBRIDGE_NAMESPACE")}
-            os.environ.update({k: env[k] for k in old})
-            try:
-                with texbridge.connect() as s:
-                    tex = s.create_texture(256, 256, "rgba8", backend="vulkan", keyed_mutex=True,
-                                           name="bench-pingpong")
-                    child = subprocess.Popen([sys.executable, "-c", child_code], env=env)
-                    a = np.zeros(tex.shape, np.uint8)
-                    t0 = time.perf_counter()
-                    for _ in range(frames):
-                        with tex.mutex.hold(acquire=0, release=1, timeout=30):
-                            tex.upload(a)
-                            tex.download()
-                    tex.mutex.acquire(0, timeout=30)
-                    elapsed = time.perf_counter() - t0
-                    child.wait(60)
-                    tex.close()
-                    s.shutdown()
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+        with private_namespace("bench-pp") as env, texbridge.connect() as s:
+            tex = s.create_texture(256, 256, "rgba8", backend="vulkan", keyed_mutex=True, name="bench-pingpong")
+            child = subprocess.Popen([sys.executable, "-c", child_code], env=env)
+            a = np.zeros(tex.shape, np.uint8)
+            t0 = time.perf_counter()
+            for _ in range(frames):
+                with tex.mutex.hold(acquire=0, release=1, timeout=30):
+                    tex.upload(a)
+                    tex.download()
+            tex.mutex.acquire(0, timeout=30)
+            elapsed = time.perf_counter() - t0
+            child.wait(60)
+            tex.close()
         return [rate_row("keyed-mutex ping-pong (2 processes, 256x256 rgba8, upload+download per turn)",
                          "texbridge Vulkan + keyed mutex", 2 * frames, elapsed, "frames/s", where)]
     except Exception as e:

@@ -6,13 +6,11 @@ stdout, one line per event. Time bounds here are loose on purpose: precision is 
 
 from __future__ import annotations
 
-import mmap
 import os
 import random
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import textwrap

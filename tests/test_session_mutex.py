@@ -2,10 +2,8 @@
 
 import time
 
-import numpy as np
 import pytest
 
-import texbridge
 from texbridge import KeyedMutexAbandoned, KeyedMutexTimeout
 
 from conftest import spawn_py

@@ -23,7 +23,6 @@ long as the session that made it), else the most recently announced live sender.
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 import time
@@ -37,7 +36,7 @@ import numpy as np
 
 from . import _futex as _core
 from ._client import Session, connect
-from ._errors import (BackendError, BrokenError, ClosedError, InvalidDescriptor, KeyedMutexAbandoned, NotFound,
+from ._errors import (BackendError, ClosedError, InvalidDescriptor, KeyedMutexAbandoned, NotFound,
                       TexbridgeError)
 from ._formats import get_format
 from ._resources import Resource

@@ -26,7 +26,7 @@ from .._memfd import inspect_fd
 from .._protocol import Connection, Message, Op, State, peek_request_id
 from .._unix import close_fds as _close_all
 from .._unix import SPIN_SECONDS, recv_frame, send_frame
-from .registry import Effects, Outgoing, Registry
+from .registry import Effects, Registry
 
 log = logging.getLogger("texbridge.broker")
 _MAX_QUEUE = 1024  # frames queued to a client that does not read; past this it is disconnected
