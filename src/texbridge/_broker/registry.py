@@ -210,10 +210,8 @@ class Registry:
         return False
 
     def _op_close(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
-        handle = msg.fields["handle"]
-        rec = self.resources.get(handle)
-        if rec is None or handle not in client.refs:
-            raise NotFound(f"{_fmt(handle)} is not held by this client (already closed?)")
+        rec = self._held(client, msg.fields["handle"])
+        handle = rec.handle
         if client.refs.get(handle) == 1 and _has_mutex(rec):
             fx.abandon.append((rec.fds[-1], client.id))  # closing while owning: waiters must not hang
         self._unref(rec, 1, client, fx)
@@ -244,12 +242,9 @@ class Registry:
         return False
 
     def _op_update(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
-        handle = msg.fields["handle"]
-        rec = self.resources.get(handle)
-        if rec is None or handle not in client.refs:
-            raise NotFound(f"{_fmt(handle)} is not held by this client")
+        rec = self._held(client, msg.fields["handle"])
         rec.meta = msg.fields["meta"]
-        self._event(fx, "updated", handle=handle, names=list(rec.names), meta=rec.meta)
+        self._event(fx, "updated", handle=rec.handle, names=list(rec.names), meta=rec.meta)
         fx.reply(client.id, msg.request_id)
         return False
 
@@ -305,6 +300,12 @@ class Registry:
         return not self.clients and not self.resources
 
     # -- internals -----------------------------------------------------------------------------------------------------
+    def _held(self, client: Client, handle: int) -> Record:
+        rec = self.resources.get(handle)
+        if rec is None or handle not in client.refs:
+            raise NotFound(f"{_fmt(handle)} is not held by this client (already closed?)")
+        return rec
+
     def _lookup(self, fields: dict[str, Any]) -> Record:
         if "name" in fields:
             handle = self.names.get(fields["name"])

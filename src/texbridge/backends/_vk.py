@@ -562,6 +562,18 @@ class VulkanDevice:
                 self._sync_semaphore = self.create_timeline_semaphore()
             return self._sync_semaphore
 
+    def _timeline_for(self, semaphore: "TimelineSemaphore | None") -> "TimelineSemaphore | None":
+        """The semaphore a timeline-path submit uses: the one given (a resource's own, shared with its peers); on a
+        timeline device, the device's own sync_semaphore only when it was asked for explicitly, since waiting on a
+        semaphore the peer never signals would hang the queue. None on the cpu_wait path."""
+        self.check_open()
+        if self.gpu_sync != "timeline_semaphore":
+            return None
+        if semaphore is None:
+            raise BackendError("a timeline-path submit needs the semaphore shared with the peer "
+                               "(a resource's .semaphore, or device.sync_semaphore passed explicitly)")
+        return semaphore
+
     def submit_signal(self, value: int, semaphore: "TimelineSemaphore | None" = None,
                       command_buffers: Iterable[Any] = ()) -> None:
         """Keyed-mutex release, GPU side: the queue signals `value` once all work submitted so far is done.
@@ -569,12 +581,10 @@ class VulkanDevice:
         On the cpu_wait path (no external semaphore fds, e.g. lavapipe) this instead waits until the queue is idle,
         so the next owner, in whatever process, sees finished memory.
         """
-        self.check_open()
         cmds = list(command_buffers)
+        sem = self._timeline_for(semaphore)
         with self._lock:
-            if self.gpu_sync == "timeline_semaphore":
-                sem = semaphore or self.sync_semaphore
-                assert sem is not None
+            if sem is not None:
                 waits, self._pending_waits = self._pending_waits, []
                 self._submit(cmds, waits, [(sem, int(value))])
                 return
@@ -590,12 +600,10 @@ class VulkanDevice:
         device's next submit (a semaphore wait only orders its own batch, so an empty batch would order nothing).
         On the cpu_wait path the releasing process already waited, so only the command buffers are submitted.
         """
-        self.check_open()
         cmds = list(command_buffers)
+        sem = self._timeline_for(semaphore)
         with self._lock:
-            if self.gpu_sync == "timeline_semaphore":
-                sem = semaphore or self.sync_semaphore
-                assert sem is not None
+            if sem is not None:
                 if cmds:
                     waits, self._pending_waits = self._pending_waits, []
                     self._submit(cmds, waits + [(sem, int(value))], [])
