@@ -470,3 +470,20 @@ def test_1000_vulkan_imports_leak_nothing(session, cuda, vk):
         session.open(vbuf.handle, backend="cuda").close()
     assert fd_count() == fds  # CUDA owns each imported fd: a leaked external memory object would keep one
     assert abs(dev.mem_info()[0] - free) <= 2 * dev.granularity
+
+
+@needs_cuda
+def test_sender_takes_torch_and_cupy_cuda_frames(runtime, cuda):
+    """Spout-style sending straight from GPU arrays: copied device to device into the CUDA ring."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    with texbridge.Sender("cuda-send", 64, 32, backend="cuda") as s, texbridge.Receiver("cuda-send") as rx:
+        s.send(torch.full((32, 64, 4), 77, dtype=torch.uint8, device="cuda"))
+        frame = rx.wait_frame(5)
+        assert frame is not None and (frame == 77).all()
+        try:
+            import cupy
+        except ImportError:
+            return
+        s.send(cupy.full((32, 64, 4), 78, dtype=cupy.uint8))
+        frame = rx.wait_frame(5)
+        assert frame is not None and (frame == 78).all()

@@ -485,9 +485,18 @@ class Sender:
         if self._frame == 1:
             self._meta_dirty.set()
 
-    def _coerce(self, frame: Any) -> np.ndarray:
+    def _coerce(self, frame: Any) -> Any:
         if isinstance(frame, Resource):
             frame = frame.download()  # GL texture, Vulkan image, CUDA array: the resource's own download path
+        cai = getattr(frame, "__cuda_array_interface__", None)
+        if cai is not None:  # a torch/CuPy CUDA array: kept on the GPU when the slots are CUDA memory
+            if tuple(cai["shape"]) not in (self._shape, self._shape[:2]) or np.dtype(cai["typestr"]) != \
+                    get_format(self._format).numpy_dtype:
+                raise InvalidDescriptor(f"CUDA frame of shape {tuple(cai['shape'])} / {cai['typestr']} sent to a "
+                                        f"{self._width}x{self._height} {self._format} sender (shape {self._shape})")
+            if all(hasattr(slot, "copy_from_device") for slot in self._slots) and not self._mirror:
+                return frame
+            frame = frame.get() if hasattr(frame, "get") else frame.cpu().numpy()  # CuPy / torch to the host
         arr = np.asarray(frame)
         want = get_format(self._format).numpy_dtype
         if arr.dtype != want:
@@ -500,7 +509,8 @@ class Sender:
         return arr
 
     def send(self, frame: Any) -> int:
-        """Publish `frame` (NumPy array of the sender's shape, or a texbridge Resource). Returns its frame number."""
+        """Publish `frame`: a NumPy array of the sender's shape, a texbridge Resource (GL texture, Vulkan image,
+        CUDA array), or a torch/CuPy CUDA array (copied on the GPU into CUDA slots). Returns its frame number."""
         self._check_open()
         arr = self._coerce(frame)
         slot = self._begin()
@@ -512,7 +522,13 @@ class Sender:
             self._end(slot, ok)
         return self._frame
 
-    def _write(self, slot: int, arr: np.ndarray) -> None:
+    def _write(self, slot: int, arr: Any) -> None:
+        cai = getattr(arr, "__cuda_array_interface__", None)
+        if cai is not None:  # device to device into a CUDA slot; strides None means C-contiguous rows
+            strides = cai.get("strides")
+            pitch = strides[0] if strides else self._width * get_format(self._format).bytes_per_pixel
+            self._slots[slot].copy_from_device(cai["data"][0], pitch)
+            return
         view = self._views[slot]
         if view is not None:
             np.copyto(view, arr)
