@@ -475,6 +475,8 @@ def test_1000_vulkan_imports_leak_nothing(session, cuda, vk):
 @needs_cuda
 def test_sender_takes_torch_and_cupy_cuda_frames(runtime, cuda):
     """Spout-style sending straight from GPU arrays: copied device to device into the CUDA ring."""
+    import texbridge
+
     torch = pytest.importorskip("torch", reason="torch is not installed")
     with texbridge.Sender("cuda-send", 64, 32, backend="cuda") as s, texbridge.Receiver("cuda-send") as rx:
         s.send(torch.full((32, 64, 4), 77, dtype=torch.uint8, device="cuda"))
