@@ -44,6 +44,7 @@ from OpenGL.raw.GL.EXT import memory_object as _mo  # noqa: E402
 from OpenGL.raw.GL.EXT import memory_object_fd as _mofd  # noqa: E402
 from OpenGL.raw.GL.EXT import semaphore as _sem  # noqa: E402
 from OpenGL.raw.GL.EXT import semaphore_fd as _semfd  # noqa: E402
+from OpenGL.raw.GL.NV import timeline_semaphore as _tl  # noqa: E402
 from OpenGL.raw.GL.VERSION import GL_1_0 as _gl10, GL_1_1 as _gl11, GL_1_2 as _gl12  # noqa: E402
 from OpenGL.raw.GL.VERSION import GL_1_5 as _gl15, GL_3_0 as _gl30  # noqa: E402
 
@@ -118,6 +119,11 @@ class GLCaps:
     @property
     def semaphore_fd(self) -> bool:
         return {"GL_EXT_semaphore", "GL_EXT_semaphore_fd"} <= self.extensions
+
+    @property
+    def timeline_semaphore(self) -> bool:
+        """GL can import a Vulkan *timeline* semaphore and wait/signal values on the GPU (NVIDIA)."""
+        return self.semaphore_fd and "GL_NV_timeline_semaphore" in self.extensions
 
     @property
     def software(self) -> bool:
@@ -354,24 +360,33 @@ def _pixel_store() -> Iterator[None]:
 class GLSemaphore:
     """A Vulkan semaphore imported into GL (GL_EXT_semaphore_fd): GPU-side ordering without glFinish."""
 
-    def __init__(self, ctx: GLContext, name: int) -> None:
-        self.ctx, self.name = ctx, name
+    def __init__(self, ctx: GLContext, name: int, *, timeline: bool = False) -> None:
+        self.ctx, self.name, self.timeline = ctx, name, timeline
 
-    def wait(self, resources: Sequence["GLResource"] = (), layout: str = "general") -> None:
-        """GL waits (on the GPU) for the other API's signal; `layout` is the layout it left the images in."""
-        self._op(_sem.glWaitSemaphoreEXT, resources, layout, "glWaitSemaphoreEXT")
+    def wait(self, resources: Sequence["GLResource"] = (), layout: str = "general", value: int | None = None) -> None:
+        """GL waits (on the GPU) for the other API's signal (of `value`, for a timeline semaphore); `layout` is the
+        layout it left the images in."""
+        self._op(_sem.glWaitSemaphoreEXT, resources, layout, "glWaitSemaphoreEXT", value)
 
-    def signal(self, resources: Sequence["GLResource"] = (), layout: str = "general") -> None:
-        """Signal after GL's work, transitioning images to `layout` for the other API; flushes so it happens."""
-        self._op(_sem.glSignalSemaphoreEXT, resources, layout, "glSignalSemaphoreEXT")
+    def signal(self, resources: Sequence["GLResource"] = (), layout: str = "general",
+               value: int | None = None) -> None:
+        """Signal (`value`, for a timeline) after GL's work, transitioning images to `layout` for the other API;
+        flushes so it happens."""
+        self._op(_sem.glSignalSemaphoreEXT, resources, layout, "glSignalSemaphoreEXT", value)
         GL.glFlush()
 
-    def _op(self, fn: Any, resources: Sequence["GLResource"], layout: str, what: str) -> None:
+    def _op(self, fn: Any, resources: Sequence["GLResource"], layout: str, what: str, value: int | None) -> None:
         if self.name == 0:
             raise TexbridgeError(f"{self!r} is closed")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        if self.timeline != (value is not None):
+            raise ValueError("a timeline semaphore waits/signals a value; a binary one takes none")
         self.ctx.enter()
+        if value is not None:
+            with _gl("glSemaphoreParameterui64vEXT"):
+                _sem.glSemaphoreParameterui64vEXT(self.name, _tl.GL_TIMELINE_SEMAPHORE_VALUE_NV,
+                                                  (ctypes.c_uint64 * 1)(int(value)))
         bufs = [r.buffer for r in resources if r.buffer]
         texs = [r.texture for r in resources if r.texture]
         with _gl(what):
@@ -407,6 +422,7 @@ class GLResource(Resource):
         self.gl_sync: str | None = None  # "semaphore" or "finish": how GL's work was last ordered before release
         self._producer = producer  # the Vulkan resource whose memory this is, when GL created it
         self._host_semaphore: Any = None  # an importer's view of the exporter's timeline semaphore, if any
+        self._gl_semaphore: GLSemaphore | None = None  # the same, imported into GL (GL_NV_timeline_semaphore)
         self._fbo = 0
         self._moderngl: Any = None
 
@@ -474,13 +490,16 @@ class GLResource(Resource):
         return ctx.external_texture(self.texture, (d.width, d.height), fmt.channels, 0, dtype)
 
     # -- sync ------------------------------------------------------------------------------------------------------
-    def _attach_host_semaphore(self, fd: int) -> None:
-        """The exporter orders its GPU work with a timeline semaphore. GL cannot wait on a timeline value without
-        GL_NV_timeline_semaphore, so it is imported into Vulkan and waited/signalled from the host instead:
-        correct everywhere, at the cost of a CPU wait per handoff. Takes ownership of `fd`."""
+    def _attach_timeline(self, fd: int) -> None:
+        """The exporter orders its GPU work with a timeline semaphore (fd; taken). With GL_NV_timeline_semaphore
+        GL imports it and waits/signals values on the GPU. Without, it is imported into Vulkan and waited/signalled
+        from the host: correct everywhere, at the cost of a CPU wait per handoff."""
         try:
-            from .vulkan import default_device
-            self._host_semaphore = default_device().import_timeline_semaphore(fd)
+            if self.context.caps.timeline_semaphore:
+                self._gl_semaphore = GLBackend().import_semaphore(fd, self.context, timeline=True)
+            else:
+                from .vulkan import default_device
+                self._host_semaphore = default_device().import_timeline_semaphore(fd)
         except BaseException:
             self.close()
             raise
@@ -491,14 +510,21 @@ class GLResource(Resource):
         return producer_sem if producer_sem is not None else self._host_semaphore
 
     def gpu_acquired(self, value: int) -> None:
-        """The releaser's GPU work must be done before GL touches the memory: a host wait on its timeline value."""
+        """Order GL after the releaser: a GPU wait on the timeline value (GL semaphore), else a host wait."""
+        if self._gl_semaphore is not None:
+            self._gl_semaphore.wait([self], self.shared_layout, value)
+            return
         sem = self._timeline
         if sem is not None and value and not sem.wait(value, timeout=10.0):
             raise BackendError(f"the previous owner's GPU work (timeline value {value}) did not finish within 10 s")
 
     def gpu_releasing(self, acquired_value: int) -> int | None:
-        """glFinish (or a semaphore signal + glFlush where GL has one), then, where the resource's consumers wait
-        on a timeline semaphore, signal the next value from the host."""
+        """GPU path: signal acquired+1 on the timeline after GL's work (+ glFlush). Otherwise glFinish and, where
+        the resource's peers wait on a timeline, signal the next value from the host."""
+        if self._gl_semaphore is not None:
+            self._gl_semaphore.signal([self], self.shared_layout, acquired_value + 1)
+            self.gl_sync = "semaphore"
+            return acquired_value + 1
         self.end_access()
         sem = self._timeline
         if sem is None:
@@ -631,9 +657,12 @@ class GLResource(Resource):
         self.texture = self.buffer = self.memory_object = self._fbo = 0
         producer, self._producer = self._producer, None
         host_sem, self._host_semaphore = self._host_semaphore, None
+        gl_sem, self._gl_semaphore = self._gl_semaphore, None
         try:
             if host_sem is not None:
                 host_sem.destroy()
+            if gl_sem is not None:
+                gl_sem.close()
             if self.context.try_enter():
                 _delete_objects(tex, buf, mem, fbo)
             elif tex or buf or mem:
@@ -710,7 +739,7 @@ class GLBackend:
             fds[0] = -1  # GL owns it now
             if descriptor.gpu_sync and len(fds) > 1:
                 sem_fd, fds[1] = fds[1], -1
-                res._attach_host_semaphore(sem_fd)
+                res._attach_timeline(sem_fd)
             return res
         finally:
             for fd in fds:
@@ -793,16 +822,24 @@ class GLBackend:
         return GLResource(descriptor, ctx, memory_object=memory, texture=tex, buffer=buf, target=target,
                           producer=producer)
 
-    def import_semaphore(self, fd: int, context: Any = None) -> GLSemaphore:
-        """Import a Vulkan semaphore (OPAQUE_FD) for GPU-side ordering. Takes ownership of `fd`."""
+    def import_semaphore(self, fd: int, context: Any = None, *, timeline: bool = False) -> GLSemaphore:
+        """Import a Vulkan semaphore (OPAQUE_FD) for GPU-side ordering; timeline=True for a timeline semaphore
+        (needs GL_NV_timeline_semaphore). Takes ownership of `fd`."""
         try:
             ctx = resolve_context(context)
             if not ctx.caps.semaphore_fd:
                 raise BackendError(f"GL_EXT_semaphore_fd is not supported by {ctx.caps.renderer}")
+            if timeline and not ctx.caps.timeline_semaphore:
+                raise BackendError(f"GL_NV_timeline_semaphore is not supported by {ctx.caps.renderer}")
             _drain_errors()
             sem = _GLuint1()
-            with _gl("glGenSemaphoresEXT"):
-                _sem.glGenSemaphoresEXT(1, sem)
+            with _gl("glCreateSemaphoresNV" if timeline else "glGenSemaphoresEXT"):
+                if timeline:  # the type must be set before the import, on a semaphore made by glCreateSemaphoresNV
+                    _tl.glCreateSemaphoresNV(1, sem)
+                    _tl.glSemaphoreParameterivNV(int(sem[0]), _tl.GL_SEMAPHORE_TYPE_NV,
+                                                 (ctypes.c_int * 1)(_tl.GL_SEMAPHORE_TYPE_TIMELINE_NV))
+                else:
+                    _sem.glGenSemaphoresEXT(1, sem)
             try:
                 with _gl("glImportSemaphoreFdEXT"):
                     _semfd.glImportSemaphoreFdEXT(int(sem[0]), GL_HANDLE_TYPE_OPAQUE_FD_EXT, fd)
@@ -810,7 +847,7 @@ class GLBackend:
                 _sem.glDeleteSemaphoresEXT(1, sem)
                 raise
             fd = -1
-            return GLSemaphore(ctx, int(sem[0]))
+            return GLSemaphore(ctx, int(sem[0]), timeline=timeline)
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -860,6 +897,9 @@ class GLBackend:
             try:
                 res = self._import(desc, fds, ctx, vk_res)
                 fds[0] = -1
+                if desc.gpu_sync and len(fds) > 1 and caps.timeline_semaphore:
+                    sem_fd, fds[1] = fds[1], -1
+                    res._attach_timeline(sem_fd)  # GL itself waits/signals the resource's timeline on the GPU
                 return res
             finally:
                 for fd in fds:
