@@ -480,3 +480,22 @@ def test_semaphore_import_needs_gl_ext_semaphore_fd(gl, caps):
     with pytest.raises(BackendError, match="GL_EXT_semaphore_fd"):
         gl.import_semaphore(os.memfd_create("not-a-semaphore"))
     assert _fd_count() == before
+
+
+def test_moderngl_context_imports_and_wraps_the_texture(gl, vkb):
+    """The user's own context (here moderngl's, on EGL): import into it and get a moderngl.Texture over the name."""
+    moderngl = pytest.importorskip("moderngl", reason="moderngl is not installed")
+    try:
+        ctx = moderngl.create_context(standalone=True, backend="egl")
+    except Exception as e:  # no EGL for moderngl's own loader: a capability, not a failure
+        pytest.skip(f"moderngl cannot create an EGL context here: {e}")
+    data = _pattern((4, 8, 4), np.uint8, seed=21)
+    try:
+        with vkb.create_texture(8, 4, "rgba8", memory="opaque_fd") as src:
+            src.upload(data)
+            with gl.import_resource(src.descriptor, src.export_fds(), context=ctx) as res:
+                tex = res.moderngl_texture(ctx)
+                assert tex.size == (8, 4) and tex.components == 4 and tex.glo == res.texture
+                np.testing.assert_array_equal(np.frombuffer(tex.read(), np.uint8).reshape(4, 8, 4), data)
+    finally:
+        ctx.release()
