@@ -364,3 +364,39 @@ def test_watch_sees_publish_and_retire(session):
             assert ev is not None
             seen.append(ev.kind)
         assert seen == ["released", "unpublished", "retired"]
+
+
+def test_fds_past_the_brokers_own_capacity_go_to_keepers(runtime, monkeypatch):
+    """With room for only 20 fds of its own, the broker spills the rest to keeper processes, transparently."""
+    monkeypatch.setenv("TEXBRIDGE_BROKER_LOCAL_FDS", "20")
+    with texbridge.connect() as s:
+        texs = []
+        for i in range(120):
+            t = s.create_texture(16, 8, "rgba8", name=f"spill-{i}", keyed_mutex=(i % 10 == 0))
+            t.numpy()[:] = i
+            texs.append(t)
+        keepers = _children(s.broker_pid)
+        assert keepers, "no keeper process was started"
+        run_py("""
+            import numpy as np, texbridge
+            with texbridge.connect() as s:
+                for i in range(120):
+                    with s.open(f"spill-{i}") as r:
+                        assert (r.numpy() == i).all(), i
+                        if r.mutex is not None:
+                            r.mutex.acquire(0, timeout=5)
+                            r.mutex.release(1)
+        """)
+        held = sum(fd_count(k) for k in keepers)
+        for t in texs:
+            t.close()
+        assert wait_until(lambda: sum(fd_count(k) for k in keepers) < held - 90), "keepers kept dropped fds"
+        assert s.stats()["resources"] == 0
+        broker = s.broker_pid
+        s.shutdown()
+    assert wait_until(lambda: all(_zombie(k) for k in keepers + [broker]), timeout=10), "keepers outlived the broker"
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]

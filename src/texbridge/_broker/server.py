@@ -26,6 +26,7 @@ from .._memfd import inspect_fd
 from .._protocol import Connection, Message, Op, State, peek_request_id
 from .._unix import close_fds as _close_all
 from .._unix import SPIN_SECONDS, recv_frame, send_frame
+from .fdstore import FdStore
 from .registry import Effects, Registry
 
 log = logging.getLogger("texbridge.broker")
@@ -73,6 +74,7 @@ class BrokerServer:
         self.sel = selectors.DefaultSelector()
         self.peers: dict[int, _Peer] = {}
         self._next_id = 1
+        self.store = FdStore()
         self._running = True
         self._idle_since = time.monotonic()
         listener.setblocking(False)
@@ -111,6 +113,7 @@ class BrokerServer:
                 self._idle_since = time.monotonic()
         for peer in list(self.peers.values()):
             self._drop(peer)
+        self.store.close()
 
     # -- connections --------------------------------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -179,12 +182,18 @@ class BrokerServer:
                     self._maybe_hangup(peer)
                     return
                 continue
-            facts = [(fd, inspect_fd(fd)) for fd in fds]
+            facts = [inspect_fd(fd) for fd in fds]
             try:
-                fx = self.registry.handle(peer.id, msg, facts)
+                tokens = self.store.keep(fds)  # from here on the store owns the fds; the registry sees tokens
+            except OSError as e:
+                self._send(peer, Message(Op.ERROR, msg.request_id, {
+                    "code": QuotaExceeded.code, "message": f"the broker cannot keep more fds: {e}"}), ())
+                continue
+            try:
+                fx = self.registry.handle(peer.id, msg, list(zip(tokens, facts)))
             except Exception:  # a broker bug must cost one request, never the broker
                 log.exception("internal error on %s from client %d", msg.op.value, peer.id)
-                _close_all(fds)
+                self.store.drop(tokens)
                 fx = Effects()
                 fx.error(peer.id, msg.request_id, TexbridgeError("internal broker error (see the broker log)"))
             self._apply(fx)
@@ -203,15 +212,30 @@ class BrokerServer:
     def _apply(self, fx: Effects) -> None:
         for out in fx.out:
             peer = self.peers.get(out.client)
-            if peer is not None:
-                self._send(peer, out.message, out.fds)
-        for fd, session in fx.abandon:
+            if peer is None:
+                continue
+            try:
+                fds, temps = self.store.resolve(out.fds)
+            except (KeyError, OSError) as e:
+                log.error("lost the fds of a resource: %s", e)
+                rid = out.message.request_id
+                self._send(peer, Message(Op.ERROR, rid, {"code": "error", "message": f"fds lost: {e}"}), ())
+                continue
+            try:
+                self._send(peer, out.message, tuple(fds))
+            finally:
+                _close_all(temps)
+        for token, session in fx.abandon:
             if self._abandon is not None:
                 try:
-                    self._abandon(fd, session)
-                except (TexbridgeError, OSError, ValueError) as e:
+                    fds, temps = self.store.resolve([token])
+                    try:
+                        self._abandon(fds[0], session)
+                    finally:
+                        _close_all(temps)
+                except (TexbridgeError, OSError, ValueError, KeyError) as e:
                     log.warning("could not abandon keyed mutex of session %d: %s", session, e)
-        _close_all(fx.close)
+        self.store.drop(fx.close)
         if fx.shutdown:
             self._running = False
 

@@ -1,0 +1,221 @@
+"""Where the broker keeps registered fds: in its own fd table while there is room, past that in keeper processes.
+
+Why: every registered resource is an open fd in the broker, and RLIMIT_NOFILE caps those. Where the broker may raise
+the limit (CAP_SYS_RESOURCE) that is enough; where it may not (a hard limit of 20,000 is common in containers) a
+broker would refuse the 20,001st resource. A keeper is a tiny child process whose only job is to hold fds: each has
+its own fd table and limit, so capacity grows by one limit per keeper.
+
+The registry never sees the difference: it is given *tokens*. A token >= 0 is an fd in this process; a token < 0
+names an fd a keeper holds. resolve() turns tokens into fds usable now (fetching kept ones as temporary copies);
+drop() releases tokens. Keeper wire format (SOCK_SEQPACKET, one request at a time, the broker waits for replies):
+b"P" + fd → 8-byte id; b"G" + id → b"K" + the fd (or b"E"); b"D" + id → no reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import struct
+import subprocess
+import sys
+
+from .._unix import close_fds, recv_frame, send_frame
+
+log = logging.getLogger("texbridge.broker")
+_ID = struct.Struct("<q")
+_RESERVE = 64  # fds a keeper keeps free for itself
+
+
+def local_capacity() -> int:
+    """How many resource fds the broker keeps itself: its fd limit less room for clients and housekeeping."""
+    override = os.environ.get("TEXBRIDGE_BROKER_LOCAL_FDS")
+    if override:
+        return max(0, int(override))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(0, soft - max(2048, soft // 4))
+
+
+class KeeperError(OSError):
+    """A keeper process failed or went away: the fds it held are lost."""
+
+
+class _Keeper:
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "texbridge._broker.fdstore", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, close_fds=True)
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.count = 0
+        self.capacity = int(self._ask(b"C", ())[1:])
+
+    def _ask(self, request: bytes, fds: tuple[int, ...] | list[int]) -> bytes:
+        return self._ask_fds(request, fds)[0]
+
+    def _ask_fds(self, request: bytes, fds: tuple[int, ...] | list[int]) -> tuple[bytes, list[int]]:
+        try:
+            send_frame(self.sock, request, fds)
+            data, got, _ = recv_frame(self.sock)
+        except OSError as e:
+            raise KeeperError(f"fd keeper pid {self.proc.pid} failed: {e}") from None
+        if not data:
+            raise KeeperError(f"fd keeper pid {self.proc.pid} exited")
+        return data, got
+
+    def put(self, fd: int) -> int:
+        reply = self._ask(b"P", [fd])
+        if len(reply) != _ID.size:
+            self.capacity = self.count  # full: the next put starts another keeper
+            raise KeeperError(f"fd keeper pid {self.proc.pid} could not take an fd")
+        ident = _ID.unpack(reply)[0]
+        self.count += 1
+        return ident
+
+    def get(self, ident: int) -> int:
+        data, fds = self._ask_fds(b"G" + _ID.pack(ident), ())
+        if data[:1] != b"K" or len(fds) != 1:
+            close_fds(fds)
+            raise KeeperError(f"fd keeper pid {self.proc.pid} has no fd {ident}")
+        return fds[0]
+
+    def drop(self, ident: int) -> None:
+        try:
+            send_frame(self.sock, b"D" + _ID.pack(ident))
+        except OSError:
+            pass
+        self.count -= 1
+
+    def close(self) -> None:
+        self.sock.close()  # the keeper exits on EOF, closing everything it held
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class FdStore:
+    """Tokens for registered fds; see the module docstring."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = local_capacity() if capacity is None else capacity
+        self.local = 0
+        self._keepers: list[_Keeper] = []
+        self._kept: dict[int, tuple[_Keeper, int]] = {}
+        self._next = 1
+
+    def keep(self, fds: list[int]) -> list[int]:
+        """Tokens for fds just received (ownership passes to the store); fds past local capacity go to a keeper."""
+        tokens = []
+        for i, fd in enumerate(fds):
+            if self.local < self.capacity:
+                self.local += 1
+                tokens.append(fd)
+                continue
+            try:
+                keeper = self._keeper_with_room()
+                ident = keeper.put(fd)
+            except (KeeperError, OSError):
+                self.drop(tokens)
+                close_fds(fds[i:])
+                raise
+            os.close(fd)
+            token = -self._next
+            self._next += 1
+            self._kept[token] = (keeper, ident)
+            tokens.append(token)
+        return tokens
+
+    def resolve(self, tokens) -> tuple[list[int], list[int]]:
+        """(fds usable now, temporary fds the caller closes after use)."""
+        fds, temps = [], []
+        try:
+            for t in tokens:
+                if t >= 0:
+                    fds.append(t)
+                else:
+                    keeper, ident = self._kept[t]
+                    fd = keeper.get(ident)
+                    temps.append(fd)
+                    fds.append(fd)
+        except BaseException:
+            close_fds(temps)
+            raise
+        return fds, temps
+
+    def drop(self, tokens) -> None:
+        for t in tokens:
+            if t >= 0:
+                self.local -= 1
+                close_fds([t])
+            else:
+                entry = self._kept.pop(t, None)
+                if entry is not None:
+                    entry[0].drop(entry[1])
+
+    @property
+    def spilled(self) -> int:
+        return len(self._kept)
+
+    def keeper_pids(self) -> list[int]:
+        return [k.proc.pid for k in self._keepers]
+
+    def close(self) -> None:
+        for k in self._keepers:
+            k.close()
+        self._keepers.clear()
+        self._kept.clear()
+
+    def _keeper_with_room(self) -> _Keeper:
+        for k in self._keepers:
+            if k.count < k.capacity:
+                return k
+        k = _Keeper()
+        self._keepers.append(k)
+        log.info("fd keeper %d started (capacity %d fds)", k.proc.pid, k.capacity)
+        return k
+
+
+def _keeper_main(sock_fd: int) -> None:
+    """The keeper process: hold fds, hand copies back, drop them; exit when the broker goes away."""
+    from .server import raise_fd_limit
+
+    limit = raise_fd_limit()
+    sock = socket.socket(fileno=sock_fd)
+    held: dict[int, int] = {}
+    next_id = 1
+    while True:
+        try:
+            data, fds, _ = recv_frame(sock)
+        except OSError:
+            break
+        if not data:
+            break
+        op = data[:1]
+        if op == b"P":
+            if len(fds) == 1:
+                held[next_id] = fds[0]
+                send_frame(sock, _ID.pack(next_id))
+                next_id += 1
+            else:  # the kernel dropped it (this keeper is full) or a confused sender: say so, never go silent
+                close_fds(fds)
+                send_frame(sock, b"E")
+            continue
+        close_fds(fds)
+        if op == b"C":
+            send_frame(sock, b"C%d" % max(0, limit - _RESERVE))
+        elif op == b"G" and len(data) == 9:
+            fd = held.get(_ID.unpack(data[1:])[0])
+            send_frame(sock, b"K" if fd is not None else b"E", [fd] if fd is not None else [])
+        elif op == b"D" and len(data) == 9:
+            fd = held.pop(_ID.unpack(data[1:])[0], None)
+            if fd is not None:
+                os.close(fd)
+
+
+if __name__ == "__main__":
+    _keeper_main(int(sys.argv[1]))
