@@ -7,8 +7,8 @@ its own fd table and limit, so capacity grows by one limit per keeper.
 
 The registry never sees the difference: it is given *tokens*. A token >= 0 is an fd in this process; a token < 0
 names an fd a keeper holds. resolve() turns tokens into fds usable now (fetching kept ones as temporary copies);
-drop() releases tokens. Keeper wire format (SOCK_SEQPACKET, one request at a time, the broker waits for replies):
-b"P" + fd → 8-byte id; b"G" + id → b"K" + the fd (or b"E"); b"D" + id → no reply.
+drop() releases tokens. The keeper itself, and its wire format, are in _keeper.py (standard library only, run by path, so a keeper costs a
+bare interpreter).
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import logging
 import os
 import resource
 import socket
-import struct
+from pathlib import Path
 import subprocess
 import sys
 
 from .._unix import close_fds, recv_frame, send_frame
+from ._keeper import ID
 
 log = logging.getLogger("texbridge.broker")
-_ID = struct.Struct("<q")
-_RESERVE = 64  # fds a keeper keeps free for itself
+_ID = ID
+_KEEPER_SCRIPT = str(Path(__file__).with_name("_keeper.py"))
 
 
 def local_capacity() -> int:
@@ -45,7 +46,7 @@ class _Keeper:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "texbridge._broker.fdstore", str(theirs.fileno())],
+            self.proc = subprocess.Popen([sys.executable, "-I", _KEEPER_SCRIPT, str(theirs.fileno())],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, close_fds=True)
         finally:
@@ -178,44 +179,3 @@ class FdStore:
         self._keepers.append(k)
         log.info("fd keeper %d started (capacity %d fds)", k.proc.pid, k.capacity)
         return k
-
-
-def _keeper_main(sock_fd: int) -> None:
-    """The keeper process: hold fds, hand copies back, drop them; exit when the broker goes away."""
-    from .server import raise_fd_limit
-
-    limit = raise_fd_limit()
-    sock = socket.socket(fileno=sock_fd)
-    held: dict[int, int] = {}
-    next_id = 1
-    while True:
-        try:
-            data, fds, _ = recv_frame(sock)
-        except OSError:
-            break
-        if not data:
-            break
-        op = data[:1]
-        if op == b"P":
-            if len(fds) == 1:
-                held[next_id] = fds[0]
-                send_frame(sock, _ID.pack(next_id))
-                next_id += 1
-            else:  # the kernel dropped it (this keeper is full) or a confused sender: say so, never go silent
-                close_fds(fds)
-                send_frame(sock, b"E")
-            continue
-        close_fds(fds)
-        if op == b"C":
-            send_frame(sock, b"C%d" % max(0, limit - _RESERVE))
-        elif op == b"G" and len(data) == 9:
-            fd = held.get(_ID.unpack(data[1:])[0])
-            send_frame(sock, b"K" if fd is not None else b"E", [fd] if fd is not None else [])
-        elif op == b"D" and len(data) == 9:
-            fd = held.pop(_ID.unpack(data[1:])[0], None)
-            if fd is not None:
-                os.close(fd)
-
-
-if __name__ == "__main__":
-    _keeper_main(int(sys.argv[1]))

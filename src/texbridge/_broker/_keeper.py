@@ -1,0 +1,74 @@
+"""An fd keeper: holds fds for the broker past the broker's own RLIMIT_NOFILE room (see fdstore.py).
+
+Run as a script by path (`python -I .../_keeper.py SOCKFD`), never imported with the texbridge package: it uses the
+standard library only, so each keeper costs a bare interpreter (a few MB), not texbridge's imports.
+Wire format on the SOCK_SEQPACKET socket, one request at a time: b"C" → b"C<capacity>"; b"P" + fd → 8-byte id
+(or b"E" when the fd did not arrive); b"G" + id → b"K" + the fd (or b"E"); b"D" + id → no reply.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import struct
+import sys
+
+ID = struct.Struct("<q")
+RESERVE = 64  # fds a keeper keeps free for itself
+
+
+def _raise_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (max(1 << 20, hard), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def serve(sock: socket.socket) -> None:
+    capacity = max(0, _raise_limit() - RESERVE)
+    held: dict[int, int] = {}
+    next_id = 1
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 64, 4)
+        except OSError:
+            return
+        if not data:
+            return  # the broker went away: exiting closes every fd held
+        op = data[:1]
+        if op == b"P":
+            if len(fds) == 1:
+                held[next_id] = fds[0]
+                sock.send(ID.pack(next_id))
+                next_id += 1
+                continue
+            reply = b"E"  # the kernel dropped it (this keeper is full): say so, never go silent
+        elif op == b"C":
+            reply = b"C%d" % capacity
+        elif op == b"G" and len(data) == 9:
+            fd = held.get(ID.unpack(data[1:])[0])
+            for extra in fds:
+                os.close(extra)
+            if fd is not None:
+                socket.send_fds(sock, [b"K"], [fd])
+                continue
+            reply = b"E"
+        elif op == b"D" and len(data) == 9:
+            fd = held.pop(ID.unpack(data[1:])[0], None)
+            if fd is not None:
+                os.close(fd)
+            continue
+        else:
+            reply = b"E"
+        for extra in fds:
+            os.close(extra)
+        sock.send(reply)
+
+
+if __name__ == "__main__":
+    serve(socket.socket(fileno=int(sys.argv[1])))
