@@ -7,8 +7,8 @@ its own fd table and limit, so capacity grows by one limit per keeper.
 
 The registry never sees the difference: it is given *tokens*. A token >= 0 is an fd in this process; a token < 0
 names an fd a keeper holds. resolve() turns tokens into fds usable now (fetching kept ones as temporary copies);
-drop() releases tokens. The keeper itself, and its wire format, are in _keeper.py (standard library only, run by path, so a keeper costs a
-bare interpreter).
+drop() releases tokens. The keeper itself, and its wire format, are in _keeper.py (standard library only, run by
+path, so a keeper costs a bare interpreter).
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ import logging
 import os
 import resource
 import socket
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 from .._unix import close_fds, recv_frame, send_frame
-from ._keeper import ID
+from ._keeper import ID as _ID
 
 log = logging.getLogger("texbridge.broker")
-_ID = ID
 _KEEPER_SCRIPT = str(Path(__file__).with_name("_keeper.py"))
 
 
