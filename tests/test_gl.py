@@ -318,20 +318,25 @@ def test_gl_rendered_fbo_to_numpy_and_vulkan_in_another_process(gl, vkb, caps):
         res.end_access()
         assert res.gl_sync == "finish"  # no semaphore given: glFinish is the ordering
         np.testing.assert_array_equal(res.download(), want)  # → NumPy
-        proc, sock = _spawn(_vulkan_consumer)
-        try:
-            fds = res.export_fds()
-            _send(sock, {"descriptor": res.descriptor.to_wire()}, fds)
-            for fd in fds:
-                os.close(fd)
-            msg, _ = _recv(sock)
-            np.testing.assert_array_equal(msg["data"], want)  # → Vulkan, another process
-        finally:
-            sock.close()
-            proc.join(30)
-        assert proc.exitcode == 0
+        np.testing.assert_array_equal(_read_in_vulkan_child(res), want)  # → Vulkan, another process
     finally:
         res.close()
+
+
+def _read_in_vulkan_child(res) -> np.ndarray:
+    """Send `res` to a child that imports it into Vulkan and sends back what it reads."""
+    proc, sock = _spawn(_vulkan_consumer)
+    try:
+        fds = res.export_fds()
+        _send(sock, {"descriptor": res.descriptor.to_wire()}, fds)
+        for fd in fds:
+            os.close(fd)
+        msg, _ = _recv(sock)
+    finally:
+        sock.close()
+        proc.join(30)
+    assert proc.exitcode == 0
+    return msg["data"]
 
 
 def test_gl_buffer_to_vulkan_in_another_process(gl, vkb):
@@ -339,18 +344,7 @@ def test_gl_buffer_to_vulkan_in_another_process(gl, vkb):
     with gl.create_buffer(data.size) as res:
         res.upload(data)
         res.end_access()
-        proc, sock = _spawn(_vulkan_consumer)
-        try:
-            fds = res.export_fds()
-            _send(sock, {"descriptor": res.descriptor.to_wire()}, fds)
-            for fd in fds:
-                os.close(fd)
-            msg, _ = _recv(sock)
-            np.testing.assert_array_equal(msg["data"][: data.size], data)
-        finally:
-            sock.close()
-            proc.join(30)
-        assert proc.exitcode == 0
+        np.testing.assert_array_equal(_read_in_vulkan_child(res)[: data.size], data)
 
 
 def test_imported_resource_cannot_be_reexported(gl, vkb):

@@ -18,9 +18,10 @@ ID = struct.Struct("<q")
 RESERVE = 64  # fds a keeper keeps free for itself
 
 
-def _raise_limit() -> int:
+def raise_fd_limit(want: int = 1 << 20) -> int:
+    """Lift RLIMIT_NOFILE as far as allowed (the broker and each keeper hold one fd per resource)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for target in (max(1 << 20, hard), hard):
+    for target in (max(want, hard), hard):
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
             return target
@@ -30,7 +31,7 @@ def _raise_limit() -> int:
 
 
 def serve(sock: socket.socket) -> None:
-    capacity = max(0, _raise_limit() - RESERVE)
+    capacity = max(0, raise_fd_limit() - RESERVE)
     held: dict[int, int] = {}
     next_id = 1
     while True:

@@ -26,6 +26,7 @@ from .._memfd import inspect_fd
 from .._protocol import Connection, Message, Op, State, peek_request_id
 from .._unix import close_fds as _close_all
 from .._unix import SPIN_SECONDS, recv_frame, send_frame
+from ._keeper import raise_fd_limit  # noqa: F401  (re-exported: the daemon and benchmarks use it from here)
 from .fdstore import FdStore
 from .registry import Effects, Registry
 
@@ -44,18 +45,6 @@ class _Peer:
     queue: collections.deque = field(default_factory=collections.deque)  # (bytes, dup'd fds)
     hangup: bool = False
     refusal: AccessDenied | None = None  # set for a uid the policy does not admit
-
-
-def raise_fd_limit(want: int = 1 << 20) -> int:
-    """Lift RLIMIT_NOFILE as far as allowed: the broker keeps one fd per resource plus one per client."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for target in (max(want, hard), hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
-            return target
-        except (ValueError, OSError):
-            continue
-    return soft
 
 
 def _out_of_fds() -> bool:
