@@ -711,3 +711,26 @@ def test_session_disconnect_abandons_through_the_broker(runtime, children):
         assert c.proc.poll() is None  # abandoned by the broker's view, not by death
         assert res.mutex.owned
         res.mutex.release(4)
+
+
+def test_a_handle_that_found_corruption_fails_fast_afterwards():
+    """A meta lock scribbled to a live thread id costs its 2 s stuck detection once, not on every later call."""
+    fd = create_state(0)
+    try:
+        raw = map_fd(fd, KEYED_MUTEX_STATE_SIZE)
+        m = KeyedMutex(fd)
+        try:
+            m.acquire(0)
+            raw[8:12] = (1).to_bytes(4, "little")  # the meta-lock word now names pid 1, which is always alive
+            with pytest.raises(KeyedMutexError, match="over 2 s"):
+                m.release(1)
+            t = time.monotonic()
+            for op in (lambda: m.acquire(1, 0), lambda: m.release(1), m.statistics):
+                with pytest.raises(KeyedMutexError, match="corrupted earlier"):
+                    op()
+            assert time.monotonic() - t < 0.5
+        finally:
+            m.close()
+            raw.close()
+    finally:
+        os.close(fd)

@@ -368,6 +368,8 @@ typedef struct {
     km_state *st;     /* NULL once closed */
     uint32_t session, token;
     int busy;         /* calls in flight (they may have released the GIL): close() must wait for them */
+    int broken;       /* the shared state was found corrupted: fail fast from then on (a scribbled meta lock
+                         would otherwise cost its 2 s stuck detection on every call) */
     uint64_t spin_ns; /* adaptive spin budget */
 } Core;
 
@@ -575,9 +577,15 @@ static int wait_slot(Core *c, int i, int has_dl, uint64_t dl, uint64_t *sync) {
 /* ---- Python glue ---------------------------------------------------------------------------------------------- */
 
 static int check_open(Core *c) {
-    if (c->st) return 0;
-    PyErr_SetString(E_Closed, "keyed mutex is closed");
-    return -1;
+    if (!c->st) {
+        PyErr_SetString(E_Closed, "keyed mutex is closed");
+        return -1;
+    }
+    if (c->broken) {
+        PyErr_SetString(E_Error, "keyed mutex shared state was found corrupted earlier; this handle is unusable");
+        return -1;
+    }
+    return 0;
 }
 
 static int parse_u64(PyObject *o, const char *what, uint64_t *out) {
@@ -618,8 +626,14 @@ static PyObject *raise_rc(Core *c, int r, uint64_t key, double timeout) {
         PyErr_SetString(E_Timeout, msg);
         break;
     }
-    case KR_CORRUPT: PyErr_SetString(E_Error, "keyed mutex shared state is corrupted (bad magic or impossible values)"); break;
-    case KR_STUCK: PyErr_SetString(E_Error, "keyed mutex meta lock held for over 2 s: shared state corrupted or a peer is stopped"); break;
+    case KR_CORRUPT:
+        c->broken = 1;
+        PyErr_SetString(E_Error, "keyed mutex shared state is corrupted (bad magic or impossible values)");
+        break;
+    case KR_STUCK:
+        c->broken = 1;
+        PyErr_SetString(E_Error, "keyed mutex meta lock held for over 2 s: shared state corrupted or a peer is stopped");
+        break;
     case KR_RECURSIVE: PyErr_SetString(E_Error, "recursive acquire: this KeyedMutex already owns the mutex"); break;
     case KR_NOT_OWNER: PyErr_SetString(E_Error, "release by a non-owner: this KeyedMutex does not own the mutex"); break;
     case KR_INTERRUPTED: break; /* exception already set */
@@ -665,7 +679,7 @@ static PyObject *Core_close(Core *c, PyObject *noargs) {
     (void)noargs;
     if (!c->st) Py_RETURN_NONE;
     if (c->busy) return PyErr_Format(E_Error, "close() while another thread is inside acquire/release");
-    abandon_if_owner(c);
+    if (!c->broken) abandon_if_owner(c); /* a corrupted state has no owner worth telling about */
     c->st = NULL;
     PyBuffer_Release(&c->view);
     Py_RETURN_NONE;
@@ -673,7 +687,7 @@ static PyObject *Core_close(Core *c, PyObject *noargs) {
 
 static void Core_dealloc(Core *c) {
     if (c->st) {
-        abandon_if_owner(c);
+        if (!c->broken) abandon_if_owner(c);
         c->st = NULL;
         PyBuffer_Release(&c->view);
     }
