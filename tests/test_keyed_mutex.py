@@ -6,6 +6,7 @@ stdout, one line per event. Time bounds here are loose on purpose: precision is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import select
@@ -562,28 +563,18 @@ def test_scribble_under_a_sleeping_waiter_wakes_it_with_an_error(fd, mutex):
                 min_size=1, max_size=6), st.integers(0, 3))
 def test_arbitrary_scribbles_never_crash_or_hang(scribbles, key):
     """A peer writing anything anywhere: every call returns or raises a TexbridgeError within a bounded time."""
-    fd = create_state(0)
-    try:
-        raw = map_fd(fd, KEYED_MUTEX_STATE_SIZE)
-        m = KeyedMutex(fd)
-        try:
-            m.acquire(0)
-            for off, data in scribbles:
-                raw[off:off + len(data)] = data[: KEYED_MUTEX_STATE_SIZE - off]
-            t = time.monotonic()
-            for op in (lambda: m.release(key, private_data=b"p"), lambda: m.acquire(key, 0.02), lambda: m.private_data,
-                       m.statistics, lambda: abandon_session(raw, 1), lambda: m.release(key),
-                       lambda: m.acquire(key, 0)):
-                try:
-                    op()
-                except TexbridgeError:
-                    pass
-            assert time.monotonic() - t < 10  # the meta-lock stuck detector is the longest bound (2 s)
-        finally:
-            m.close()
-            raw.close()
-    finally:
-        os.close(fd)
+    with _owned_mutex_and_its_page() as (m, raw):
+        for off, data in scribbles:
+            raw[off:off + len(data)] = data[: KEYED_MUTEX_STATE_SIZE - off]
+        t = time.monotonic()
+        for op in (lambda: m.release(key, private_data=b"p"), lambda: m.acquire(key, 0.02), lambda: m.private_data,
+                   m.statistics, lambda: abandon_session(raw, 1), lambda: m.release(key),
+                   lambda: m.acquire(key, 0)):
+            try:
+                op()
+            except TexbridgeError:
+                pass
+        assert time.monotonic() - t < 10  # the meta-lock stuck detector is the longest bound (2 s)
 
 
 # -- stress ------------------------------------------------------------------------------------------------------------
@@ -715,20 +706,27 @@ def test_session_disconnect_abandons_through_the_broker(runtime, children):
 
 def test_a_handle_that_found_corruption_fails_fast_afterwards():
     """A meta lock scribbled to a live thread id costs its 2 s stuck detection once, not on every later call."""
+    with _owned_mutex_and_its_page() as (m, raw):
+        raw[8:12] = (1).to_bytes(4, "little")  # the meta-lock word now names pid 1, which is always alive
+        with pytest.raises(KeyedMutexError, match="over 2 s"):
+            m.release(1)
+        t = time.monotonic()
+        for op in (lambda: m.acquire(1, 0), lambda: m.release(1), m.statistics):
+            with pytest.raises(KeyedMutexError, match="corrupted earlier"):
+                op()
+        assert time.monotonic() - t < 0.5
+
+
+@contextlib.contextmanager
+def _owned_mutex_and_its_page():
+    """A fresh mutex, acquired with key 0, and a raw mapping of its state page for scribbling on."""
     fd = create_state(0)
     try:
         raw = map_fd(fd, KEYED_MUTEX_STATE_SIZE)
         m = KeyedMutex(fd)
         try:
             m.acquire(0)
-            raw[8:12] = (1).to_bytes(4, "little")  # the meta-lock word now names pid 1, which is always alive
-            with pytest.raises(KeyedMutexError, match="over 2 s"):
-                m.release(1)
-            t = time.monotonic()
-            for op in (lambda: m.acquire(1, 0), lambda: m.release(1), m.statistics):
-                with pytest.raises(KeyedMutexError, match="corrupted earlier"):
-                    op()
-            assert time.monotonic() - t < 0.5
+            yield m, raw
         finally:
             m.close()
             raw.close()
