@@ -281,12 +281,10 @@ class Session:
         return _EventStream(channel)
 
     # -- closing ------------------------------------------------------------------------------------------------------
-    def _drop(self, handle: Handle) -> None:
-        """Called by Resource.close(): drop this session's reference at the broker."""
-        for key, res in list(self._resources.items()):
-            if res.handle == handle and res.closed:
-                del self._resources[key]
-                break
+    def _drop(self, res: Resource, handle: Handle) -> None:
+        """Called by Resource.close(): forget it (O(1): close is on the per-frame path of some users) and drop
+        this session's reference at the broker."""
+        self._resources.pop(id(res), None)
         self._close_handle(handle.value)
 
     def _close_handle(self, handle: int | None) -> None:

@@ -108,7 +108,7 @@ class Resource:
             self._release()
         finally:
             if session is not None and handle is not None:
-                session._drop(handle)
+                session._drop(self, handle)
 
     def __enter__(self) -> "Resource":
         return self

@@ -78,7 +78,6 @@ class Client:
     refs: dict[int, int] = field(default_factory=dict)  # handle -> references held
     names: set[str] = field(default_factory=set)
     bytes: int = 0
-    watching: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +111,7 @@ class Registry:
         self.resources: dict[int, Record] = {}
         self.names: dict[str, int] = {}
         self.clients: dict[int, Client] = {}
+        self.watchers: set[int] = set()  # client ids: events cost nothing when nobody watches
         self.counters = {"requests": 0, "errors": 0, "registered": 0, "opened": 0, "retired": 0}
 
     # -- connection lifecycle -------------------------------------------------------------------------------------
@@ -127,6 +127,7 @@ class Registry:
         client = self.clients.pop(client_id, None)
         if client is None:
             return fx
+        self.watchers.discard(client_id)
         for name in sorted(client.names):
             self._unpublish(name, fx)
         for handle, count in list(client.refs.items()):
@@ -263,7 +264,7 @@ class Registry:
         return False
 
     def _op_watch(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
-        client.watching = True
+        self.watchers.add(client.id)
         fx.reply(client.id, msg.request_id)
         return False
 
@@ -384,9 +385,10 @@ class Registry:
             self._event(fx, "retired", handle=rec.handle)
 
     def _event(self, fx: Effects, event: str, **fields: Any) -> None:
-        for c in self.clients.values():
-            if c.watching:
-                fx.out.append(Outgoing(c.id, Message(Op.EVENT, 0, {"event": event, **fields})))
+        if not self.watchers:
+            return
+        msg = Message(Op.EVENT, 0, {"event": event, **fields})
+        fx.out.extend(Outgoing(cid, msg) for cid in sorted(self.watchers))
 
 
 def _has_mutex(rec: Record) -> bool:
