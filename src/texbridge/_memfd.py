@@ -7,6 +7,7 @@ importer can map without fear.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -32,8 +33,62 @@ def create_sealed(name: str, size: int) -> int:
 
 
 def map_fd(fd: int, size: int) -> mmap.mmap:
-    """Map `size` bytes of `fd` shared read-write. The mapping keeps the memory alive after fd is closed."""
+    """Map `size` bytes of `fd` shared read-write. The mapping keeps the memory alive after fd is closed.
+
+    Only for short-lived internal mappings closed by their user; anything that hands out views uses SharedMapping."""
     return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class SharedMapping:
+    """A MAP_SHARED mapping that lives as long as any view of it: the one home of texbridge's mapping-lifetime rule.
+
+    Every view holds a buffer export of the mmap: memoryviews directly (the C core's Py_buffer too), NumPy arrays
+    through a ctypes array made with from_buffer (NumPy 2 unwraps a memoryview base to the bare mmap, which would
+    not hold the export). close() drops texbridge's own references: with no view left the pages are unmapped at
+    once, otherwise mmap refuses (BufferError) and the unmap happens when the last view is garbage collected. So no
+    Python call can read unmapped memory (no SIGSEGV), and a closed owner never keeps a mapping nobody sees.
+    """
+
+    __slots__ = ("_mmap", "_owner", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._mmap: mmap.mmap | None = map_fd(fd, size)
+        self._owner: object = None
+        self.size = size
+
+    @property
+    def closed(self) -> bool:
+        return self._mmap is None
+
+    def _check(self) -> mmap.mmap:
+        if self._mmap is None:
+            from ._errors import ClosedError
+
+            raise ClosedError("the mapping is closed")
+        return self._mmap
+
+    def view(self) -> memoryview:
+        """A writable memoryview of the whole mapping; it keeps the mapping alive while it exists."""
+        return memoryview(self._check())
+
+    def array(self, shape: tuple[int, ...], dtype: object, offset: int = 0,
+              strides: tuple[int, ...] | None = None):  # -> np.ndarray (NumPy is imported only by users of views)
+        """A NumPy view whose .base keeps the mapping alive."""
+        import numpy as np
+
+        m = self._check()
+        if self._owner is None:
+            self._owner = (ctypes.c_char * self.size).from_buffer(m)
+        return np.ndarray(shape, dtype, buffer=self._owner, offset=offset, strides=strides)
+
+    def close(self) -> None:
+        """Drop texbridge's references. Idempotent; never fails because views are alive."""
+        m, self._mmap, self._owner = self._mmap, None, None
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:
+                pass  # views are alive: the GC unmaps when the last one goes (sealed memfd: never a SIGBUS either)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from typing import Iterator
 from . import _futex
 from ._descriptor import KEYED_MUTEX_STATE_SIZE
 from ._errors import KeyedMutexError, KeyedMutexTimeout, WouldBlock
-from ._memfd import create_sealed, inspect_fd, map_fd
+from ._memfd import SharedMapping, create_sealed, inspect_fd
 
 __all__ = ["KeyedMutex", "KeyedMutexStats", "create_state", "abandon_session", "PRIVATE_DATA_CAPACITY",
            "MAX_WAITERS"]
@@ -30,9 +30,9 @@ def create_state(initial_key: int = 0) -> int:
     """A new keyed-mutex state: a sealed memfd, free with `initial_key`. Returns the fd; the caller owns it."""
     fd = create_sealed("texbridge:keyed-mutex", KEYED_MUTEX_STATE_SIZE)
     try:
-        m = map_fd(fd, KEYED_MUTEX_STATE_SIZE)
+        m = SharedMapping(fd, KEYED_MUTEX_STATE_SIZE)
         try:
-            _futex.init(m, initial_key)
+            _futex.init(m.view(), initial_key)
         finally:
             m.close()
     except BaseException:
@@ -41,13 +41,13 @@ def create_state(initial_key: int = 0) -> int:
     return fd
 
 
-def _map_state(fd: int) -> mmap.mmap:
+def _map_state(fd: int) -> SharedMapping:
     """Map a state fd, refusing anything a peer could shrink under us (SIGBUS) or that is too small."""
     facts = inspect_fd(fd)
     if facts.kind != "memfd" or not facts.size_sealed or facts.size != KEYED_MUTEX_STATE_SIZE:
         raise KeyedMutexError(f"keyed mutex state must be a size-sealed memfd of {KEYED_MUTEX_STATE_SIZE} bytes "
                               f"(got {facts.kind}, {facts.size} bytes, seals {facts.seals:#x})")
-    return map_fd(fd, KEYED_MUTEX_STATE_SIZE)
+    return SharedMapping(fd, KEYED_MUTEX_STATE_SIZE)
 
 
 def abandon_session(fd_or_buffer: "int | mmap.mmap | memoryview", session_id: int) -> bool:
@@ -56,7 +56,7 @@ def abandon_session(fd_or_buffer: "int | mmap.mmap | memoryview", session_id: in
     if isinstance(fd_or_buffer, int):
         m = _map_state(fd_or_buffer)
         try:
-            return _futex.abandon_session(m, session_id)
+            return _futex.abandon_session(m.view(), session_id)
         finally:
             m.close()
     return _futex.abandon_session(fd_or_buffer, session_id)
@@ -88,7 +88,7 @@ class KeyedMutex:
         """Map the state behind `fd` (not taken over: the caller still closes it) and check it is one."""
         self._map = _map_state(fd)
         try:
-            self._core = _futex.Core(self._map, session_id)
+            self._core = _futex.Core(self._map.view(), session_id)  # the core's buffer keeps the pages mapped
         except BaseException:
             self._map.close()
             raise
@@ -146,7 +146,8 @@ class KeyedMutex:
         return self._core.closed
 
     def close(self) -> None:
-        """Unmap. Idempotent. Closing while owning abandons the mutex, as dying would: the data may be half done."""
+        """Unmap. Idempotent. Closing while owning abandons the mutex, as dying would: the data may be half done.
+        Every later call raises ClosedError (the C core checks before touching the state)."""
         if self._core.closed:
             return
         self._core.close()

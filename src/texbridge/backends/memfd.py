@@ -10,7 +10,7 @@ import numpy as np
 from .._descriptor import Descriptor, Usage, d3d11_texture_desc, texture_layout
 from .._errors import InvalidDescriptor
 from .._formats import get_format
-from .._memfd import create_sealed, inspect_fd, map_fd
+from .._memfd import SharedMapping, create_sealed, inspect_fd
 from .._resources import Resource
 
 
@@ -23,22 +23,25 @@ class MemfdResource(Resource):
         """Takes ownership of `fd`: it is mapped and kept only for export, and closed on close()."""
         super().__init__(descriptor)
         self._fd = fd
-        self._map = map_fd(fd, descriptor.size)
+        self._map = SharedMapping(fd, descriptor.size)
 
     def export_fds(self) -> list[int]:
         self._check_open()
         return [os.dup(self._fd)]
 
     def numpy(self) -> np.ndarray:
-        """A zero-copy view: (H, W, C) honouring the row pitch for textures, 1-D uint8 for buffers."""
+        """A zero-copy view: (H, W, C) honouring the row pitch for textures, 1-D uint8 for buffers.
+
+        The view keeps the mapping alive: it stays readable after close() (the memory lives on until the last
+        view goes), so dropping views is the user's only duty."""
         self._check_open()
         d = self.descriptor
         if d.kind != "texture2d":
-            return np.ndarray((d.size,), np.uint8, buffer=self._map)
+            return self._map.array((d.size,), np.uint8)
         fmt = get_format(d.format)
         item = fmt.numpy_dtype.itemsize
-        return np.ndarray((d.height, d.width, fmt.channels), fmt.numpy_dtype, buffer=self._map, offset=d.offset,
-                          strides=(d.row_pitch, fmt.bytes_per_pixel, item))
+        return self._map.array((d.height, d.width, fmt.channels), fmt.numpy_dtype, offset=d.offset,
+                               strides=(d.row_pitch, fmt.bytes_per_pixel, item))
 
     def upload(self, array: np.ndarray) -> None:
         view = self.numpy()
@@ -53,10 +56,7 @@ class MemfdResource(Resource):
     def _release(self) -> None:
         fd, self._fd = self._fd, -1
         os.close(fd)
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # NumPy views are still alive; the mapping goes when they do (sealed: no SIGBUS ever)
+        self._map.close()  # views made by numpy() keep the pages mapped until they go
 
 
 class MemfdBackend:

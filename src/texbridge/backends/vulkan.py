@@ -22,7 +22,7 @@ from . import _vk  # imports `vulkan`: an ImportError here makes the backend una
 from .._descriptor import Descriptor, Usage, align, d3d11_texture_desc
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
-from .._memfd import inspect_fd, map_fd
+from .._memfd import SharedMapping, inspect_fd
 from .._resources import Resource
 from ._vk import (HANDLE_DMA_BUF, HANDLE_HOST, HANDLE_NAMES, HANDLE_OPAQUE_FD, TimelineSemaphore, VulkanDevice,
                   VulkanError, check, default_device, ffi, lib, live_objects, track, vk)
@@ -279,7 +279,10 @@ class _HostMapping:
 
 
 class _Staging:
-    """A host-visible buffer, mapped persistently, reused by one resource's uploads and downloads."""
+    """A host-visible buffer, mapped persistently, reused by one resource's uploads and downloads.
+
+    Its .array never leaves this module (download() returns copies), so freeing the memory on close() cannot
+    leave a live view behind: vkFreeMemory unmaps, and nothing outside can still point into it."""
 
     def __init__(self, dev: VulkanDevice, size: int) -> None:
         self.dev, self.size = dev, size
@@ -355,7 +358,7 @@ class VulkanResource(Resource):
 
     def __init__(self, descriptor: Descriptor, device: VulkanDevice, *, image: Any = None, buffer: Any = None,
                  memory: Any = None, handle_type: int = 0, exportable: bool = False, layout: int = 0,
-                 fd: int = -1, host: _HostMapping | None = None, host_map: mmap.mmap | None = None,
+                 fd: int = -1, host: _HostMapping | None = None, host_map: SharedMapping | None = None,
                  extra_buffer: bool = False) -> None:
         super().__init__(descriptor)
         self.device, self.image, self.buffer, self.memory = device, image, buffer, memory
@@ -561,8 +564,8 @@ class VulkanResource(Resource):
         d = self.descriptor
         fmt = get_format(d.format)
         assert self._host_map is not None
-        return np.ndarray(self.shape, fmt.numpy_dtype, buffer=self._host_map, offset=d.offset,
-                          strides=(d.row_pitch, fmt.bytes_per_pixel, fmt.numpy_dtype.itemsize))
+        return self._host_map.array(self.shape, fmt.numpy_dtype, offset=d.offset,
+                                    strides=(d.row_pitch, fmt.bytes_per_pixel, fmt.numpy_dtype.itemsize))
 
     def sync_to_image(self) -> None:
         """memfd → VkImage after CPU writes (staging path only; zero-copy resources share the pages)."""
@@ -606,10 +609,7 @@ class VulkanResource(Resource):
             if host is not None:
                 host.close()  # after vkFreeMemory: the driver may touch imported pages until then
             if host_map is not None:
-                try:
-                    host_map.close()
-                except BufferError:
-                    pass
+                host_map.close()
             if fd >= 0:
                 os.close(fd)
 
@@ -1030,7 +1030,7 @@ def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanRes
     if r == vk.VK_ERROR_FORMAT_NOT_SUPPORTED:
         raise BackendError(f"{dev.name} cannot hold a {d.format} image with usage 0x{p['vk_usage']:x}")
     check(r, "vkGetPhysicalDeviceImageFormatProperties")
-    host_map = map_fd(fd, d.size)
+    host_map = SharedMapping(fd, d.size)
     image = mem = None
     try:
         info = ffi.new("VkImageCreateInfo*", {
