@@ -78,7 +78,13 @@ class MemfdBackend:
         return MemfdResource(desc, create_sealed(f"texbridge:buffer:{size}", size))
 
     def import_resource(self, descriptor: Descriptor, fds: Sequence[int], **options: Any) -> MemfdResource:
+        """Map fds[0]. Takes ownership of every fd: a GPU semaphore (gpu_sync) means nothing to CPU memory, which
+        the keyed mutex alone orders, so it is closed at once."""
+        if not fds:
+            raise InvalidDescriptor("import needs the memory fd")
         fd = fds[0]
+        for extra in fds[1:]:
+            os.close(extra)
         try:
             _no_options(options)
             if descriptor.memory != "memfd":
