@@ -493,3 +493,36 @@ def test_moderngl_context_imports_and_wraps_the_texture(gl, vkb):
                 np.testing.assert_array_equal(np.frombuffer(tex.read(), np.uint8).reshape(4, 8, 4), data)
     finally:
         ctx.release()
+
+
+GL_UPLOAD_READER = """
+import sys, numpy as np, texbridge
+backend, handle, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with texbridge.connect() as s:
+    res = s.open(handle, backend=backend)
+    got = res.download()
+    want = np.random.default_rng(seed).integers(0, 255, got.shape if got.ndim == 3 else (4099,), dtype=np.uint8,
+                                                endpoint=True)
+    print("match", bool(np.array_equal(got[: want.shape[0]] if got.ndim == 1 else got, want)))
+    res.close()
+"""
+
+
+@pytest.mark.parametrize("reader", ["vulkan", "gl"])
+def test_gl_upload_alone_is_visible_to_other_processes(gl, vkb, runtime, reader):
+    """upload() is complete for other processes when it returns: no end_access, no keyed mutex (NVIDIA showed
+    all zeros in every consumer before upload() finished its GL work)."""
+    import texbridge
+
+    from conftest import run_py
+
+    with texbridge.connect() as s:
+        tex = s.create_texture(48, 20, "rgba8", backend="gl")
+        tex.upload(np.random.default_rng(5).integers(0, 255, tex.shape, dtype=np.uint8, endpoint=True))
+        buf = s.create_buffer(4099, backend="gl")
+        buf.upload(np.random.default_rng(6).integers(0, 255, (4099,), dtype=np.uint8, endpoint=True))
+        for res, seed in ((tex, 5), (buf, 6)):
+            out = run_py(GL_UPLOAD_READER, reader, str(res.handle), str(seed)).stdout
+            assert "match True" in out, (res, out)
+        tex.close()
+        buf.close()

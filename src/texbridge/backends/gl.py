@@ -558,6 +558,8 @@ class GLResource(Resource):
 
     # -- CPU transfers ---------------------------------------------------------------------------------------------
     def upload(self, array: np.ndarray) -> None:
+        """Copy `array` in; complete for every other process and API when this returns (like Vulkan and CUDA):
+        GL queues the copy, and another process's import never sees this context's pending work, so we finish it."""
         self._check_open()
         self.context.enter()
         if self.buffer:
@@ -565,6 +567,7 @@ class GLResource(Resource):
             if data.size > self.shape[0]:  # fewer bytes fill a prefix: drivers round buffer sizes up
                 raise ValueError(f"upload of {data.size} bytes into a {self.shape[0]}-byte buffer")
             self._buffer_upload(data)
+            GL.glFinish()
             return
         data = self._texture_array(array)
         d, fmt = self.descriptor, self.format
@@ -575,6 +578,7 @@ class GLResource(Resource):
             else:
                 _gl12.glTexSubImage3D(self.target, 0, 0, 0, 0, d.width, d.height, d.array_size, fmt.gl_format,
                                    fmt.gl_type, data.ctypes.data_as(ctypes.c_void_p))
+        GL.glFinish()
 
     def download(self) -> np.ndarray:
         self._check_open()
