@@ -491,3 +491,55 @@ def test_keyed_mutex_ping_pong_1000_frames(session, dev):
             child.kill()
             child.wait()
         tex.close()
+
+
+LINEAR_READER = r"""
+import sys, numpy as np, texbridge
+from texbridge import Descriptor
+from texbridge._client import _unpack_descriptor
+from texbridge._protocol import Op
+from texbridge.backends.vulkan import BACKEND
+handle, out = sys.argv[1], sys.argv[2]
+with texbridge.connect() as s:
+    img = s.open(handle, backend="vulkan")  # the image, recreated from the descriptor
+    np.save(out + "-img.npy", img.download())
+    # The independent path: the same memory as a plain VkBuffer, seen only through the descriptor's size.
+    fields, fds = s._channel.request(Op.OPEN, {"handle": img.handle.value})
+    d = Descriptor.from_wire(_unpack_descriptor(fields["descriptor"]), validated=True)
+    raw = Descriptor(kind="buffer", size=d.size, memory=d.memory, backend="test", driver_uuid=d.driver_uuid,
+                     device_uuid=d.device_uuid, driver_private={"buffer_size": d.size, "vk_usage": 3}).validate()
+    buf = BACKEND.import_resource(raw, fds)
+    np.save(out + "-raw.npy", buf.download())
+    buf.close()
+    img.close()
+"""
+
+
+def test_linear_texture_records_its_layout_for_any_importer(session, dev, tmp_path):
+    """A LINEAR image's descriptor carries offset and row pitch; a reader that knows only the descriptor and the
+    fd (here: a VkBuffer import of the raw memory in another process) finds every row where the planes say."""
+    w, h = 33, 7
+    tex = session.create_texture(w, h, "rgba8", backend="vulkan", tiling="linear", memory="opaque_fd")
+    d = tex.descriptor
+    assert len(d.planes) == 1, "a linear image must record its plane layout"
+    (offset, pitch), = d.planes
+    assert pitch >= w * 4 and offset + pitch * (h - 1) + w * 4 <= d.size
+    assert d.driver_private["plane_layouts"][0]["row_pitch"] == pitch
+    data = _random((h, w, 4), "rgba8", seed=9)
+    tex.upload(data)
+    run_py(LINEAR_READER, str(tex.handle), str(tmp_path / "r"))
+    assert _same_bytes(np.load(tmp_path / "r-img.npy"), data)
+    raw = np.load(tmp_path / "r-raw.npy")
+    rows = np.stack([raw[offset + y * pitch: offset + y * pitch + w * 4] for y in range(h)]).reshape(h, w, 4)
+    assert _same_bytes(rows, data)
+    tex.close()
+
+
+def test_linear_import_refuses_a_layout_this_driver_would_not_use(session, dev):
+    tex = session.create_texture(16, 4, "rgba8", backend="vulkan", tiling="linear", memory="opaque_fd")
+    fds = tex.export_fds()
+    (offset, pitch), = tex.descriptor.planes
+    bad = tex.descriptor.with_(planes=((offset, pitch + 256),))
+    with pytest.raises(IncompatibleDevice, match="linear layout"):
+        BACKEND.import_resource(bad, fds)
+    tex.close()

@@ -695,12 +695,17 @@ class VulkanBackend:
                 "memory_type_bits": bits, "memory_type_flags": dev.memory_types[type_index][0], "dedicated": True,
                 "handle_type": HANDLE_NAMES[handle_type], "shared_layout": "general",
             }
+            planes: tuple[tuple[int, int], ...] = ()
             if modifiers:
                 dp.update(_drm_layout(dev, image))
                 dp["drm_fourcc"] = get_format(format).drm_fourcc
+            elif p["tiling"] == "linear":
+                # A third party given only the descriptor and the fd must find the pixels: record the layout.
+                dp["plane_layouts"] = [_linear_layout(dev, image)]
+                planes = ((dp["plane_layouts"][0]["offset"], dp["plane_layouts"][0]["row_pitch"]),)
             desc = Descriptor(
                 kind="texture2d", size=size, width=width, height=height, format=format, mip_levels=mip_levels,
-                array_size=array_size, memory=HANDLE_NAMES[handle_type], backend="vulkan",
+                array_size=array_size, planes=planes, memory=HANDLE_NAMES[handle_type], backend="vulkan",
                 driver_uuid=dev.driver_uuid, device_uuid=dev.device_uuid, usage=int(usage), keyed_mutex=keyed_mutex,
                 runtime_private=d3d11_texture_desc(width, height, format, mip_levels=mip_levels,
                                                    array_size=array_size, keyed_mutex=keyed_mutex),
@@ -842,6 +847,15 @@ def _check_buffer_support(dev: VulkanDevice, vk_usage: int, handle_type: int, *,
                            f"{'exportable' if export else 'importable'} as {HANDLE_NAMES.get(handle_type)}")
 
 
+def _linear_layout(dev: VulkanDevice, image: Any) -> dict[str, int]:
+    """Where mip 0 / layer 0 of a LINEAR image lives in its memory (vkGetImageSubresourceLayout)."""
+    sub = ffi.new("VkImageSubresource*", {"aspectMask": _COLOR, "mipLevel": 0, "arrayLayer": 0})
+    lay = ffi.new("VkSubresourceLayout*")
+    lib.vkGetImageSubresourceLayout(dev.device, image, sub, lay)
+    return {"offset": int(lay.offset), "size": int(lay.size), "row_pitch": int(lay.rowPitch),
+            "array_pitch": int(lay.arrayPitch)}
+
+
 def _drm_layout(dev: VulkanDevice, image: Any) -> dict[str, Any]:
     props = ffi.new("VkImageDrmFormatModifierPropertiesEXT*",
                     {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_DRM_FORMAT_MODIFIER_PROPERTIES_EXT})
@@ -906,6 +920,13 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, box: list[int]) -> VulkanResour
             _check_image_support(dev, p, handle_type, export=False,
                                  modifier=explicit["modifier"] if explicit else None)
             image = _create_image(dev, p, handle_type, explicit=explicit)
+            if tiling == "linear" and d.planes:
+                here = _linear_layout(dev, image)
+                if (here["offset"], here["row_pitch"]) != (d.offset, d.row_pitch):
+                    raise IncompatibleDevice(
+                        f"the exporter's linear layout (offset {d.offset}, row pitch {d.row_pitch}) differs from "
+                        f"{dev.name}'s (offset {here['offset']}, row pitch {here['row_pitch']}): import the memory "
+                        "as a buffer and read rows at the descriptor's planes instead")
             need, _, bits, _ = _requirements(dev, image=image)
         elif d.kind == "buffer":
             vk_usage = _private_int(dp, "vk_usage", vk_buffer_usage(d.usage))
