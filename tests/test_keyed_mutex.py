@@ -441,6 +441,42 @@ def test_sigkill_with_no_waiter_abandons_for_the_next_acquirer(fd, mutex, childr
     assert mutex.acquire(5, 0) >= 1
 
 
+DIE_IN_META_LOCK = """
+m = KeyedMutex(ARGS[0])
+if ARGS[1]:
+    m.acquire(0)
+raw = map_fd(ARGS[0], 4096)
+raw[8:12] = os.getpid().to_bytes(4, "little")  # as if killed inside the meta lock (this is the main thread's tid)
+say("in meta lock")
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("owning", [False, True], ids=["free", "owning"])
+@pytest.mark.parametrize("reaped", [False, True], ids=["zombie", "reaped"])
+def test_death_inside_the_meta_lock_is_recovered(fd, mutex, children, owning, reaped):
+    """A process killed holding the internal lock, reaped or still a zombie, costs nobody the 2 s stuck bound."""
+    c = children(DIE_IN_META_LOCK, fd, args=(int(owning),))
+    assert c.line() == "in meta lock"
+    c.proc.kill()
+    if reaped:
+        c.proc.wait()
+    else:
+        wait_until(lambda: open(f"/proc/{c.proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z")
+    t = time.monotonic()
+    if owning:
+        with pytest.raises(KeyedMutexAbandoned):
+            mutex.acquire(0, 5)
+    else:
+        mutex.acquire(0, 5)
+    assert time.monotonic() - t < 1.0
+    s = mutex.statistics()
+    assert s.meta_steals == 1 and s.abandoned_count == int(owning)
+    mutex.release(1)
+    assert mutex.acquire(1, 0) >= 1  # normal operation afterwards
+    mutex.release(0)
+
+
 def test_abandoned_goes_to_the_earliest_waiter_the_others_queue_on(fd, children):
     c = children(HOLD_FOREVER, fd)
     assert c.line() == "held"

@@ -175,6 +175,17 @@ static int proc_alive(int32_t pid, uint64_t start) {
     return start == 0 || s == start;
 }
 
+/* A meta-lock holder (a thread id) is dead once it is gone or a zombie: a process killed while holding the lock but
+ * not yet reaped by its parent still answers kill(tid, 0), and waiting for a reap could take forever. A zombie
+ * thread-group leader runs no code, so it cannot be holding the lock in earnest. */
+static int tid_dead(uint32_t tid) {
+    if (kill((pid_t)tid, 0) != 0 && errno == ESRCH) return 1;
+    char st = 0;
+    uint64_t s = 0;
+    int r = proc_stat((pid_t)tid, &st, &s);
+    return r == 0 || (r == 1 && (st == 'Z' || st == 'X' || st == 'x'));
+}
+
 /* ---- meta lock ------------------------------------------------------------------------------------------------ */
 
 enum { KR_OK, KR_ABANDONED, KR_TIMEOUT, KR_CORRUPT, KR_RECURSIVE, KR_NOT_OWNER, KR_STUCK, KR_ENQUEUED, KR_FULL,
@@ -201,7 +212,7 @@ static int meta_lock(km_state *st) {
         uint64_t now = mono_ns();
         if (h != last) { last = h; since = now; }
         if (h == me || h > (uint32_t)INT_MAX) return -1; /* we never hold it here: scribbled */
-        if (kill((pid_t)h, 0) != 0 && errno == ESRCH) {
+        if (tid_dead(h)) {
             if (atomic_compare_exchange_strong(&st->meta, &h, me)) {
                 ST(st->meta_steals, LD(st->meta_steals) + 1);
                 return 1;
