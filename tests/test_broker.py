@@ -397,6 +397,52 @@ def test_fds_past_the_brokers_own_capacity_go_to_keepers(runtime, monkeypatch):
     assert wait_until(lambda: all(_zombie(k) for k in keepers + [broker]), timeout=10), "keepers outlived the broker"
 
 
+def test_a_killed_fd_keeper_is_replaced_and_what_it_held_retired(runtime, monkeypatch):
+    """kill -9 of a keeper: its resources answer NotFound (no reference counted), watchers see them retired,
+    registrations go on in a fresh keeper, and resources the broker keeps itself are untouched."""
+    monkeypatch.setenv("TEXBRIDGE_BROKER_LOCAL_FDS", "10")
+    with texbridge.connect() as s, s.watch() as events:
+        local = [s.create_texture(16, 8, "rgba8", name=f"local-{i}") for i in range(10)]
+
+        def retired_events(n):
+            seen, deadline = set(), time.monotonic() + 10
+            while len(seen) < n and time.monotonic() < deadline:
+                ev = events.next(timeout=1)
+                if ev is not None and ev.kind == "retired":
+                    seen.add(ev.handle)
+            return seen
+
+        for rnd in range(2):
+            kept = [s.create_texture(16, 8, "rgba8", name=f"kept-{rnd}-{i}") for i in range(20)]
+            (keeper,) = _children(s.broker_pid)
+            os.kill(keeper, signal.SIGKILL)
+            if rnd == 1:  # asked at once: the failed fetch itself finds the keeper dead
+                with pytest.raises(texbridge.NotFound):
+                    s.open(kept[5].handle)
+            # else the broker's periodic check finds it
+            assert retired_events(20) == {t.handle for t in kept}
+            assert wait_until(lambda: keeper not in _children(s.broker_pid))  # reaped, not left a zombie
+            for i, t in enumerate(kept):
+                with pytest.raises(texbridge.NotFound):
+                    s.open(t.handle)
+                with pytest.raises(texbridge.NotFound):
+                    s.open(f"kept-{rnd}-{i}")
+            assert s.stats()["resources"] == 10
+        more = [s.create_texture(16, 8, "rgba8", name=f"more-{i}") for i in range(20)]  # a fresh keeper takes them
+        assert len(_children(s.broker_pid)) == 1
+        run_py("""
+            import texbridge
+            with texbridge.connect() as s:
+                for prefix in ("local", "more"):
+                    for i in range(10):
+                        s.open(f"{prefix}-{i}").close()
+        """)
+        assert s.stats()["resources"] == 30
+        for t in local + more:
+            t.close()
+        assert wait_until(lambda: s.stats()["resources"] == 0)
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(x) for x in f.read().split()]

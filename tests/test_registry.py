@@ -173,3 +173,25 @@ def test_quiet_close_sends_nothing_even_on_error():
     assert fx.out == [] and not w.reg.resources
     fx = w.reg.handle(1, Message(Op.CLOSE, 10, {"handle": h, "quiet": True}))
     assert fx.out == []
+
+
+def test_lost_fds_retire_their_resources_for_every_holder():
+    """The server lost some fds (an fd keeper died): those resources are retired at once, names and references
+    included, watchers told; the rest is untouched."""
+    w = World()
+    w.connect(1), w.connect(2), w.connect(3)
+    w.ok(w.call(3, Op.WATCH))
+    fd_a, r = w.register(1, name="a")
+    a = w.ok(r)["handle"]
+    fd_b, r = w.register(1, name="b")
+    b = w.ok(r)["handle"]
+    w.call(2, Op.OPEN, name="a"), w.call(2, Op.OPEN, name="a")
+    fx = w.reg.lose([fd_a, 999])
+    assert fx.close == [fd_a] and a not in w.reg.resources and "a" not in w.reg.names
+    assert a not in w.reg.clients[1].refs and a not in w.reg.clients[2].refs
+    assert w.reg.clients[1].bytes == SIZE  # only b is still charged to its creator
+    events = [o.message.fields["event"] for o in fx.out if o.client == 3]
+    assert events[-1] == "retired" and "unpublished" in events
+    w.err(w.call(2, Op.OPEN, name="a"), "not_found")
+    w.err(w.call(2, Op.CLOSE, handle=a), "not_found")
+    assert w.ok(w.call(2, Op.OPEN, name="b"))["handle"] == b

@@ -9,6 +9,10 @@ The registry never sees the difference: it is given *tokens*. A token >= 0 is an
 names an fd a keeper holds. resolve() turns tokens into fds usable now (fetching kept ones as temporary copies);
 drop() releases tokens. The keeper itself, and its wire format, are in _keeper.py (standard library only, run by
 path, so a keeper costs a bare interpreter).
+
+A keeper can die (kill -9, OOM killer). Its fds are then gone for good: the store notices (a failed request, or
+check() finding it exited), reaps it, and lists its tokens in take_lost() so the server retires those resources
+(NotFound from then on, watchers told). Later fds go to a fresh keeper: a dead one never blocks registrations.
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ def local_capacity() -> int:
 
 
 class KeeperError(OSError):
-    """A keeper process failed or went away: the fds it held are lost."""
+    """A keeper request failed. `dead`: the keeper itself failed or went away, and every fd it held is lost."""
+
+    def __init__(self, message: str, dead: bool = True) -> None:
+        super().__init__(message)
+        self.dead = dead
+
+
+_KEEPER_TIMEOUT = 10.0  # a keeper answers in microseconds; one that does not answer in this long is declared dead
 
 
 class _Keeper:
@@ -51,8 +62,13 @@ class _Keeper:
         finally:
             theirs.close()
         self.sock = ours
+        ours.settimeout(_KEEPER_TIMEOUT)  # a stopped keeper must not hang the broker
         self.count = 0
-        self.capacity = int(self._ask(b"C", ())[1:])
+        try:
+            self.capacity = int(self._ask(b"C", ())[1:])
+        except (KeeperError, ValueError):
+            self.close(kill=True)
+            raise KeeperError("an fd keeper failed to start") from None
 
     def _ask(self, request: bytes, fds: tuple[int, ...] | list[int]) -> bytes:
         return self._ask_fds(request, fds)[0]
@@ -71,7 +87,7 @@ class _Keeper:
         reply = self._ask(b"P", [fd])
         if len(reply) != _ID.size:
             self.capacity = self.count  # full: the next put starts another keeper
-            raise KeeperError(f"fd keeper pid {self.proc.pid} could not take an fd")
+            raise KeeperError(f"fd keeper pid {self.proc.pid} could not take an fd", dead=False)
         ident = _ID.unpack(reply)[0]
         self.count += 1
         return ident
@@ -80,7 +96,7 @@ class _Keeper:
         data, fds = self._ask_fds(b"G" + _ID.pack(ident), ())
         if data[:1] != b"K" or len(fds) != 1:
             close_fds(fds)
-            raise KeeperError(f"fd keeper pid {self.proc.pid} has no fd {ident}")
+            raise KeeperError(f"fd keeper pid {self.proc.pid} has no fd {ident}", dead=False)
         return fds[0]
 
     def drop(self, ident: int) -> None:
@@ -90,12 +106,19 @@ class _Keeper:
             pass
         self.count -= 1
 
-    def close(self) -> None:
-        self.sock.close()  # the keeper exits on EOF, closing everything it held
+    def exited(self) -> bool:
+        return self.proc.poll() is not None  # reaps it when it has
+
+    def close(self, kill: bool = False) -> None:
+        """Idempotent. The keeper exits on EOF, closing everything it held; `kill` for one that went wrong."""
+        self.sock.close()
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 class FdStore:
@@ -107,6 +130,7 @@ class FdStore:
         self._keepers: list[_Keeper] = []
         self._kept: dict[int, tuple[_Keeper, int]] = {}
         self._next = 1
+        self._lost: list[int] = []  # tokens of dead keepers, not yet taken by the server
 
     def keep(self, fds: list[int]) -> list[int]:
         """Tokens for fds just received (ownership passes to the store); fds past local capacity go to a keeper."""
@@ -117,8 +141,7 @@ class FdStore:
                 tokens.append(fd)
                 continue
             try:
-                keeper = self._keeper_with_room()
-                ident = keeper.put(fd)
+                keeper, ident = self._put(fd)
             except (KeeperError, OSError):
                 self.drop(tokens)
                 close_fds(fds[i:])
@@ -139,7 +162,12 @@ class FdStore:
                     fds.append(t)
                 else:
                     keeper, ident = self._kept[t]
-                    fd = keeper.get(ident)
+                    try:
+                        fd = keeper.get(ident)
+                    except KeeperError as e:
+                        if e.dead:
+                            self._bury(keeper)
+                        raise
                     temps.append(fd)
                     fds.append(fd)
         except BaseException:
@@ -164,11 +192,45 @@ class FdStore:
     def keeper_pids(self) -> list[int]:
         return [k.proc.pid for k in self._keepers]
 
+    def check(self) -> None:
+        """Notice keepers that died on their own (their tokens go to take_lost())."""
+        for k in [k for k in self._keepers if k.exited()]:
+            self._bury(k)
+
+    def take_lost(self) -> list[int]:
+        """Tokens whose fds died with their keeper since the last call: the server retires their resources."""
+        lost, self._lost = self._lost, []
+        return lost
+
     def close(self) -> None:
         for k in self._keepers:
             k.close()
         self._keepers.clear()
         self._kept.clear()
+
+    def _put(self, fd: int) -> tuple[_Keeper, int]:
+        """Hand fd to a keeper with room; a keeper found dead on the way is buried and the next one tried."""
+        for _ in range(3):
+            keeper = self._keeper_with_room()
+            try:
+                return keeper, keeper.put(fd)
+            except KeeperError as e:
+                if e.dead:
+                    self._bury(keeper)
+                # else it is merely full (capacity lowered): the next round picks or starts another keeper
+        raise KeeperError("fd keepers keep failing")
+
+    def _bury(self, keeper: _Keeper) -> None:
+        """A keeper is dead or broken: reap it, forget it, and queue its tokens as lost."""
+        if keeper in self._keepers:
+            self._keepers.remove(keeper)
+        keeper.close(kill=True)
+        lost = [t for t, (k, _) in self._kept.items() if k is keeper]
+        for t in lost:
+            del self._kept[t]
+        self._lost.extend(lost)
+        log.error("fd keeper %d died (exit %s): %d resource fds lost", keeper.proc.pid, keeper.proc.returncode,
+                  len(lost))
 
     def _keeper_with_room(self) -> _Keeper:
         for k in self._keepers:

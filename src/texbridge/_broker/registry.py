@@ -139,6 +139,20 @@ class Registry:
             self._unref(rec, count, client, fx)
         return fx
 
+    def lose(self, fds: Iterable[int]) -> Effects:
+        """Retire every resource with an fd among `fds`: the server lost them (an fd keeper died). Its holders keep
+        what they imported; the handle answers NotFound from now on; watchers see it released and retired."""
+        fx = Effects()
+        lost = set(fds)
+        for rec in [r for r in self.resources.values() if lost.intersection(r.fds)]:
+            for client in list(self.clients.values()):
+                if rec.handle in client.refs and rec.handle in self.resources:
+                    self._unref(rec, client.refs[rec.handle], client, fx)
+            if rec.handle in self.resources:  # references nobody holds (cannot happen): retire it anyway
+                rec.refs = 0
+                self._unref(rec, 0, Client(0, 0, 0), fx)
+        return fx
+
     # -- requests -------------------------------------------------------------------------------------------------
     def handle(self, client_id: int, msg: Message, fds: Iterable[tuple[int, FdFacts]] = ()) -> Effects:
         """Apply one request. Never raises for anything a client can send: errors become error replies."""

@@ -21,18 +21,19 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from .._errors import AccessDenied, QuotaExceeded, RemoteProtocolError, TexbridgeError
+from .._errors import AccessDenied, NotFound, QuotaExceeded, RemoteProtocolError, TexbridgeError
 from .._memfd import inspect_fd
 from .._protocol import Connection, Message, Op, State, peek_request_id
 from .._unix import close_fds as _close_all
 from .._unix import SPIN_SECONDS, recv_frame, send_frame
 from ._keeper import raise_fd_limit  # noqa: F401  (re-exported: the daemon and benchmarks use it from here)
-from .fdstore import FdStore
+from .fdstore import FdStore, KeeperError
 from .registry import Effects, Registry
 
 log = logging.getLogger("texbridge.broker")
 _MAX_QUEUE = 1024  # frames queued to a client that does not read; past this it is disconnected
 _UCRED = struct.Struct("3i")
+_KEEPER_CHECK = 0.5  # seconds between checks that the fd keepers are alive
 
 
 @dataclass
@@ -66,6 +67,7 @@ class BrokerServer:
         self.store = FdStore()
         self._running = True
         self._idle_since = time.monotonic()
+        self._next_keeper_check = 0.0
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, None)
 
@@ -92,6 +94,11 @@ class BrokerServer:
                     self._flush(peer)
                 if mask & selectors.EVENT_READ and peer.id in self.peers:
                     self._read(peer)
+            now = time.monotonic()
+            if now >= self._next_keeper_check:
+                self._next_keeper_check = now + _KEEPER_CHECK
+                self.store.check()
+                self._retire_lost()
             if spinning:
                 continue
             if self.registry.idle and self.peers == {}:
@@ -177,6 +184,7 @@ class BrokerServer:
             except OSError as e:
                 self._send(peer, Message(Op.ERROR, msg.request_id, {
                     "code": QuotaExceeded.code, "message": f"the broker cannot keep more fds: {e}"}), ())
+                self._retire_lost()
                 continue
             try:
                 fx = self.registry.handle(peer.id, msg, list(zip(tokens, facts)))
@@ -206,9 +214,13 @@ class BrokerServer:
             try:
                 fds, temps = self.store.resolve(out.fds)
             except (KeyError, OSError) as e:
-                log.error("lost the fds of a resource: %s", e)
-                rid = out.message.request_id
-                self._send(peer, Message(Op.ERROR, rid, {"code": "error", "message": f"fds lost: {e}"}), ())
+                # KeyError: a token its dead keeper took along. The resource is retired just below (_retire_lost).
+                lost = isinstance(e, KeyError) or (isinstance(e, KeeperError) and e.dead)
+                err = NotFound("the resource was lost: the broker's fd keeper holding it died") if lost else \
+                    TexbridgeError(f"internal broker error: cannot fetch the resource's fds ({e})")
+                log.error("could not send the fds of a resource: %r", e)
+                self._send(peer, Message(Op.ERROR, out.message.request_id, {"code": err.code, "message": str(err)}),
+                           ())
                 continue
             try:
                 self._send(peer, out.message, tuple(fds))
@@ -227,6 +239,13 @@ class BrokerServer:
         self.store.drop(fx.close)
         if fx.shutdown:
             self._running = False
+        self._retire_lost()
+
+    def _retire_lost(self) -> None:
+        """Resources whose fds died with an fd keeper are retired: NotFound from now on, watchers told."""
+        lost = self.store.take_lost()
+        if lost:
+            self._apply(self.registry.lose(lost))
 
     def _send(self, peer: _Peer, msg: Message, fds: tuple[int, ...]) -> None:
         data = peer.conn.send(msg)
