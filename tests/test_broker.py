@@ -383,7 +383,7 @@ def test_fds_past_the_brokers_own_capacity_go_to_keepers(runtime, monkeypatch):
                 for i in range(120):
                     with s.open(f"spill-{i}") as r:
                         assert (r.numpy() == i).all(), i
-                        if r.mutex is not None:
+                        if r.descriptor.keyed_mutex:
                             r.mutex.acquire(0, timeout=5)
                             r.mutex.release(1)
         """)

@@ -16,7 +16,7 @@ import pytest
 
 import texbridge
 from texbridge import senders as sd
-from texbridge._errors import ClosedError, InvalidDescriptor, NameInUse
+from texbridge._errors import ClosedError, InvalidArgument, InvalidDescriptor, NameInUse
 
 from conftest import spawn_py, wait_until
 
@@ -346,9 +346,9 @@ def test_bad_input(runtime):
     with texbridge.Sender("x", 8, 8) as s:
         with pytest.raises(NameInUse):
             texbridge.Sender("x", 8, 8)
-        with pytest.raises(InvalidDescriptor):
+        with pytest.raises(InvalidArgument):
             s.send(np.zeros((4, 4, 4), np.uint8))
-        with pytest.raises(InvalidDescriptor):
+        with pytest.raises(InvalidArgument):
             s.send(np.zeros(s.shape, np.float32))
         s.send(np.zeros(s.shape, np.uint8).reshape(-1))  # same size: reshaped
     with pytest.raises(ClosedError):

@@ -24,16 +24,21 @@ from ._errors import BrokenError as BrokenError
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import ClosedError as ClosedError
 from ._errors import IncompatibleDevice as IncompatibleDevice
+from ._errors import InvalidArgument as InvalidArgument
 from ._errors import InvalidDescriptor as InvalidDescriptor
 from ._errors import KeyedMutexAbandoned as KeyedMutexAbandoned
 from ._errors import KeyedMutexError as KeyedMutexError
 from ._errors import KeyedMutexTimeout as KeyedMutexTimeout
 from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import NameInUse as NameInUse
+from ._errors import NoKeyedMutex as NoKeyedMutex
+from ._errors import NotASender as NotASender
 from ._errors import NotFound as NotFound
+from ._errors import NotHostVisible as NotHostVisible
 from ._errors import ProtocolError as ProtocolError
 from ._errors import QuotaExceeded as QuotaExceeded
 from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._errors import SenderNotFound as SenderNotFound
 from ._errors import TexbridgeError as TexbridgeError
 from ._errors import TexbridgeTimeout as TexbridgeTimeout
 from ._errors import WouldBlock as WouldBlock
@@ -48,8 +53,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied", "BackendError", "BrokenError", "BrokerUnavailable", "ClosedError", "Descriptor", "Event",
-    "FORMATS", "Handle", "IncompatibleDevice", "InvalidDescriptor", "KeyedMutexAbandoned", "KeyedMutexError",
-    "KeyedMutexTimeout", "LocalProtocolError", "NameInUse", "NotFound", "ProtocolError", "QuotaExceeded",
-    "RemoteProtocolError", "Resource", "Session", "TexbridgeError", "TexbridgeTimeout", "Usage", "WouldBlock",
+    "FORMATS", "Handle", "IncompatibleDevice", "InvalidArgument", "InvalidDescriptor", "KeyedMutexAbandoned", "KeyedMutexError",
+    "KeyedMutexTimeout", "LocalProtocolError", "NameInUse", "NoKeyedMutex", "NotASender", "NotFound",
+    "NotHostVisible", "ProtocolError", "QuotaExceeded", "RemoteProtocolError", "Resource", "SenderNotFound", "Session", "TexbridgeError", "TexbridgeTimeout", "Usage", "WouldBlock",
     "connect", "Sender", "Receiver", "list_senders", "watch_senders",
 ]

@@ -201,7 +201,7 @@ class Session:
         return self._track(res, Handle(fields["handle"]), mutex)
 
     def _track(self, res: Resource, handle: Handle, mutex=None) -> Resource:
-        res._attach(self, handle, mutex if mutex is not None else res.mutex)
+        res._attach(self, handle, mutex if mutex is not None else res._mutex)
         self._resources[id(res)] = res
         return res
 
@@ -414,7 +414,9 @@ def _register_fields(desc: Descriptor, name: str | None) -> dict[str, Any]:
 
 
 def _target(handle_or_name: "Handle | str | int") -> dict[str, Any]:
-    if isinstance(handle_or_name, (Handle, int)) or (isinstance(handle_or_name, str) and Handle.looks_like(handle_or_name)):
+    """A handle (Handle, int, or text with the tb: prefix: malformed text is InvalidArgument, never a name lookup)
+    or a published name."""
+    if isinstance(handle_or_name, (Handle, int)) or (isinstance(handle_or_name, str) and Handle.claims_to_be(handle_or_name)):
         return {"handle": Handle.parse(handle_or_name).value}
     if isinstance(handle_or_name, str):
         return {"name": handle_or_name}

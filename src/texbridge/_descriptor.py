@@ -15,7 +15,7 @@ import struct
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ._errors import InvalidDescriptor
+from ._errors import InvalidArgument, InvalidDescriptor
 from ._formats import get_format
 
 MAX_DIMENSION = 65536
@@ -45,6 +45,7 @@ class Usage(enum.IntFlag):
     DEFAULT = SHADER_READ | RENDER_TARGET | TRANSFER_SRC | TRANSFER_DST | CPU_READ | CPU_WRITE
 
 
+HANDLE_PREFIX = "tb:"
 _HANDLE_RE = re.compile(r"^tb:([0-9a-f]{16})$")
 
 
@@ -55,8 +56,8 @@ class Handle:
     value: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.value, int) or not 0 < self.value < 1 << 64:
-            raise ValueError(f"a handle is a non-zero 64-bit integer, not {self.value!r}")
+        if not isinstance(self.value, int) or isinstance(self.value, bool) or not 0 < self.value < 1 << 64:
+            raise InvalidArgument(f"a handle is a non-zero 64-bit integer, not {self.value!r}")
 
     @classmethod
     def new(cls) -> "Handle":
@@ -64,19 +65,25 @@ class Handle:
 
     @classmethod
     def parse(cls, text: "str | Handle | int") -> "Handle":
-        """Accept a Handle, its int value, or its printable form; anything else is ValueError."""
+        """Accept a Handle, its int value, or its printable form; anything else is InvalidArgument (a ValueError)."""
         if isinstance(text, Handle):
             return text
         if isinstance(text, int) and not isinstance(text, bool):
             return cls(text)
         m = _HANDLE_RE.match(text.strip().lower()) if isinstance(text, str) else None
         if not m:
-            raise ValueError(f"not a texbridge handle: {text!r} (expected 'tb:' + 16 hex digits)")
+            raise InvalidArgument(f"not a texbridge handle: {text!r} (expected 'tb:' + 16 hex digits, as "
+                                  "`texbridge ls` prints them)")
         return cls(int(m.group(1), 16))
 
     @staticmethod
     def looks_like(text: str) -> bool:
         return bool(_HANDLE_RE.match(text.strip().lower()))
+
+    @staticmethod
+    def claims_to_be(text: str) -> bool:
+        """Whether `text` is meant as a handle (it has the ``tb:`` prefix), valid or not: such text is never a name."""
+        return text.strip().lower().startswith(HANDLE_PREFIX)
 
     def __str__(self) -> str:
         return f"tb:{self.value:016x}"
@@ -214,8 +221,21 @@ def align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def check_texture_size(width: Any, height: Any) -> None:
+    """The one check of user-given texture dimensions, before any arithmetic or packing sees them."""
+    for name, v in (("width", width), ("height", height)):
+        if not _is_int(v) or not 1 <= v <= MAX_DIMENSION:
+            raise InvalidDescriptor(f"{name} must be an integer in 1..{MAX_DIMENSION}, not {v!r}")
+
+
+def check_buffer_size(size: Any) -> None:
+    if not _is_int(size) or not 1 <= size <= MAX_BYTES:
+        raise InvalidDescriptor(f"a buffer size must be an integer in 1..{MAX_BYTES}, not {size!r}")
+
+
 def texture_layout(width: int, height: int, format: str, *, pitch_align: int = 256) -> tuple[int, int]:
     """(row_pitch, size) of a tightly packed CPU texture, rows aligned like D3D's 256-byte pitch rule."""
+    check_texture_size(width, height)
     fmt = get_format(format)
     pitch = align(width * fmt.bytes_per_pixel, pitch_align)
     return pitch, pitch * height
@@ -231,6 +251,7 @@ D3D11_RESOURCE_MISC_SHARED, D3D11_RESOURCE_MISC_SHARED_KEYEDMUTEX, D3D11_RESOURC
 def d3d11_texture_desc(width: int, height: int, format: str, *, mip_levels: int = 1, array_size: int = 1,
                        keyed_mutex: bool = False) -> bytes:
     """A DXGI-compatible D3D11_TEXTURE2D_DESC, so Wine/Proton can describe the texture to D3D without guessing."""
+    check_texture_size(width, height)
     misc = D3D11_RESOURCE_MISC_SHARED_NTHANDLE | (
         D3D11_RESOURCE_MISC_SHARED_KEYEDMUTEX if keyed_mutex else D3D11_RESOURCE_MISC_SHARED)
     return _D3D11_DESC.pack(width, height, mip_levels, array_size, get_format(format).dxgi, 1, 0, 0,

@@ -50,6 +50,32 @@ class InvalidDescriptor(TexbridgeError):
     code = "invalid_descriptor"
 
 
+class InvalidArgument(TexbridgeError, ValueError):
+    """A Python call got a value texbridge cannot use as given: a frame of the wrong shape or dtype (never silently
+    reshaped or cast), a malformed handle string. Local only: the message says what was expected."""
+
+    code = "invalid_argument"
+
+
+class NoKeyedMutex(TexbridgeError, AttributeError):
+    """`.mutex` of a resource created without keyed_mutex=True (an AttributeError, so getattr(res, "mutex", None)
+    still works)."""
+
+    code = "no_keyed_mutex"
+
+
+class NotHostVisible(TexbridgeError, TypeError):
+    """NumPy asked for a zero-copy view of memory only a GPU API sees (np.asarray(vulkan_texture)): use download()."""
+
+    code = "not_host_visible"
+
+
+class NotASender(TexbridgeError):
+    """A Receiver was pointed at a name published by something other than a Sender (a plain texture or buffer)."""
+
+    code = "not_a_sender"
+
+
 class NameInUse(TexbridgeError):
     """The name is already published in this namespace."""
 
@@ -60,6 +86,12 @@ class QuotaExceeded(TexbridgeError):
     """This client has reached its limit of resources, bytes or names."""
 
     code = "quota_exceeded"
+
+
+class SenderNotFound(NotFound):
+    """No live sender has this name (Receiver(name, require_sender=True), `texbridge view NAME --timeout`)."""
+
+    code = "sender_not_found"
 
 
 class BrokerUnavailable(TexbridgeError):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from ._descriptor import Descriptor, Handle
-from ._errors import ClosedError
+from ._errors import ClosedError, InvalidArgument, NoKeyedMutex, NotHostVisible
 
 if TYPE_CHECKING:
     from ._client import Session
@@ -34,7 +34,7 @@ class Resource:
     def __init__(self, descriptor: Descriptor) -> None:
         self.descriptor = descriptor
         self.handle: Handle | None = None
-        self.mutex: KeyedMutex | None = None
+        self._mutex: KeyedMutex | ResourceMutex | None = None
         self._session: Session | None = None
         self._uid = next(_uids)
         self._closed = False
@@ -73,6 +73,47 @@ class Resource:
         return self._closed
 
     @property
+    def mutex(self) -> "KeyedMutex | ResourceMutex":
+        """The resource's keyed mutex (created with keyed_mutex=True). NoKeyedMutex (an AttributeError) when it has
+        none, ClosedError once the resource is closed."""
+        if self._mutex is None:
+            self._check_open()
+            if self._session is not None or not self.descriptor.keyed_mutex:
+                raise NoKeyedMutex(f"{self!r} has no keyed mutex: create it with keyed_mutex=True to use .mutex")
+            raise NoKeyedMutex(f"{self!r} is not registered yet: its keyed mutex comes from the session")
+        return self._mutex
+
+    @mutex.setter
+    def mutex(self, value: "KeyedMutex | ResourceMutex | None") -> None:
+        self._mutex = value
+
+    def _check_frame(self, array: Any, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The one upload check for textures, shared by every backend and by Sender.send: exactly the texture's
+        dtype, and its shape, a single-channel (H, W), or a flat array of exactly its element count (row-major
+        pixels). Never a cast or a reshape that could scramble pixels (a (W, H, C) array into an (H, W, C) texture)."""
+        from ._formats import get_format
+
+        return check_frame(array, shape or self.shape, get_format(self.descriptor.format).numpy_dtype, repr(self))
+
+    def _check_bytes(self, array: Any, capacity: int | None = None) -> np.ndarray:
+        """The upload check for buffers: the raw bytes of any numeric array, C order, at most the buffer's size (a
+        shorter array fills a prefix: drivers round buffer sizes up). Returns them as 1-D uint8."""
+        cap = self.shape[0] if capacity is None else capacity
+        arr = np.asarray(array)
+        if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
+            raise InvalidArgument(f"upload into {self!r} takes numeric arrays, not {arr.dtype}")
+        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        if data.size > cap:
+            raise InvalidArgument(f"upload of {data.size} bytes into {self!r}, which holds {cap}")
+        return data
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """np.asarray(resource): only CPU-visible memory has a zero-copy view (memfd overrides this)."""
+        self._check_open()
+        raise NotHostVisible(f"{self!r} lives in {self.descriptor.memory} memory that NumPy cannot see without a "
+                             "copy: use resource.download()")
+
+    @property
     def shape(self) -> tuple[int, ...]:
         from ._formats import get_format
 
@@ -84,7 +125,7 @@ class Resource:
     def _attach(self, session: Session, handle: Handle, mutex: KeyedMutex | None) -> None:
         if mutex is not None and not isinstance(mutex, ResourceMutex) and type(self).gpu_releasing is not Resource.gpu_releasing:
             mutex = ResourceMutex(mutex, self)
-        self._session, self.handle, self.mutex = session, handle, mutex
+        self._session, self.handle, self._mutex = session, handle, mutex
 
     def _check_open(self) -> None:
         if self._closed:
@@ -100,8 +141,8 @@ class Resource:
         if self._closed:
             return
         self._closed = True
-        session, handle, mutex = self._session, self.handle, self.mutex
-        self._session = self.mutex = None
+        session, handle, mutex = self._session, self.handle, self._mutex
+        self._session = self._mutex = None
         try:
             if mutex is not None:
                 mutex.close()
@@ -128,6 +169,21 @@ class Resource:
         d = self.descriptor
         geo = f"{d.width}x{d.height} {d.format}" if d.kind == "texture2d" else f"{d.size} bytes"
         return f"<{type(self).__name__} {self.handle or 'unregistered'} {d.kind} {geo} #{self._uid}>"
+
+
+def check_frame(array: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
+    """`array` as an ndarray of `shape` (see Resource._check_frame for what is accepted), or InvalidArgument."""
+    arr = np.asarray(array)
+    if arr.dtype != dtype:
+        raise InvalidArgument(f"{what} takes {dtype} data, got {arr.dtype}: convert it first (e.g. "
+                              f"array.astype(np.{dtype.name})); texbridge never casts pixels silently")
+    if arr.shape == shape:
+        return arr
+    n = int(np.prod(shape))
+    if arr.ndim == 1 and arr.size == n or (shape[-1] == 1 and arr.shape == shape[:-1]):
+        return arr.reshape(shape)
+    raise InvalidArgument(f"{what} takes arrays of shape {shape} (height, width, channels), got {arr.shape}"
+                          + (": is it transposed? (width, height) order scrambles rows" if arr.size == n else ""))
 
 
 class ResourceMutex:

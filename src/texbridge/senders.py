@@ -36,10 +36,10 @@ import numpy as np
 
 from . import _futex as _core
 from ._client import Session, connect
-from ._errors import (BackendError, ClosedError, InvalidDescriptor, KeyedMutexAbandoned, NotFound,
-                      TexbridgeError)
+from ._errors import (BackendError, ClosedError, InvalidArgument, InvalidDescriptor, KeyedMutexAbandoned,
+                      NotASender, NotFound, SenderNotFound, TexbridgeError)
 from ._formats import get_format
-from ._resources import Resource
+from ._resources import Resource, check_frame
 
 __all__ = ["Sender", "Receiver", "SenderInfo", "SenderEvent", "list_senders", "watch_senders", "active_sender",
            "set_active_sender", "ACTIVE_NAME"]
@@ -492,21 +492,13 @@ class Sender:
         if cai is not None:  # a torch/CuPy CUDA array: kept on the GPU when the slots are CUDA memory
             if tuple(cai["shape"]) not in (self._shape, self._shape[:2]) or np.dtype(cai["typestr"]) != \
                     get_format(self._format).numpy_dtype:
-                raise InvalidDescriptor(f"CUDA frame of shape {tuple(cai['shape'])} / {cai['typestr']} sent to a "
+                raise InvalidArgument(f"CUDA frame of shape {tuple(cai['shape'])} / {cai['typestr']} sent to a "
                                         f"{self._width}x{self._height} {self._format} sender (shape {self._shape})")
             if all(hasattr(slot, "copy_from_device") for slot in self._slots) and not self._mirror:
                 return frame
             frame = frame.get() if hasattr(frame, "get") else frame.cpu().numpy()  # CuPy / torch to the host
-        arr = np.asarray(frame)
-        want = get_format(self._format).numpy_dtype
-        if arr.dtype != want:
-            raise InvalidDescriptor(f"sender {self.name!r} takes {want} frames ({self._format}), got {arr.dtype}")
-        if arr.shape != self._shape:
-            if arr.size != int(np.prod(self._shape)):
-                raise InvalidDescriptor(f"frame of shape {arr.shape} sent to a {self._width}x{self._height} "
-                                        f"{self._format} sender (shape {self._shape})")
-            arr = arr.reshape(self._shape)
-        return arr
+        return check_frame(frame, self._shape, get_format(self._format).numpy_dtype,
+                           f"sender {self.name!r} ({self._width}x{self._height} {self._format})")
 
     def send(self, frame: Any) -> int:
         """Publish `frame`: a NumPy array of the sender's shape, a texbridge Resource (GL texture, Vulkan image,
@@ -642,12 +634,25 @@ class _Link:
     copy_path: bool = False
 
 
+def _not_a_sender(name: str, summary: dict[str, Any], session: Session) -> str:
+    what = summary.get("kind", "resource")
+    if what == "texture2d":
+        what = f"{summary.get('width')}x{summary.get('height')} {summary.get('format')} texture"
+    live = ", ".join(repr(i.name) for i in list_senders(session)) or "none"
+    return (f"{name!r} is a {what} published by pid {summary.get('creator_pid')}, not a sender: open it with "
+            f"session.open({name!r}), or give a sender's name (live senders: {live})")
+
+
 class Receiver:
     """Receive the newest frames of sender `name` (None: the active sender), following it across resizes and
-    restarts. receive() never blocks; wait_frame(timeout) sleeps on a futex until a new frame arrives."""
+    restarts. receive() never blocks; wait_frame(timeout) sleeps on a futex until a new frame arrives.
+
+    A named sender that does not exist yet is waited for (Spout style): `status` tells "no_sender" from
+    "no_frame"; require_sender=True raises SenderNotFound instead. A name published by something that is not a
+    sender raises NotASender (here, or from receive() if the name is taken over later)."""
 
     def __init__(self, name: str | None = None, *, session: Session | None = None, backend: str | None = None,
-                 app_name: str | None = None) -> None:
+                 app_name: str | None = None, require_sender: bool = False) -> None:
         self.requested = name
         self.backend = backend
         self._own_session = session is None
@@ -671,9 +676,28 @@ class Receiver:
         self._watch = watch_senders(self._session, initial=False)
         self._thread = threading.Thread(target=self._watch_loop, name="texbridge-receiver-watch", daemon=True)
         self._thread.start()
-        self._connect()
+        try:
+            if not self._connect() and require_sender:
+                live = ", ".join(repr(i.name) for i in list_senders(self._session)) or "none"
+                raise SenderNotFound(f"no live sender {'named ' + repr(name) if name else 'at all'} in namespace "
+                                     f"{self._session.namespace!r} (live senders: {live}); start it first, or "
+                                     "leave require_sender off to wait for it")
+        except BaseException:
+            self.close()
+            raise
 
     # -- properties -----------------------------------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """"no_sender" (none connected: receive() gives None until one appears), "no_frame" (connected, nothing sent
+        yet), "receiving", or "closed"."""
+        if self._closed:
+            return "closed"
+        link = self._link
+        if link is None or self._gone:
+            return "no_sender"
+        return "receiving" if int(link.ctl.u[_LATEST]) >> _SLOT_BITS else "no_frame"
+
     @property
     def name(self) -> str | None:
         """The sender connected now (or the one asked for)."""
@@ -767,12 +791,24 @@ class Receiver:
         if name is None:
             return False
         try:
+            summary = self._session.info(name)
+        except NotFound:
+            return False
+        if not _is_sender(summary.get("meta")):
+            raise NotASender(_not_a_sender(name, summary, self._session))
+        try:
             res = self._session.open(name, backend="memfd")
         except NotFound:
             return False
+        if res.descriptor.kind != "buffer" or res.descriptor.size != CONTROL_SIZE:
+            res.close()
+            raise NotASender(_not_a_sender(name, summary, self._session))
         ctl = _Control(res)
-        if int(ctl.u[_MAGIC]) != MAGIC or int(ctl.u[_CLOSED]):
-            ctl.close()  # not a sender's control buffer, or one closing right now
+        if int(ctl.u[_MAGIC]) != MAGIC:
+            ctl.close()
+            raise NotASender(_not_a_sender(name, summary, self._session))
+        if int(ctl.u[_CLOSED]):
+            ctl.close()  # a sender closing right now: its successor (if any) is announced
             return False
         reader = self._attach(ctl)
         if reader < 0:

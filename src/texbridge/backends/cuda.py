@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from cuda.bindings import driver as cu  # an ImportError here makes the backend unavailable, not texbridge
 
-from .._descriptor import Descriptor, Usage, align, d3d11_texture_desc, texture_layout
+from .._descriptor import Descriptor, Usage, align, check_texture_size, d3d11_texture_desc, texture_layout
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
 from .._resources import Resource
@@ -524,17 +524,12 @@ class CUDAResource(Resource):
         self._check_open()
         d = self.descriptor
         if d.kind == "texture2d":
-            fmt = get_format(d.format)
-            host = np.ascontiguousarray(np.asarray(array), dtype=fmt.numpy_dtype)
-            if host.shape != self.shape and host.size != int(np.prod(self.shape)):
-                raise ValueError(f"upload of shape {host.shape} into a resource of shape {self.shape}")
+            host = np.ascontiguousarray(self._check_frame(array))
             self._copy(("host", host.ctypes.data, self._row_bytes()), self._here(layer), None)
             return
-        host = np.ascontiguousarray(np.asarray(array)).view(np.uint8).reshape(-1)
-        if host.size != d.size:
-            raise ValueError(f"upload of {host.size} bytes into a buffer of {d.size}")
+        host = self._check_bytes(array, d.size)
         with self.device:
-            check(cu.cuMemcpyHtoD(self._ptr, host.ctypes.data, d.size), "cuMemcpyHtoD")
+            check(cu.cuMemcpyHtoD(self._ptr, host.ctypes.data, host.size), "cuMemcpyHtoD")
 
     def download(self, *, layer: int = 0) -> np.ndarray:
         """A host copy: (H, W, C) for textures (mip 0 of `layer`), 1-D uint8 for buffers."""
@@ -676,9 +671,7 @@ class CUDABackend:
         """A pitch-linear texture (rows aligned to 256 bytes) in fd-exportable device memory, zeroed."""
         dev = get_device(*_options(options))
         fmt = get_format(format)
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65536:
-                raise InvalidDescriptor(f"{name} must be 1..65536, not {v!r}")
+        check_texture_size(width, height)
         pitch, nbytes = texture_layout(width, height, fmt.name)
         handle, ptr, size = self._allocate(dev, nbytes)
         try:

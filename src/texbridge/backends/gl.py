@@ -563,10 +563,7 @@ class GLResource(Resource):
         self._check_open()
         self.context.enter()
         if self.buffer:
-            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-            if data.size > self.shape[0]:  # fewer bytes fill a prefix: drivers round buffer sizes up
-                raise ValueError(f"upload of {data.size} bytes into a {self.shape[0]}-byte buffer")
-            self._buffer_upload(data)
+            self._buffer_upload(self._check_bytes(array))
             GL.glFinish()
             return
         data = self._texture_array(array)
@@ -608,14 +605,9 @@ class GLResource(Resource):
         return out
 
     def _texture_array(self, array: np.ndarray) -> np.ndarray:
-        d, fmt = self.descriptor, self.format
+        d = self.descriptor
         shape = self.shape if d.array_size == 1 else (d.array_size, *self.shape)
-        data = np.ascontiguousarray(array, dtype=fmt.numpy_dtype)
-        if data.shape != shape:
-            if data.size != int(np.prod(shape)):
-                raise ValueError(f"upload of shape {np.shape(array)} into a texture of shape {shape}")
-            data = data.reshape(shape)
-        return data
+        return np.ascontiguousarray(self._check_frame(array, shape))
 
     def _buffer_upload(self, data: np.ndarray) -> None:
         """Memory-object buffers are immutable with no DYNAMIC_STORAGE_BIT, so glBufferSubData is illegal: copy

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._descriptor import Descriptor, Usage, d3d11_texture_desc, texture_layout
+from .._descriptor import Descriptor, Usage, check_buffer_size, d3d11_texture_desc, texture_layout
 from .._errors import InvalidDescriptor
 from .._formats import get_format
 from .._memfd import SharedMapping, create_sealed, inspect_fd
@@ -45,10 +45,20 @@ class MemfdResource(Resource):
 
     def upload(self, array: np.ndarray) -> None:
         view = self.numpy()
-        array = np.asarray(array)
-        if array.shape != view.shape and array.reshape(-1).shape != view.reshape(-1).shape:
-            raise ValueError(f"upload of shape {array.shape} into a resource of shape {view.shape}")
-        view[...] = array.reshape(view.shape)
+        if self.descriptor.kind == "texture2d":
+            view[...] = self._check_frame(array)
+        else:
+            data = self._check_bytes(array)
+            view[:data.size] = data
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """np.asarray(resource) is the zero-copy view (numpy()); np.array(resource) a copy."""
+        view = self.numpy()
+        if dtype is not None and np.dtype(dtype) != view.dtype:
+            if copy is False:
+                raise ValueError(f"a {view.dtype} resource has no zero-copy {np.dtype(dtype)} view")
+            return view.astype(dtype)
+        return view.copy() if copy else view
 
     def download(self) -> np.ndarray:
         return self.numpy().copy()
@@ -74,6 +84,7 @@ class MemfdBackend:
     def create_buffer(self, size: int, *, usage: int = int(Usage.DEFAULT), keyed_mutex: bool = False,
                       **options: Any) -> MemfdResource:
         _no_options(options)
+        check_buffer_size(size)
         desc = Descriptor(kind="buffer", size=size, usage=usage, keyed_mutex=keyed_mutex).validate()
         return MemfdResource(desc, create_sealed(f"texbridge:buffer:{size}", size))
 

@@ -475,8 +475,8 @@ class VulkanResource(Resource):
         """Copy `array` (shape of download()) into mip 0 of `layer` through a staging buffer."""
         self._check_open()
         d = self.descriptor
-        array = np.asarray(array)
         if d.kind == "texture2d":
+            array = self._check_frame(array)
             fmt = get_format(d.format)
             n = self._texel_bytes()
             staging = self._staging_for(n)
@@ -484,12 +484,10 @@ class VulkanResource(Resource):
         else:
             # A buffer takes any bytes up to its size (a prefix): its size is the allocation's, which drivers round
             # up (create_buffer(10000) may hold 10048 bytes; the request is in driver_private["requested_size"]).
-            array = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            array = self._check_bytes(array, d.size)
             staging = self._staging_for(d.size)
-            view = staging.array[:min(array.size, d.size)]
-        if array.shape != view.shape and array.size != view.size:
-            raise ValueError(f"upload of shape {array.shape} into a resource of shape {view.shape}")
-        view[...] = array.reshape(view.shape)
+            view = staging.array[:array.size]
+        view[...] = array
         if self.image is not None:
             self._copy_image(True, staging, layer)
         elif d.kind == "texture2d":
