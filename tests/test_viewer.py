@@ -122,3 +122,26 @@ def test_view_without_overlay_and_resize(runtime, display, tmp_path):
 def test_view_times_out_without_sender(runtime, display):
     res = _view(display, "nobody-here", "--frames", "1", "--screenshot", "/dev/null", "--timeout", "1")
     assert res.returncode == 2 and "timed out" in res.stderr
+
+
+def test_view_of_a_missing_sender_says_it_waits_and_why_it_gave_up(runtime, display):
+    with texbridge.Sender("someone-else", 8, 8):
+        res = _view(display, "nobody-here", "--timeout", "1")
+    assert res.returncode == 2, res.stderr
+    assert "waiting for sender 'nobody-here'" in res.stderr and "'someone-else'" in res.stderr
+    assert "SenderNotFound" in res.stderr and "None" not in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_view_of_a_non_sender_is_one_clear_line(runtime, display):
+    with texbridge.connect() as s:
+        s.create_texture(8, 8, name="just-a-texture")
+        res = _view(display, "just-a-texture", "--timeout", "5")
+    assert res.returncode == 1
+    assert "not a sender" in res.stderr and "NotASender" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_view_timeout_names_the_frames_it_missed(runtime, display):
+    with texbridge.Sender("silent", 8, 8):  # connected, never sends
+        res = _view(display, "silent", "--frames", "2", "--timeout", "1")
+    assert res.returncode == 2 and "0 of 2 frame(s)" in res.stderr and "TexbridgeTimeout" in res.stderr

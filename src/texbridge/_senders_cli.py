@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from ._errors import TexbridgeError
+from ._errors import SenderNotFound, TexbridgeError, TexbridgeTimeout
 
 
 def _parse_size(_ctx: Any, _param: Any, value: str | None) -> tuple[int, int] | None:
@@ -153,7 +153,9 @@ def register(group: click.Group) -> None:
     @click.option("--frames", default=None, type=int, help="Exit after showing this many new frames.")
     @click.option("--screenshot", default=None, metavar="PATH",
                   help="With --frames: save the window's pixels (.npy, else PPM) before exiting.")
-    @click.option("--timeout", default=None, type=float, help="Give up (exit status 2) after this many seconds.")
+    @click.option("--timeout", default=None, type=float,
+                  help="Give up (exit status 2) when no sender, or fewer than --frames frames, came in this many "
+                       "seconds; without --frames, stop after this many seconds.")
     @_namespace
     def view(name: str | None, size: tuple[int, int] | None, no_overlay: bool, frames: int | None,
              screenshot: str | None, timeout: float | None) -> None:
@@ -162,8 +164,9 @@ def register(group: click.Group) -> None:
 
         if screenshot and not frames:
             raise click.UsageError("--screenshot needs --frames N")
-        status = run(name, overlay=not no_overlay, size=size, frames=frames, screenshot=screenshot, timeout=timeout)
-        if status:
-            click.secho(f"timed out after {timeout}s without {frames} frame(s) from {name or 'the active sender'!r}",
-                        fg="red", err=True)
-            raise SystemExit(status)
+        try:
+            run(name, overlay=not no_overlay, size=size, frames=frames, screenshot=screenshot, timeout=timeout,
+                notify=lambda line: click.echo(f"texbridge view: {line}", err=True))
+        except (SenderNotFound, TexbridgeTimeout) as e:
+            click.secho(f"timed out: {e} [{type(e).__name__}]", fg="red", err=True)
+            raise SystemExit(2) from None

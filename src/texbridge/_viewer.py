@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ._errors import BackendError
+from ._errors import BackendError, SenderNotFound, TexbridgeTimeout
 
 # -- 5x7 bitmap font: 7 rows of 5 bits per glyph, MSB = leftmost column --------------------------------------------
 _GLYPHS = {
@@ -152,9 +152,10 @@ class Viewer:
         from .senders import Receiver
 
         self.glfw, self.GL = glfw, GL
+        self.receiver = Receiver(name, app_name="texbridge view")  # NotASender here: before any window exists
         if not glfw.init():
+            self.receiver.close()
             raise BackendError("GLFW could not initialise (no display? set DISPLAY, or run under Xvfb)")
-        self.receiver = Receiver(name, app_name="texbridge view")
         self.overlay = overlay
         self.first = self.receiver.wait_frame(2.0)
         w, h = size or self._initial_size()
@@ -292,15 +293,22 @@ class Viewer:
         raw = GL.glReadPixels(0, 0, fw, fh, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE)
         return np.frombuffer(raw, np.uint8).reshape(fh, fw, 4)[::-1].copy()
 
-    def run(self, *, frames: int | None = None, screenshot: str | None = None, timeout: float | None = None) -> int:
+    def run(self, *, frames: int | None = None, screenshot: str | None = None, timeout: float | None = None,
+            notify: Callable[[str], None] | None = None) -> int:
         """Show frames until the window closes, or until `frames` new frames were shown (then save `screenshot`).
-        Returns 0, or 2 when the frames did not arrive within `timeout`."""
+        Returns 0; after `timeout` seconds raises SenderNotFound (no sender ever connected) or TexbridgeTimeout
+        (fewer than `frames`, or without --frames none at all). `notify` hears when the viewer waits for a sender
+        and when it connects, so a missing sender is never waited for silently."""
         glfw = self.glfw
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.first is not None:
             self.shown = 1
+        waiting = False
         try:
             while not glfw.window_should_close(self.window):
+                if notify is not None and (self.receiver.status == "no_sender") != waiting:
+                    waiting = not waiting
+                    notify(self._waiting_message() if waiting else f"showing sender {self.receiver.name!r}")
                 frame = self.receiver.wait_frame(1 / 240)
                 if frame is not None:
                     self._upload(frame)
@@ -319,10 +327,31 @@ class Viewer:
                 if done:
                     return 0
                 if deadline is not None and now > deadline:
-                    return 2
+                    if frames is None and self.shown:
+                        return 0
+                    self._give_up(timeout, frames)
         except KeyboardInterrupt:
             pass
         return 0
+
+    def _live(self) -> str:
+        from .senders import list_senders
+
+        return ", ".join(repr(i.name) for i in list_senders(self.receiver._session)) or "none"
+
+    def _waiting_message(self) -> str:
+        who = f"sender {self.receiver.requested!r}" if self.receiver.requested else "a sender"
+        return f"waiting for {who} to appear (live senders: {self._live()}; Esc or Ctrl-C to stop)"
+
+    def _give_up(self, timeout: float | None, frames: int | None) -> None:
+        r = self.receiver
+        if r.status == "no_sender":
+            who = f"named {r.requested!r}" if r.requested else "at all"
+            raise SenderNotFound(f"no sender {who} appeared within {timeout:g} s (live senders: {self._live()}): "
+                                 "start it, or check the name with `texbridge senders`")
+        want = f"{frames} frame(s)" if frames is not None else "a frame"
+        raise TexbridgeTimeout(f"{r.name!r} is connected but sent only {self.shown} of {want} within {timeout:g} s "
+                               f"(status: {r.status})")
 
     def close(self) -> None:
         try:
@@ -360,10 +389,11 @@ def save_image(path: str, img: np.ndarray) -> None:
 
 
 def view(name: str | None, *, overlay: bool = True, size: tuple[int, int] | None = None,
-         frames: int | None = None, screenshot: str | None = None, timeout: float | None = None) -> int:
+         frames: int | None = None, screenshot: str | None = None, timeout: float | None = None,
+         notify: Callable[[str], None] | None = None) -> int:
     v = Viewer(name, overlay=overlay, size=size)
     try:
-        return v.run(frames=frames, screenshot=screenshot, timeout=timeout)
+        return v.run(frames=frames, screenshot=screenshot, timeout=timeout, notify=notify)
     finally:
         v.close()
 
