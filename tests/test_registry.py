@@ -195,3 +195,81 @@ def test_lost_fds_retire_their_resources_for_every_holder():
     w.err(w.call(2, Op.OPEN, name="a"), "not_found")
     w.err(w.call(2, Op.CLOSE, handle=a), "not_found")
     assert w.ok(w.call(2, Op.OPEN, name="b"))["handle"] == b
+
+
+# -- re-attach after a broker restart -------------------------------------------------------------------------------
+def reattach_world():
+    """Fake fd numbers stand for files: fd // 1000 is the file, so 5001 and 5002 are two fds of one file."""
+    return World(same_file=lambda a, b: a // 1000 == b // 1000)
+
+
+def claim(w, cid, handle, fd, desc=TEX, **fields):
+    return w.call(cid, Op.REGISTER, [(fd, FdFacts("memfd", SIZE, SEALED))], descriptor=desc, handle=handle, **fields)
+
+
+def test_register_under_a_free_handle_creates_it_and_holders_of_the_same_file_rejoin():
+    w = reattach_world()
+    w.connect(1), w.connect(2), w.connect(3)
+    h = 0xDEADBEEF12345678
+    assert w.ok(claim(w, 1, h, 5001, meta={"a": 1}))["handle"] == h
+    assert w.ok(claim(w, 2, h, 5002))["handle"] == h  # same file: one entry, one more reference
+    assert w.closed == [5002] and w.reg.resources[h].fds == (5001,) and w.reg.resources[h].refs == 2
+    w.err(claim(w, 3, h, 6001), "access_denied")  # other memory cannot take over a live handle
+    w.err(claim(w, 3, h, 5003, desc={**TEX, "width": 32, "height": 128}), "invalid_descriptor")
+    assert sorted(w.closed) == [5002, 5003, 6001] and w.reg.resources[h].refs == 2
+    w.closed += w.reg.disconnect(1).close
+    assert h in w.reg.resources  # the creator-by-claim left; client 2 still holds it
+    w.closed += w.reg.disconnect(2).close
+    assert 5001 in w.closed and not w.reg.resources
+    w.err(claim(w, 3, 0, 7001), "invalid_descriptor")
+
+
+def test_rejoin_needs_a_way_to_compare_files():
+    w = World()  # no same_file: the registry cannot verify a claim on a live handle, so it refuses it
+    w.connect(1), w.connect(2)
+    h = w.ok(claim(w, 1, 77, 5001))["handle"]
+    w.err(claim(w, 2, h, 5002), "access_denied")
+
+
+def test_rejoin_with_meta_updates_watchers_and_name_publishes():
+    w = reattach_world()
+    w.connect(1), w.connect(2), w.connect(3)
+    w.call(3, Op.WATCH)
+    w.ok(claim(w, 1, 42, 5001))  # a receiver came back first: no meta yet
+    w.ok(claim(w, 2, 42, 5002, meta={"sender": 1}, name="cam"))
+    events = [o.message.fields["event"] for o in w.last.out if o.client == 3]
+    assert events == ["updated", "published"] and w.reg.resources[42].meta == {"sender": 1}
+    assert w.ok(w.call(3, Op.OPEN, name="cam"))["handle"] == 42
+
+
+def test_session_ids_resume_when_free_and_abandon_follows_the_session():
+    w = World()
+    w.connect(1)
+    w.reg.connect(2, 1002, 0)
+    assert w.ok(w.call(2, Op.HELLO, version=VERSION, name="c2", pid=1002, session_id=4242))["session_id"] == 4242
+    w.reg.connect(3, 1003, 0)
+    again = w.ok(w.call(3, Op.HELLO, version=VERSION, name="c3", pid=1003, session_id=4242))["session_id"]
+    assert again != 4242  # taken: a fresh one
+    fd, r = w.register(2, desc={**TEX, "keyed_mutex": True}, facts=None)
+    w.err(r, "invalid_descriptor")  # (needs the state fd too)
+    facts = FdFacts("memfd", SIZE, SEALED)
+    state = FdFacts("memfd", 4096, SEALED)
+    w.ok(w.call(2, Op.REGISTER, [(11, facts), (12, state)], descriptor={**TEX, "keyed_mutex": True}))
+    assert w.reg.disconnect(2).abandon == [(12, 4242)]
+    w.reg.connect(4, 1004, 0)
+    assert w.ok(w.call(4, Op.HELLO, version=VERSION, name="c4", pid=1004, session_id=4242))["session_id"] == 4242
+
+
+def test_fresh_session_ids_start_at_a_random_point():
+    assert len({Registry().sessions or Registry()._next_session for _ in range(8)}) > 1
+
+
+def test_shutdown_without_force_refuses_while_others_are_live():
+    w = World(policy=Policy(broker_uid=1000))
+    w.connect(1, uid=1000), w.connect(2, uid=1000)
+    r = w.call(1, Op.SHUTDOWN, force=False)
+    w.err(r, "access_denied")
+    assert "pid 1002 (c2)" in r.message.fields["message"] and not w.last.shutdown
+    w.reg.disconnect(2)
+    w.ok(w.call(1, Op.SHUTDOWN, force=False))
+    assert w.last.shutdown

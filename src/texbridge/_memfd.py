@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import mmap
 import os
 import stat
@@ -128,3 +129,32 @@ def inspect_fd(fd: int) -> FdFacts:
     if stat.S_IFMT(mode) == 0:
         return FdFacts("anon", st.st_size)  # anon inodes (dma-buf, sync files, some driver fds)
     return FdFacts("other", st.st_size)
+
+
+_KCMP_FILE = 0
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343}.get(os.uname().machine)
+
+
+def same_file(fd_a: int, fd_b: int) -> bool:
+    """Whether two fds of this process are the same open file (one passed around by SCM_RIGHTS and dup).
+
+    kcmp(KCMP_FILE) answers exactly. Where it is missing (no syscall number, seccomp, ENOSYS), only memfds can be
+    told apart, by inode; any other pair is "not the same", which refuses rather than risks a wrong match.
+    """
+    if _SYS_KCMP is not None:
+        pid = os.getpid()
+        r = _libc().syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, fd_a, fd_b)
+        if r >= 0:
+            return r == 0
+    try:
+        a, b = os.fstat(fd_a), os.fstat(fd_b)
+    except OSError:
+        return False
+    return stat.S_ISREG(a.st_mode) and inspect_fd(fd_a).kind == "memfd" and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)

@@ -68,8 +68,8 @@ ALLOWED: dict[State, frozenset[Op]] = {
 # Per-op field schema: name -> (type, required). Fields not listed are rejected: the schema is the contract.
 _INT, _STR, _MAP, _BOOL = int, str, dict, bool
 SCHEMA: dict[Op, dict[str, tuple[type, bool]]] = {
-    Op.HELLO: {"version": (_INT, True), "name": (_STR, True), "pid": (_INT, True)},
-    Op.REGISTER: {"descriptor": (_MAP, True), "name": (_STR, False), "meta": (_MAP, False)},
+    Op.HELLO: {"version": (_INT, True), "name": (_STR, True), "pid": (_INT, True), "session_id": (_INT, False)},
+    Op.REGISTER: {"descriptor": (_MAP, True), "name": (_STR, False), "meta": (_MAP, False), "handle": (_INT, False)},
     Op.OPEN: {"handle": (_INT, False), "name": (_STR, False)},
     Op.CLOSE: {"handle": (_INT, True), "quiet": (_BOOL, False)},  # quiet: no reply, not even an error
     Op.PUBLISH: {"handle": (_INT, True), "name": (_STR, True)},
@@ -79,7 +79,7 @@ SCHEMA: dict[Op, dict[str, tuple[type, bool]]] = {
     Op.INFO: {"handle": (_INT, False), "name": (_STR, False)},
     Op.WATCH: {},
     Op.STATS: {},
-    Op.SHUTDOWN: {},
+    Op.SHUTDOWN: {"force": (_BOOL, False)},  # force=false: refuse while other clients are connected
     Op.BYE: {},
 }
 FD_LIMITS: dict[Op, tuple[int, int]] = {Op.REGISTER: (1, MAX_FDS), Op.REPLY: (0, MAX_FDS)}

@@ -8,6 +8,12 @@ broker from leaking fds whatever a client sends.
 A resource lives while any client holds a reference; each OPEN or REGISTER takes one, CLOSE or a disconnect drops
 it. Names are published by a holder and vanish when the resource dies or the publisher disconnects (a dead sender is
 retired at once).
+
+Re-attach after a broker restart (docs/architecture.md, "Handle lifecycle"): REGISTER may name the handle it wants.
+A free handle is created as asked; a taken one is joined as one more reference, but only by a client whose
+descriptor is the same and whose fds are the very files the entry keeps (`same_file`, which the server answers with
+kcmp): holding the fds is the proof, so nobody can point a live handle at other memory. HELLO may ask for its old
+session id back, so keyed mutexes that record their owner by session id keep meaning the same session.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from .._memfd import FdFacts
 from .._protocol import MAX_NAME, Message, Op
 
 LIST_PAGE = 200
+MAX_SESSION = (1 << 32) - 1  # keyed mutexes record their owner's session id in 32 bits
 MAX_META = 2048  # bytes of packed sender metadata; enforced by the server, which sees the frame
 
 
@@ -74,6 +81,7 @@ class Client:
     id: int
     pid: int
     uid: int
+    session: int = 0  # what keyed mutexes record as the owner; kept across broker restarts (HELLO session_id)
     name: str = ""
     refs: dict[int, int] = field(default_factory=dict)  # handle -> references held
     names: set[str] = field(default_factory=set)
@@ -104,10 +112,16 @@ class Effects:
 class Registry:
     def __init__(self, *, namespace: str = "default", broker_pid: int = 0, quotas: Quotas = Quotas(),
                  policy: Policy | None = None, clock: Callable[[], float] = lambda: 0.0,
-                 new_handle: Callable[[], int] = lambda: secrets.randbits(64)) -> None:
+                 new_handle: Callable[[], int] = lambda: secrets.randbits(64),
+                 same_file: Callable[[int, int], bool] | None = None, first_session: int | None = None) -> None:
         self.namespace, self.broker_pid = namespace, broker_pid
         self.quotas, self.policy = quotas, policy or Policy(broker_uid=0)
         self.clock, self._new_handle = clock, new_handle
+        self.same_file = same_file  # (token, token) -> the same open file? The server sets it (kcmp).
+        # Session ids start at a random point: a restarted broker must not hand a new client the id that a live
+        # client of the old broker still owns keyed mutexes under (it asks for that id back when it re-attaches).
+        self._next_session = first_session if first_session is not None else secrets.randbelow(MAX_SESSION) + 1
+        self.sessions: dict[int, int] = {}  # session id -> client id
         self.resources: dict[int, Record] = {}
         self.names: dict[str, int] = {}
         self.clients: dict[int, Client] = {}
@@ -119,7 +133,20 @@ class Registry:
         if not self.policy.admits(uid):
             raise AccessDenied(f"uid {uid} may not use the broker of namespace {self.namespace!r} "
                                f"(allowed: broker uid {self.policy.broker_uid}, root, {sorted(self.policy.allowed_uids)})")
-        self.clients[client_id] = Client(client_id, pid, uid)
+        client = self.clients[client_id] = Client(client_id, pid, uid)
+        self._take_session(client, self._fresh_session())
+
+    def _fresh_session(self) -> int:
+        while True:
+            session, self._next_session = self._next_session, self._next_session % MAX_SESSION + 1
+            if session not in self.sessions:
+                return session
+
+    def _take_session(self, client: Client, session: int) -> None:
+        if self.sessions.get(client.session) == client.id:
+            del self.sessions[client.session]
+        client.session = session
+        self.sessions[session] = client.id
 
     def disconnect(self, client_id: int) -> Effects:
         """Drop everything the client held at once: references, names, and keyed mutexes it may own."""
@@ -128,6 +155,8 @@ class Registry:
         if client is None:
             return fx
         self.watchers.discard(client_id)
+        if self.sessions.get(client.session) == client_id:
+            del self.sessions[client.session]
         for name in sorted(client.names):
             self._unpublish(name, fx)
         for handle, count in list(client.refs.items()):
@@ -135,7 +164,7 @@ class Registry:
             if rec is None:
                 continue
             if _has_mutex(rec):
-                fx.abandon.append((rec.fds[-1], client_id))
+                fx.abandon.append((rec.fds[-1], client.session))
             self._unref(rec, count, client, fx)
         return fx
 
@@ -178,7 +207,10 @@ class Registry:
 
     def _op_hello(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
         client.name = msg.fields["name"][:MAX_NAME]
-        fx.reply(client.id, msg.request_id, session_id=client.id, broker_pid=self.broker_pid,
+        wanted = msg.fields.get("session_id")
+        if wanted is not None and 1 <= wanted <= MAX_SESSION and wanted not in self.sessions:
+            self._take_session(client, wanted)  # a client re-attaching after a restart keeps its identity
+        fx.reply(client.id, msg.request_id, session_id=client.session, broker_pid=self.broker_pid,
                  namespace=self.namespace, version=msg.fields["version"])
         return False
 
@@ -198,10 +230,20 @@ class Registry:
             raise QuotaExceeded(f"client holds {len(client.refs)} resources (quota {self.quotas.resources})")
         if client.bytes + desc.size > self.quotas.bytes:
             raise QuotaExceeded(f"registering {desc.size} bytes exceeds the quota of {self.quotas.bytes}")
-        handle = self._new_handle() or 1
-        while handle in self.resources:
+        packed = msgpack.packb(desc.to_wire(), use_bin_type=True)
+        handle = msg.fields.get("handle")
+        if handle is not None:
+            if not 1 <= handle < 1 << 64:
+                raise InvalidDescriptor(f"handles are 64-bit and non-zero, not {handle!r}")
+            rec = self.resources.get(handle)
+            if rec is not None:
+                self._rejoin(client, rec, packed, [fd for fd, _ in fds], name, msg, fx)
+                return False  # the entry keeps its own fds; these were only the proof
+        else:
             handle = self._new_handle() or 1
-        rec = Record(handle, msgpack.packb(desc.to_wire(), use_bin_type=True), tuple(fd for fd, _ in fds),
+            while handle in self.resources:
+                handle = self._new_handle() or 1
+        rec = Record(handle, packed, tuple(fd for fd, _ in fds),
                      client.pid, client.id, desc.size, desc.keyed_mutex or desc.kind == "keyed_mutex",
                      sys.intern(desc.kind), meta=msg.fields.get("meta"))
         self.resources[handle] = rec
@@ -212,6 +254,24 @@ class Registry:
             self._publish(client, rec, name, fx)
         fx.reply(client.id, msg.request_id, handle=handle)
         return True
+
+    def _rejoin(self, client: Client, rec: Record, packed: bytes, fds: list[int], name: str | None, msg: Message,
+                fx: Effects) -> None:
+        """REGISTER under a live handle: one more reference to the entry, for a client holding the same files."""
+        if packed != rec.packed:
+            raise InvalidDescriptor(f"{_fmt(rec.handle)} is registered with another descriptor")
+        if self.same_file is None or len(fds) != len(rec.fds) or \
+                not all(self.same_file(mine, theirs) for mine, theirs in zip(rec.fds, fds)):
+            raise AccessDenied(f"{_fmt(rec.handle)} is registered with other memory: only a holder of its fds may "
+                               f"re-attach to it")
+        client.refs[rec.handle] = client.refs.get(rec.handle, 0) + 1
+        rec.refs += 1
+        if msg.fields.get("meta") is not None and msg.fields["meta"] != rec.meta:
+            rec.meta = msg.fields["meta"]
+            self._event(fx, "updated", handle=rec.handle, names=list(rec.names), meta=rec.meta)
+        if name is not None:
+            self._publish(client, rec, name, fx)
+        fx.reply(client.id, msg.request_id, handle=rec.handle)
 
     def _op_open(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
         rec = self._lookup(msg.fields)
@@ -228,7 +288,7 @@ class Registry:
         rec = self._held(client, msg.fields["handle"])
         handle = rec.handle
         if client.refs.get(handle) == 1 and _has_mutex(rec):
-            fx.abandon.append((rec.fds[-1], client.id))  # closing while owning: waiters must not hang
+            fx.abandon.append((rec.fds[-1], client.session))  # closing while owning: waiters must not hang
         self._unref(rec, 1, client, fx)
         if not msg.fields.get("quiet"):
             fx.reply(client.id, msg.request_id)
@@ -289,6 +349,12 @@ class Registry:
     def _op_shutdown(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
         if client.uid not in (self.policy.broker_uid, 0):
             raise AccessDenied("only the broker's own uid or root may stop it")
+        others = [c for c in self.clients.values() if c.id != client.id]
+        if others and not msg.fields.get("force", True):
+            shown = ", ".join(f"pid {c.pid} ({c.name or '?'})" for c in others[:8])
+            more = f" and {len(others) - 8} more" if len(others) > 8 else ""
+            raise AccessDenied(f"{len(others)} other client(s) are live: {shown}{more}; stopping anyway (force) "
+                               f"makes them re-attach to a new broker")
         fx.shutdown = True
         fx.reply(client.id, msg.request_id)
         return False

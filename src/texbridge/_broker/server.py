@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from .._errors import AccessDenied, NotFound, QuotaExceeded, RemoteProtocolError, TexbridgeError
-from .._memfd import inspect_fd
+from .._memfd import inspect_fd, same_file
 from .._protocol import Connection, Message, Op, State, peek_request_id
 from .._unix import close_fds as _close_all
 from .._unix import SPIN_SECONDS, recv_frame, send_frame
@@ -65,6 +65,7 @@ class BrokerServer:
         self.peers: dict[int, _Peer] = {}
         self._next_id = 1
         self.store = FdStore()
+        registry.same_file = self._same_file
         self._running = True
         self._idle_since = time.monotonic()
         self._next_keeper_check = 0.0
@@ -110,6 +111,17 @@ class BrokerServer:
         for peer in list(self.peers.values()):
             self._drop(peer)
         self.store.close()
+
+    def _same_file(self, token_a: int, token_b: int) -> bool:
+        """For re-attach (REGISTER under a live handle): do two kept fds refer to the same open file?"""
+        try:
+            fds, temps = self.store.resolve([token_a, token_b])
+        except (KeyError, OSError):
+            return False
+        try:
+            return same_file(fds[0], fds[1])
+        finally:
+            _close_all(temps)
 
     # -- connections --------------------------------------------------------------------------------------------------
     def _accept(self) -> None:
