@@ -213,12 +213,17 @@ def test_broker_start_status_stop(cli_env):
         cli("broker", "stop", "--namespace", ns)
 
 
-def test_broker_stop_frees_what_it_held(cli_env):
-    """Stopping the broker cuts clients off: their next request fails with BrokenError, not a hang."""
+def test_broker_stop_refuses_while_clients_are_live_unless_forced(cli_env):
+    """`broker stop` names the live clients and refuses; --force cuts them off. Without autostart nobody starts a
+    new broker, so the client's next request fails with BrokenError, not a hang."""
     assert cli("broker", "start", "--persistent").returncode == 0
-    with texbridge.connect(autostart=False) as s:
+    with texbridge.connect(autostart=False, app_name="holder") as s:
         s.create_buffer(4096)
-        assert cli("broker", "stop").returncode == 0
+        refused = cli("broker", "stop")
+        text = " ".join((refused.stdout + refused.stderr).split())
+        assert refused.returncode == 1 and f"pid {os.getpid()} (holder)" in text and "--force" in text, text
+        assert s.stats()["clients"] == 1  # still serving
+        assert cli("broker", "stop", "--force").returncode == 0
         with pytest.raises(texbridge.BrokenError):
             s.stats()
 

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from ._errors import BrokerUnavailable, TexbridgeError
+from ._errors import AccessDenied, BrokerUnavailable, TexbridgeError
 
 # Piped output (tests, `| grep`) gets wide lines instead of rich's 80-column default, so tables stay readable.
 _WIDTH = None if sys.stdout.isatty() else max(200, int(os.environ.get("COLUMNS", "0") or 0))
@@ -304,9 +304,12 @@ def broker_start(namespace: str | None, persistent: bool, idle: float | None, al
 
 @broker.command("stop")
 @namespace_option
+@click.option("--force", is_flag=True, help="Stop it even while other clients are connected (they re-attach their "
+                                             "resources to a new broker).")
 @_friendly
-def broker_stop(namespace: str | None) -> None:
-    """Stop the namespace's broker; every resource it holds is freed."""
+def broker_stop(namespace: str | None, force: bool) -> None:
+    """Stop the namespace's broker. Refused while other clients are connected, naming them, unless --force: a
+    client holding resources re-attaches them to a new broker under the same handles and names."""
     ns = _ns(namespace)
     try:
         s = _connect(ns)
@@ -315,7 +318,10 @@ def broker_stop(namespace: str | None) -> None:
         return
     with s:
         pid = s.broker_pid
-        s.shutdown()
+        try:
+            s.shutdown(force=force)
+        except AccessDenied as e:
+            _fail(f"not stopping the broker of namespace {ns!r} (pid {pid}): {e}. Use --force to stop it anyway.")
     if _wait_exit(pid, timeout=10.0):
         console.print(f"stopped the broker for namespace {ns!r} (pid {pid})")
     else:

@@ -5,22 +5,34 @@ their own connection: a watcher never has to untangle pushed events from replies
 
 Fd ownership: fds arriving with a reply belong to the caller of _request(); an error or a protocol failure closes
 them here before raising, so no path leaks one.
+
+Surviving the broker (docs/architecture.md, "Handle lifecycle"): a Session keeps, for every handle it holds, a dup of
+the fds it registered or opened it with, its descriptor, meta and the names it published. When its connection hangs
+up (noticed at once by one process-wide monitor thread, or by the next request) it connects again — starting a new
+broker as any client would — and registers each of them under the same handle; holders of the same resource in
+other processes join that one entry. A request cut by the loss is sent again once where that is safe.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import select
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+import time
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import msgpack
 
 from ._broker.launch import connect_socket
 from ._descriptor import Descriptor, Handle, Usage
-from ._errors import BrokenError, ClosedError, InvalidDescriptor, RemoteProtocolError, TexbridgeError, error_from_code
+from ._errors import (BrokenError, ClosedError, InvalidDescriptor, NameInUse, RemoteProtocolError, TexbridgeError,
+                      error_from_code)
 from ._paths import namespace_name
 from ._protocol import VERSION, Connection, Message, Op
 from ._resources import Resource
@@ -28,6 +40,12 @@ from ._unix import close_fds as _close
 from ._unix import recv_frame_spinning, send_frame
 from .backends import DEFAULT_IMPORTER, get_backend
 
+log = logging.getLogger("texbridge")
+
+# Requests sent again, once, after re-attaching to a new broker: the old broker's half-done effect died with it, and
+# repeating them yields the state the caller asked for. UNPUBLISH, SHUTDOWN and BYE are not: the broker they were
+# meant for is gone, so the caller is told (BrokenError) rather than have them applied to its successor.
+_RETRIED = frozenset({Op.REGISTER, Op.OPEN, Op.INFO, Op.LIST, Op.STATS, Op.PUBLISH, Op.UPDATE})
 
 
 @dataclass(frozen=True)
@@ -50,11 +68,19 @@ class Event:
 class _Channel:
     """One SOCK_SEQPACKET connection: send a request, wait for its reply (fds included)."""
 
-    def __init__(self, namespace: str, *, app_name: str, autostart: bool, timeout: float) -> None:
+    def __init__(self, namespace: str, *, app_name: str, autostart: bool, timeout: float,
+                 session_id: int | None = None) -> None:
         self.sock = connect_socket(namespace, autostart=autostart, timeout=timeout)
         self.conn = Connection(broker_side=False)
         self.lock = threading.Lock()
-        self.hello = self.request(Op.HELLO, {"version": VERSION, "name": app_name, "pid": os.getpid()})[0]
+        hello: dict[str, Any] = {"version": VERSION, "name": app_name, "pid": os.getpid()}
+        if session_id is not None:
+            hello["session_id"] = session_id  # re-attaching: keyed mutexes record their owner by session id
+        try:
+            self.hello = self.request(Op.HELLO, hello)[0]
+        except BaseException:
+            self.close()
+            raise
 
     def request(self, op: Op, fields: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> tuple[dict, list[int]]:
         with self.lock:
@@ -135,11 +161,46 @@ class _Channel:
             sock.close()
 
 
+@dataclass(eq=False)
+class _Held:
+    """What a session needs to bring one handle back on a new broker: its descriptor, a dup of the very fds it was
+    registered or opened with (the same files, so the broker can match them with other holders'), the meta and names
+    this session gave it, and how many references (Resources) this session holds."""
+
+    descriptor: dict[str, Any]
+    fds: list[int]
+    count: int = 1
+    meta: dict[str, Any] | None = None
+    names: set[str] = field(default_factory=set)
+
+
+def _keep(fds: list[int] | tuple[int, ...]) -> list[int]:
+    """Dups of `fds` for re-attaching later, or [] (and a warning) when the process is out of fds."""
+    kept: list[int] = []
+    try:
+        for fd in fds:
+            try:
+                kept.append(os.dup(fd))
+            except OSError as e:
+                if e.errno != errno.EMFILE:
+                    raise
+                from ._broker._keeper import raise_fd_limit
+
+                raise_fd_limit()
+                kept.append(os.dup(fd))
+    except OSError as e:
+        _close(kept)
+        log.warning("texbridge: cannot keep fds to re-attach a resource after a broker restart (%s)", e.strerror)
+        return []
+    return kept
+
+
 class Session:
     """A connection to one namespace's broker. Create with texbridge.connect(); close it (or use `with`).
 
     Closing the session drops every reference it holds, exactly as if the process had died: resources others still
-    hold live on, the rest are freed by the broker.
+    hold live on, the rest are freed by the broker. If the broker itself dies, the session re-attaches everything it
+    holds to a new one, under the same handles and names.
     """
 
     def __init__(self, namespace: str | None = None, *, app_name: str | None = None, autostart: bool = True,
@@ -147,10 +208,90 @@ class Session:
         self.namespace = namespace_name(namespace)
         self.app_name = app_name or os.path.basename(sys.argv[0] or "python")
         self._autostart, self._timeout = autostart, timeout
-        self._channel = _Channel(self.namespace, app_name=self.app_name, autostart=autostart, timeout=timeout)
-        self.session_id: int = self._channel.hello["session_id"]
-        self.broker_pid: int = self._channel.hello["broker_pid"]
+        self._lock = threading.RLock()  # the channel, _held, and re-attaching
+        self._held: dict[int, _Held] = {}  # handle -> what re-attaching needs
         self._resources: dict[int, Resource] = {}
+        self._closed = False
+        self.reattached = 0  # times this session re-attached to a new broker
+        self._channel = self._new_channel(None)
+
+    def _new_channel(self, session_id: int | None) -> _Channel:
+        channel = _Channel(self.namespace, app_name=self.app_name, autostart=self._autostart, timeout=self._timeout,
+                           session_id=session_id)
+        self.session_id: int = channel.hello["session_id"]
+        self.broker_pid: int = channel.hello["broker_pid"]
+        _MONITOR.watch(self, channel)
+        return channel
+
+    # -- requests that survive the broker ---------------------------------------------------------------------------
+    def _request(self, op: Op, fields: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> tuple[dict, list[int]]:
+        channel = self._channel
+        try:
+            return channel.request(op, fields, fds)
+        except BrokenError as e:
+            if not self._reattach(channel):
+                raise
+            if op not in _RETRIED:
+                raise BrokenError(f"the broker went away during {op.value} ({e}); this session re-attached to a new "
+                                  f"broker, but {op.value} is not sent again: that broker never had its effect")
+        return self._channel.request(op, fields, fds)
+
+    def _reattach(self, lost: _Channel) -> bool:
+        """Connect again (starting a broker if allowed) and re-register everything held. False if no broker could be
+        reached; the session stays usable and tries again at its next request (or the monitor's next round)."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._channel is not lost:
+                return True  # another thread (or the monitor) did it already
+            try:
+                channel = self._new_channel(self.session_id)
+            except TexbridgeError as e:
+                log.debug("texbridge: re-attach to namespace %r failed: %s", self.namespace, e)
+                return False
+            self._channel = channel
+            _MONITOR.forget(lost)
+            lost.close()
+            self.reattached += 1
+            try:
+                self._restore(channel)
+            except BrokenError:
+                pass  # the new broker went away too: the next request or the monitor starts over
+            return True
+
+    def _restore(self, channel: _Channel) -> None:
+        for handle, held in list(self._held.items()):
+            if not held.fds:
+                log.warning("texbridge: %s cannot be re-attached (no fds were kept for it)", Handle(handle))
+                continue
+            fields: dict[str, Any] = {"descriptor": held.descriptor, "handle": handle}
+            if held.meta is not None:
+                fields["meta"] = held.meta
+            try:
+                channel.request(Op.REGISTER, fields, held.fds)
+                for _ in range(held.count - 1):  # one broker reference per Resource, as before
+                    _close(channel.request(Op.OPEN, {"handle": handle})[1])
+            except BrokenError:
+                raise
+            except TexbridgeError as e:
+                log.warning("texbridge: could not re-attach %s to the new broker: %s", Handle(handle), e)
+                continue
+            for name in sorted(held.names):
+                try:
+                    channel.request(Op.PUBLISH, {"handle": handle, "name": name})
+                except BrokenError:
+                    raise
+                except (NameInUse, TexbridgeError) as e:
+                    held.names.discard(name)
+                    log.warning("texbridge: could not re-publish %r: %s", name, e)
+
+    def _hung_up(self, channel: _Channel) -> bool | None:
+        """The monitor saw `channel` hang up. Re-attach now if anything is held (None: nothing to do)."""
+        if self._closed or self._channel is not channel:
+            return None
+        if not self._held:
+            return None  # nothing to restore: reconnect lazily, at the next request
+        return self._reattach(channel)
 
     # -- creating ---------------------------------------------------------------------------------------------------
     def create_texture(self, width: int, height: int, format: str = "rgba8", *, name: str | None = None,
@@ -174,11 +315,17 @@ class Session:
         fd = create_state(initial_key)
         try:
             desc = Descriptor(kind="keyed_mutex", size=KEYED_MUTEX_STATE_SIZE, backend="memfd").validate()
-            fields, _ = self._channel.request(Op.REGISTER, _register_fields(desc, name), [fd])
             mutex = KeyedMutex(fd, session_id=self.session_id)
+            try:
+                handle = self._register_fds(desc, name, [fd])
+            except BaseException:
+                mutex.close()
+                raise
+            fd = -1  # kept for re-attaching
         finally:
-            os.close(fd)
-        return self._track(_MutexResource(desc, mutex), Handle(fields["handle"]))
+            if fd >= 0:
+                os.close(fd)
+        return self._track(_MutexResource(desc, mutex), handle)
 
     def _register(self, res: Resource, name: str | None) -> Resource:
         fds: list[int] = []
@@ -190,7 +337,8 @@ class Session:
 
                 fds.append(create_state(0))
                 mutex = KeyedMutex(fds[-1], session_id=self.session_id)
-            fields, _ = self._channel.request(Op.REGISTER, _register_fields(res.descriptor, name), fds)
+            handle = self._register_fds(res.descriptor, name, fds)
+            fds = []  # kept for re-attaching
         except BaseException:
             if mutex is not None:
                 mutex.close()
@@ -198,7 +346,24 @@ class Session:
             raise
         finally:
             _close(fds)
-        return self._track(res, Handle(fields["handle"]), mutex)
+        return self._track(res, handle, mutex)
+
+    def _register_fds(self, desc: Descriptor, name: str | None, fds: list[int]) -> Handle:
+        """REGISTER; on success the session keeps `fds` (it owns them from here on) to re-attach later."""
+        wire = desc.to_wire()
+        with self._lock:
+            fields, _ = self._request(Op.REGISTER, _register_fields(wire, name), fds)
+            self._hold(fields["handle"], wire, list(fds), {name} if name is not None else set())
+        return Handle(fields["handle"])
+
+    def _hold(self, handle: int, wire: dict[str, Any], kept: list[int], names: set[str] = set()) -> None:
+        held = self._held.get(handle)
+        if held is None:
+            self._held[handle] = _Held(wire, kept, names=set(names))
+        else:
+            held.count += 1
+            held.names |= names
+            _close(kept)  # the first reference's fds do
 
     def _track(self, res: Resource, handle: Handle, mutex=None) -> Resource:
         res._attach(self, handle, mutex if mutex is not None else res._mutex)
@@ -211,16 +376,19 @@ class Session:
 
         The default backend is the one that gives NumPy-visible memory where possible (memfd → NumPy views).
         """
-        fields, fds = self._channel.request(Op.OPEN, _target(handle_or_name))
-        try:
-            desc = Descriptor.from_wire(_unpack_descriptor(fields["descriptor"]), validated=True)
-            if len(fds) != desc.nfds:
-                raise InvalidDescriptor(f"the broker sent {len(fds)} fds for a descriptor needing {desc.nfds}")
-        except BaseException:
-            _close(fds)
-            self._close_handle(fields.get("handle"))
-            raise
-        handle = Handle(fields["handle"])
+        with self._lock:
+            fields, fds = self._request(Op.OPEN, _target(handle_or_name))
+            try:
+                wire = _unpack_descriptor(fields["descriptor"])
+                desc = Descriptor.from_wire(wire, validated=True)
+                if len(fds) != desc.nfds:
+                    raise InvalidDescriptor(f"the broker sent {len(fds)} fds for a descriptor needing {desc.nfds}")
+            except BaseException:
+                _close(fds)
+                self._close_handle(fields.get("handle"))
+                raise
+            handle = Handle(fields["handle"])
+            self._hold(handle.value, desc.to_wire(), _keep(fds))
         mutex = None
         try:
             if desc.kind == "keyed_mutex" or desc.keyed_mutex:
@@ -237,58 +405,82 @@ class Session:
             if mutex is not None:
                 mutex.close()
             _close(fds)
-            self._close_handle(handle.value)
+            self._release_handle(handle.value)
             raise
-        _close(fds)  # the mutex fd: the mapping keeps the state alive
+        _close(fds)  # the mutex fd: the mapping keeps the state alive (and _held a dup)
         return self._track(res, handle, mutex)
 
     def info(self, handle_or_name: "Handle | str | int") -> dict[str, Any]:
-        fields, _ = self._channel.request(Op.INFO, _target(handle_or_name))
+        fields, _ = self._request(Op.INFO, _target(handle_or_name))
         return fields
 
     # -- names, listing, events -------------------------------------------------------------------------------------
     def publish(self, handle: "Handle | str | int", name: str) -> None:
-        self._channel.request(Op.PUBLISH, {"handle": Handle.parse(handle).value, "name": name})
+        value = Handle.parse(handle).value
+        with self._lock:
+            self._request(Op.PUBLISH, {"handle": value, "name": name})
+            if value in self._held:
+                self._held[value].names.add(name)
 
     def unpublish(self, name: str) -> None:
-        self._channel.request(Op.UNPUBLISH, {"name": name})
+        with self._lock:
+            for held in self._held.values():
+                held.names.discard(name)
+            self._request(Op.UNPUBLISH, {"name": name})
 
     def update(self, handle: "Handle | str | int", meta: dict[str, Any]) -> None:
         """Attach small metadata (shown by `ls`, pushed to watchers as an `updated` event)."""
-        self._channel.request(Op.UPDATE, {"handle": Handle.parse(handle).value, "meta": meta})
+        value = Handle.parse(handle).value
+        with self._lock:
+            self._request(Op.UPDATE, {"handle": value, "meta": meta})
+            if value in self._held:
+                self._held[value].meta = meta
 
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         while True:
             fields = {"offset": len(out)} | ({"kind": kind} if kind else {})
-            reply, _ = self._channel.request(Op.LIST, fields)
+            reply, _ = self._request(Op.LIST, fields)
             out.extend(reply["resources"])
             if not reply["resources"] or len(out) >= reply["total"]:
                 return out
 
     def stats(self) -> dict[str, int]:
-        return self._channel.request(Op.STATS, {})[0]
+        return self._request(Op.STATS, {})[0]
 
-    def shutdown(self) -> None:
-        """Ask the broker to exit (its own uid or root only): every client is cut off, every resource freed."""
-        self._channel.request(Op.SHUTDOWN, {})
+    def shutdown(self, *, force: bool = True) -> None:
+        """Ask the broker to exit (its own uid or root only): every client is cut off; clients holding resources
+        re-attach them to a new broker. force=False refuses (AccessDenied, naming them) while others are connected."""
+        self._request(Op.SHUTDOWN, {} if force else {"force": False})
 
     def watch(self) -> Iterator[Event]:
-        """Events pushed by the broker (published, unpublished, updated, released, retired), on a new connection."""
-        channel = _Channel(self.namespace, app_name=self.app_name + ":watch", autostart=self._autostart,
-                           timeout=self._timeout)
-        channel.request(Op.WATCH, {})
-        return _EventStream(channel)
+        """Events pushed by the broker (published, unpublished, updated, released, retired), on a new connection.
+
+        After a broker restart the stream connects again by itself and yields a `reconnected` event (events of the
+        gap are lost: list again)."""
+        stream = _EventStream(self)
+        stream._connect()
+        return stream
 
     # -- closing ------------------------------------------------------------------------------------------------------
     def _drop(self, res: Resource, handle: Handle) -> None:
         """Called by Resource.close(): forget it (O(1): close is on the per-frame path of some users) and drop
         this session's reference at the broker."""
         self._resources.pop(id(res), None)
-        self._close_handle(handle.value)
+        self._release_handle(handle.value)
+
+    def _release_handle(self, handle: int) -> None:
+        with self._lock:
+            held = self._held.get(handle)
+            if held is not None:
+                held.count -= 1
+                if held.count <= 0:
+                    del self._held[handle]
+                    _close(held.fds)
+            self._close_handle(handle)
 
     def _close_handle(self, handle: int | None) -> None:
-        if handle is None or self._channel.sock is None:
+        if handle is None or self._closed:
             return
         try:
             self._channel.notify(Op.CLOSE, {"handle": handle, "quiet": True})
@@ -297,21 +489,30 @@ class Session:
 
     @property
     def closed(self) -> bool:
-        return self._channel.sock is None
+        return self._closed
 
     def close(self) -> None:
+        if self._closed:
+            return
         for res in list(self._resources.values()):
             try:
                 res.close()
             except TexbridgeError:
                 pass
         self._resources.clear()
-        if self._channel.sock is not None:
+        with self._lock:
+            self._closed = True
+            channel = self._channel
+            _MONITOR.forget(channel)
+            for held in self._held.values():
+                _close(held.fds)
+            self._held.clear()
+        if channel.sock is not None:
             try:
-                self._channel.request(Op.BYE, {})
+                channel.request(Op.BYE, {})
             except TexbridgeError:
                 pass
-            self._channel.close()
+            channel.close()
 
     def __enter__(self) -> "Session":
         return self
@@ -323,43 +524,207 @@ class Session:
         return f"<Session namespace={self.namespace!r} id={self.session_id} broker_pid={self.broker_pid}>"
 
 
-class _EventStream:
-    """Iterator over a watch connection's events; close() (or leaving a `with`) hangs up."""
+class _Monitor:
+    """One daemon thread per process that notices a broker connection hanging up and re-attaches its session at once
+    (not at its next request, which may never come for a producer that only holds resources).
 
-    def __init__(self, channel: _Channel) -> None:
+    It waits in epoll for EPOLLRDHUP alone, so replies and events never wake it: it costs nothing until a broker
+    dies. A hung-up fd is removed from the set before anything else (a level-triggered hang-up left in the set is
+    a busy loop); a failed re-attach is retried with a growing delay (0.05 s .. 1 s), never in a spin.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._ep: select.epoll | None = None
+        self._entries: dict[int, tuple[weakref.ref, _Channel]] = {}
+
+    def watch(self, session: Session, channel: _Channel) -> None:
+        sock = channel.sock
+        if sock is None:
+            return
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child: the parent's thread is not here
+                self._pid, self._ep, self._entries = os.getpid(), select.epoll(), {}
+                threading.Thread(target=self._run, args=(self._ep,), name="texbridge-monitor", daemon=True).start()
+            assert self._ep is not None
+            fd = sock.fileno()
+            self._entries[fd] = (weakref.ref(session), channel)
+            try:
+                self._ep.register(fd, select.EPOLLRDHUP)
+            except FileExistsError:
+                self._ep.modify(fd, select.EPOLLRDHUP)
+
+    def forget(self, channel: _Channel) -> None:
+        sock = channel.sock
+        if sock is None or self._ep is None or self._pid != os.getpid():
+            return
+        with self._lock:
+            fd = sock.fileno()
+            entry = self._entries.get(fd)
+            if entry is not None and entry[1] is channel:
+                del self._entries[fd]
+                try:
+                    self._ep.unregister(fd)
+                except OSError:
+                    pass
+
+    def _run(self, ep: select.epoll) -> None:
+        retry: dict[int, tuple[float, float, weakref.ref, _Channel]] = {}  # id(channel) -> due, delay, session
+        while ep is self._ep:
+            now = time.monotonic()
+            timeout = max(0.0, min(r[0] for r in retry.values()) - now) if retry else -1
+            try:
+                events = ep.poll(timeout)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            work: list[tuple[weakref.ref, _Channel, float]] = []
+            with self._lock:
+                for fd, _mask in events:
+                    entry = self._entries.pop(fd, None)
+                    try:
+                        ep.unregister(fd)
+                    except OSError:
+                        pass
+                    if entry is not None and _hung_up(entry[1]):
+                        work.append((entry[0], entry[1], 0.05))
+                    elif entry is not None:  # a reused fd number: not ours to act on; watch it again
+                        self._entries[fd] = entry
+                        ep.register(fd, select.EPOLLRDHUP)
+            now = time.monotonic()
+            for key, (due, delay, ref, channel) in list(retry.items()):
+                if due <= now:
+                    del retry[key]
+                    work.append((ref, channel, min(delay * 2, 1.0)))
+            for ref, channel, delay in work:
+                session = ref()
+                if session is None:
+                    continue
+                try:
+                    ok = session._hung_up(channel)
+                except Exception:  # never let the monitor die: it serves every session of the process
+                    log.exception("texbridge: re-attaching a session failed")
+                    ok = False
+                if ok is False:
+                    retry[id(channel)] = (time.monotonic() + delay, delay, ref, channel)
+
+
+def _hung_up(channel: _Channel) -> bool:
+    sock = channel.sock
+    if sock is None:
+        return True
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLRDHUP)
+    return any(mask & (select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL) for _, mask in p.poll(0))
+
+
+_MONITOR = _Monitor()
+
+
+class _EventStream:
+    """Iterator over a watch connection's events; close() (or leaving a `with`) hangs up.
+
+    When the broker goes away the stream connects again (starting a broker if its session may) and yields an
+    Event("reconnected"); attempts are spaced (0.05 s .. 1 s), so a consumer polling next(timeout) never spins.
+    Without autostart it gives up after the session's timeout and ends."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._channel: _Channel | None = None
+        self._closed = False
+        self._lost_at = 0.0
+        self._next_try = 0.0
+        self._delay = 0.05
+
+    def _connect(self) -> None:
+        s = self._session
+        channel = _Channel(s.namespace, app_name=s.app_name + ":watch", autostart=s._autostart, timeout=s._timeout)
+        try:
+            channel.request(Op.WATCH, {})
+        except BaseException:
+            channel.close()
+            raise
         self._channel = channel
+
+    def _recover(self, timeout: float | None) -> Event | None:
+        """Called with no live connection: try to connect again, waiting at most `timeout` for the next attempt."""
+        now = time.monotonic()
+        if now < self._next_try:
+            wait = self._next_try - now if timeout is None else min(timeout, self._next_try - now)
+            time.sleep(max(0.0, wait))
+            if time.monotonic() < self._next_try:
+                return None
+        try:
+            self._connect()
+        except TexbridgeError:
+            self._next_try = time.monotonic() + self._delay
+            self._delay = min(self._delay * 2, 1.0)
+            if not self._session._autostart and time.monotonic() - self._lost_at > self._session._timeout:
+                self.close()
+            return None
+        self._delay = 0.05
+        return Event("reconnected", {})
+
+    def _lost(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        self._lost_at = time.monotonic()
+        self._next_try = 0.0
 
     def __iter__(self) -> "_EventStream":
         return self
 
     def __next__(self) -> Event:
-        if self._channel.sock is None:
-            raise StopIteration
-        try:
-            return self._channel.receive_event()
-        except BrokenError:
-            self.close()
-            raise StopIteration from None
+        while not self._closed:
+            if self._channel is None:
+                ev = self._recover(None)
+                if ev is not None:
+                    return ev
+                continue
+            try:
+                return self._channel.receive_event()
+            except (BrokenError, RemoteProtocolError):
+                self._lost()
+        raise StopIteration
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def next(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds."""
+        if self._closed:
+            return None
+        if self._channel is None:
+            return self._recover(timeout)
         sock = self._channel.sock
         if sock is None:
+            self._lost()
             return None
         sock.settimeout(timeout)
         try:
-            return next(self)
-        except (socket.timeout, StopIteration):
+            return self._channel.receive_event()
+        except socket.timeout:
             return None
+        except (BrokenError, RemoteProtocolError):
+            self._lost()
+            return self._recover(0)
         finally:
-            if self._channel.sock is not None:
+            if self._channel is not None and self._channel.sock is not None:
                 sock.settimeout(None)
 
     def fileno(self) -> int:
-        return self._channel.sock.fileno() if self._channel.sock else -1
+        channel = self._channel
+        return channel.sock.fileno() if channel is not None and channel.sock is not None else -1
 
     def close(self) -> None:
-        self._channel.close()
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
 
     def __enter__(self) -> "_EventStream":
         return self
@@ -406,8 +771,8 @@ def _unpack_descriptor(wire: Any) -> Any:
     return wire
 
 
-def _register_fields(desc: Descriptor, name: str | None) -> dict[str, Any]:
-    fields: dict[str, Any] = {"descriptor": desc.to_wire()}
+def _register_fields(wire: dict[str, Any], name: str | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"descriptor": wire}
     if name is not None:
         fields["name"] = name
     return fields

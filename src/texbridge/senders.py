@@ -36,7 +36,7 @@ import numpy as np
 
 from . import _futex as _core
 from ._client import Session, connect
-from ._errors import (BackendError, ClosedError, InvalidArgument, InvalidDescriptor, KeyedMutexAbandoned,
+from ._errors import (BackendError, BrokenError, ClosedError, InvalidArgument, InvalidDescriptor, KeyedMutexAbandoned,
                       NotASender, NotFound, SenderNotFound, TexbridgeError)
 from ._formats import get_format
 from ._resources import Resource, check_frame
@@ -172,9 +172,11 @@ class _SenderWatch:
         self._session = session or connect()
         self._stream = self._session.watch()  # subscribe before listing: nothing falls in between
         self._known: dict[str, int] = {}  # name -> control handle
+        self._pids: dict[int, int] = {}  # control handle -> sender pid (to tell a dead sender after a restart)
         self._pending: deque[SenderEvent] = deque()
         for info in list_senders(self._session):
             self._known[info.name] = info.handle
+            self._pids[info.handle] = info.pid
             if initial:
                 self._pending.append(SenderEvent("announced", info.name, info, info.handle))
 
@@ -184,6 +186,7 @@ class _SenderWatch:
             meta = (f.get("summary") or {}).get("meta")
             if _is_sender(meta) and f.get("name"):
                 self._known[f["name"]] = f["handle"]
+                self._pids[f["handle"]] = int(meta.get("pid", 0))
                 return [SenderEvent("announced", f["name"], SenderInfo.from_meta(f["name"], meta, f["handle"]),
                                     f["handle"])]
         elif ev.kind == "updated" and _is_sender(f.get("meta")):
@@ -192,7 +195,30 @@ class _SenderWatch:
         elif ev.kind == "unpublished" and self._known.get(f.get("name")) == f.get("handle"):
             del self._known[f["name"]]
             return [SenderEvent("retired", f["name"], None, f["handle"])]
+        elif ev.kind == "reconnected":
+            return self._resync()
         return []
+
+    def _resync(self) -> list[SenderEvent]:
+        """After a broker restart (events of the gap are lost): announce senders not known yet, retire known ones
+        whose process died. A known sender missing from the list but alive is re-attaching: its re-announcement
+        (the same handle) follows as a `published` event."""
+        try:
+            live = {i.name: i for i in list_senders(self._session)}
+        except TexbridgeError:
+            return []
+        out = []
+        for name, info in live.items():
+            if self._known.get(name) != info.handle:
+                self._known[name] = info.handle
+                self._pids[info.handle] = info.pid
+                out.append(SenderEvent("announced", name, info, info.handle))
+        for name, handle in list(self._known.items()):
+            pid = self._pids.get(handle, 0)
+            if name not in live and pid and not _pid_alive(pid):
+                del self._known[name]
+                out.append(SenderEvent("retired", name, None, handle))
+        return out
 
     def __iter__(self) -> "_SenderWatch":
         return self
@@ -218,6 +244,10 @@ class _SenderWatch:
 
     def fileno(self) -> int:
         return self._stream.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
 
     def close(self) -> None:
         self._stream.close()
@@ -570,8 +600,10 @@ class Sender:
                 pushed = self._frame
                 try:
                     self._push_meta()
+                except BrokenError:
+                    pushed = -1  # no broker right now: the session re-attaches (meta included); try again later
                 except (TexbridgeError, AttributeError):
-                    return  # closing under us, or the broker went away: nothing left to tell
+                    return  # closing under us: nothing left to tell
 
     # -- lifetime -------------------------------------------------------------------------------------------------------
     def _teardown(self) -> None:
@@ -744,6 +776,8 @@ class Receiver:
             except (TexbridgeError, OSError, ValueError):
                 return
             if ev is None:
+                if self._watch.closed:
+                    return  # no broker and no way to start one: stop here rather than spin
                 continue
             link = self._link
             if ev.kind == "retired" and ev.handle in (self._followed, link.handle if link else None):

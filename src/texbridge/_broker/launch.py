@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from .._errors import AccessDenied, BrokerUnavailable
@@ -25,12 +26,14 @@ def connect_socket(namespace: str | None = None, *, autostart: bool = True, time
     ns = namespace_name(namespace)
     path = socket_path(ns)
     deadline = time.monotonic() + timeout
-    started = False
+    launcher: subprocess.Popen | None = None
     delay = 0.002
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.connect(str(path))
+            if launcher is not None:
+                _reap(launcher)
             return sock
         except OSError as e:
             sock.close()
@@ -40,19 +43,47 @@ def connect_socket(namespace: str | None = None, *, autostart: bool = True, time
                 raise BrokerUnavailable(f"cannot connect to {path}: {e.strerror}") from None
         if not autostart:
             raise BrokerUnavailable(f"no broker is running for namespace {ns!r} (socket {path})")
-        if not started:
-            start_broker(ns)
-            started = True
+        if launcher is None:
+            # Not waited for: when many clients lose their broker at once (it died), one launcher wins and the
+            # others take a whole interpreter start-up to learn they lost; connecting to the winner meanwhile is
+            # what makes re-attaching fast.
+            launcher = _launch(ns)
+        elif launcher.poll() not in (None, 0, 3):
+            raise BrokerUnavailable(f"the broker for namespace {ns!r} failed to start (exit {launcher.returncode}); "
+                                    f"run `{sys.executable} -m texbridge._broker --namespace {ns}` to see why")
         if time.monotonic() > deadline:
+            _reap(launcher)
             raise BrokerUnavailable(f"the broker for namespace {ns!r} did not come up within {timeout:.0f}s")
         time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        delay = min(delay * 2, 0.05)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for a launcher in the background: it exits once its daemon is ready or has lost the start race."""
+    if proc.poll() is None:
+        threading.Thread(target=proc.wait, name="texbridge-launcher-reaper", daemon=True).start()
 
 
 def start_broker(namespace: str | None = None, *, persistent: bool = False, idle: float | None = None,
                  extra_args: list[str] | None = None) -> bool:
     """Start a detached broker. True if this call's broker won, False if one was already running."""
     ns = namespace_name(namespace)
+    proc = _launch(ns, persistent=persistent, idle=idle, extra_args=extra_args)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    cmd = proc.args
+    if proc.returncode not in (0, 3):
+        raise BrokerUnavailable(f"the broker for namespace {ns!r} failed to start (exit {proc.returncode}); "
+                                f"run `{' '.join(cmd[:3])} --namespace {ns}` to see why")
+    return proc.returncode == 0
+
+
+def _launch(ns: str, *, persistent: bool = False, idle: float | None = None,
+            extra_args: list[str] | None = None) -> subprocess.Popen:
+    """Run the broker's launcher (`--daemon`: it forks the broker and exits 0 when ready, 3 when another won)."""
     ensure_runtime_dir()
     cmd = [sys.executable, "-m", "texbridge._broker", "--daemon", "--namespace", ns]
     if persistent:
@@ -60,11 +91,6 @@ def start_broker(namespace: str | None = None, *, persistent: bool = False, idle
     if idle is not None:
         cmd += ["--idle", str(idle)]
     cmd += extra_args or []
-    env = dict(os.environ)
     # The broker must outlive this process and not inherit its stdio (a pipe would keep a parent's reader open).
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          env=env, close_fds=True, start_new_session=True, timeout=30)
-    if proc.returncode not in (0, 3):
-        raise BrokerUnavailable(f"the broker for namespace {ns!r} failed to start (exit {proc.returncode}); "
-                                f"run `{' '.join(cmd[:3])} --namespace {ns}` to see why")
-    return proc.returncode == 0
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ), close_fds=True, start_new_session=True)
