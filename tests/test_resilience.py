@@ -103,6 +103,7 @@ import sys, threading, time, json
 import texbridge
 s = texbridge.connect(app_name="opener")
 kept = s.open("r-buf")  # held across every kill, by another process than its creator
+kept_vk = s.open("r-vk") if len(sys.argv) > 1 and sys.argv[1] == "vulkan" else None
 counts = {"opens": 0, "errors": 0}
 
 def commands():
@@ -253,7 +254,7 @@ class World:
         line = self.producer.stdout.readline()
         assert line, self.producer.stderr.read()
         self.targets = json.loads(line)
-        self.opener = self._spawn(OPENER)
+        self.opener = self._spawn(OPENER, "vulkan" if with_vulkan else "memfd")
         self.receiver = self._spawn(RECEIVER)
         for p in (self.opener, self.receiver):
             assert p.stdout.readline().strip() == "ready", p.stderr.read()
@@ -301,6 +302,10 @@ class World:
         rx = ask(self.receiver)
         assert rx["connected"] and rx["bad"] == 0, rx
         assert ask(self.opener)["kept"] == "producer"
+        with texbridge.connect(autostart=False) as s:  # holders of one resource share one entry again
+            want = {"r-buf": 2, "r-vk": 2, "r-mutex": 1, "unnamed": 1}
+            counts = lambda: {k: s.info(self.targets[k])["open_count"] for k in want if k in self.targets}
+            assert wait_until(lambda: counts() == {k: v for k, v in want.items() if k in self.targets}), counts()
         if check_cpu:
             use = cpu_use([self.producer.pid, self.opener.pid, self.receiver.pid])
             assert max(use.values()) < 0.6, f"a process spins after the broker restart: {use}"
@@ -342,3 +347,103 @@ def test_kill_9_of_the_broker_is_survived(runtime):
 @pytest.mark.skipif(not os.environ.get("TEXBRIDGE_SLOW"), reason="set TEXBRIDGE_SLOW=1 for hundreds of kill rounds")
 def test_kill_9_of_the_broker_hundreds_of_times(runtime):
     run_rounds(int(os.environ.get("TEXBRIDGE_KILL_ROUNDS", "200")), with_vulkan=vulkan_available())
+
+
+# -- the rules, one at a time --------------------------------------------------------------------------------------
+def test_a_claim_on_a_live_handle_needs_the_very_same_files(session):
+    """Holders of a resource may re-register it under its handle (they join the entry); nobody else may point a
+    live handle at other memory, even with an identical descriptor."""
+    from texbridge._memfd import create_sealed
+    from texbridge._protocol import Op
+
+    buf = session.create_buffer(4096, name="claimed")
+    h = buf.handle.value
+    with texbridge.connect() as other:
+        mine = other.open("claimed")
+        held = other._held[h]
+        assert other._channel.request(Op.REGISTER, {"descriptor": held.descriptor, "handle": h},
+                                      held.fds)[0]["handle"] == h
+        assert other.info(h)["open_count"] == 3  # creator, open, claim: one entry
+        fd = create_sealed("hostile", 4096)
+        try:
+            with pytest.raises(texbridge.AccessDenied, match="other memory"):
+                other._channel.request(Op.REGISTER, {"descriptor": held.descriptor, "handle": h}, [fd])
+            from texbridge._descriptor import Descriptor
+            wrong = Descriptor(kind="texture2d", size=4096, width=32, height=32, format="rgba8",
+                               planes=((0, 128),)).validate().to_wire()
+            with pytest.raises(texbridge.InvalidDescriptor, match="another descriptor"):
+                other._channel.request(Op.REGISTER, {"descriptor": wrong, "handle": h}, held.fds)
+        finally:
+            os.close(fd)
+        assert other.info(h)["open_count"] == 3
+        mine.close()
+
+
+def test_a_request_cut_by_a_restart_is_sent_again_only_when_that_is_safe(runtime):
+    with texbridge.connect() as a, texbridge.connect() as b:  # hold nothing: they re-attach at their next request
+        kill_broker()
+        with pytest.raises(texbridge.BrokenError, match="not sent again"):
+            a.shutdown()
+        assert b.stats()["clients"] >= 2  # idempotent: sent again to the new broker
+        assert a.stats()["clients"] >= 2 and a.reattached == 1 and b.reattached == 1
+
+
+def test_resources_and_names_come_back_under_the_same_handles(session):
+    tex = session.create_texture(8, 8, name="same", keyed_mutex=True)
+    session.update(tex.handle, {"k": 1})
+    alias = session.open("same")  # two references in one session: both come back
+    old = session.broker_pid
+    kill_broker()
+    assert wait_until(lambda: session.reattached == 1 and session.broker_pid != old)
+    with texbridge.connect() as other:
+        info = other.info("same")
+        assert info["handle"] == tex.handle.value and info["meta"] == {"k": 1} and info["open_count"] == 2
+    alias.close()
+    tex.mutex.acquire(0, 1.0)  # the session id was resumed: the mutex still knows its owner
+    tex.mutex.release(0)
+    tex.close()
+    with texbridge.connect() as other:
+        with pytest.raises(texbridge.NotFound):
+            other.info("same")  # the last reference went: retired, as before the restart
+
+
+def test_watch_streams_reconnect_without_spinning(runtime):
+    with texbridge.connect() as s:
+        stream = s.watch()
+        kill_broker()
+        ev = stream.next(10)
+        assert ev is not None and ev.kind == "reconnected"
+        with texbridge.connect() as other:
+            other.create_buffer(4096, name="after").close()
+        kinds = []
+        while (ev := stream.next(2)) is not None and "retired" not in kinds:
+            kinds.append(ev.kind)
+        assert kinds[:1] == ["published"], kinds
+        stream.close()
+    with texbridge.connect(autostart=False, timeout=1.5) as s:  # no broker will come back: poll without spinning
+        stream = s.watch()
+        kill_broker()
+        cpu, calls = time.process_time(), 0
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end:
+            stream.next(0.1)
+            calls += 1
+        assert time.process_time() - cpu < 0.3 and calls < 40, (time.process_time() - cpu, calls)
+        assert wait_until(lambda: stream.next(0.1) is None and stream.closed, timeout=5)  # gave up after timeout
+
+
+def test_broker_stop_force_makes_live_clients_reattach(runtime):
+    import subprocess
+
+    with texbridge.connect(app_name="holder") as s:
+        buf = s.create_buffer(4096, name="kept-across-stop")
+        buf.numpy()[:4] = 7
+        old = s.broker_pid
+        stop = lambda *a: subprocess.run([sys.executable, "-m", "texbridge._cli", "broker", "stop", *a],
+                                         capture_output=True, text=True, timeout=60)
+        refused = stop()
+        assert refused.returncode == 1 and "holder" in refused.stdout + refused.stderr
+        assert stop("--force").returncode == 0
+        assert wait_until(lambda: s.reattached == 1 and s.broker_pid != old)
+        with texbridge.connect() as other, other.open("kept-across-stop") as again:
+            assert again.handle == buf.handle and list(again.numpy()[:4]) == [7] * 4

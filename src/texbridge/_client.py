@@ -252,11 +252,11 @@ class Session:
             self._channel = channel
             _MONITOR.forget(lost)
             lost.close()
-            self.reattached += 1
             try:
                 self._restore(channel)
             except BrokenError:
                 pass  # the new broker went away too: the next request or the monitor starts over
+            self.reattached += 1
             return True
 
     def _restore(self, channel: _Channel) -> None:
@@ -698,22 +698,23 @@ class _EventStream:
         """The next event, or None after `timeout` seconds."""
         if self._closed:
             return None
-        if self._channel is None:
+        channel = self._channel
+        if channel is None:
             return self._recover(timeout)
-        sock = self._channel.sock
+        sock = channel.sock
         if sock is None:
             self._lost()
             return None
         sock.settimeout(timeout)
         try:
-            return self._channel.receive_event()
+            return channel.receive_event()
         except socket.timeout:
             return None
         except (BrokenError, RemoteProtocolError):
             self._lost()
             return self._recover(0)
         finally:
-            if self._channel is not None and self._channel.sock is not None:
+            if self._channel is channel and channel.sock is not None:
                 sock.settimeout(None)
 
     def fileno(self) -> int:
