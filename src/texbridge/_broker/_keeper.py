@@ -42,19 +42,19 @@ def serve(sock: socket.socket) -> None:
         if not data:
             return  # the broker went away: exiting closes every fd held
         op = data[:1]
+        if op == b"P" and len(fds) == 1:
+            held[next_id] = fds.pop()
+            sock.send(ID.pack(next_id))
+            next_id += 1
+            continue
+        for extra in fds:  # every fd that arrived and is not kept is closed here, once
+            os.close(extra)
         if op == b"P":
-            if len(fds) == 1:
-                held[next_id] = fds[0]
-                sock.send(ID.pack(next_id))
-                next_id += 1
-                continue
             reply = b"E"  # the kernel dropped it (this keeper is full): say so, never go silent
         elif op == b"C":
             reply = b"C%d" % capacity
         elif op == b"G" and len(data) == 9:
             fd = held.get(ID.unpack(data[1:])[0])
-            for extra in fds:
-                os.close(extra)
             if fd is not None:
                 socket.send_fds(sock, [b"K"], [fd])
                 continue
@@ -66,8 +66,6 @@ def serve(sock: socket.socket) -> None:
             continue
         else:
             reply = b"E"
-        for extra in fds:
-            os.close(extra)
         sock.send(reply)
 
 

@@ -126,7 +126,7 @@ class FdStore:
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = local_capacity() if capacity is None else capacity
-        self.local = 0
+        self._local: set[int] = set()  # fds this process holds for the registry: each is closed once, by drop()
         self._keepers: list[_Keeper] = []
         self._kept: dict[int, tuple[_Keeper, int]] = {}
         self._next = 1
@@ -136,8 +136,8 @@ class FdStore:
         """Tokens for fds just received (ownership passes to the store); fds past local capacity go to a keeper."""
         tokens = []
         for i, fd in enumerate(fds):
-            if self.local < self.capacity:
-                self.local += 1
+            if len(self._local) < self.capacity:
+                self._local.add(fd)
                 tokens.append(fd)
                 continue
             try:
@@ -176,14 +176,22 @@ class FdStore:
         return fds, temps
 
     def drop(self, tokens) -> None:
+        """Release tokens. A token not held (dropped twice) is ignored: its number may be another fd by now."""
         for t in tokens:
             if t >= 0:
-                self.local -= 1
-                close_fds([t])
+                if t in self._local:
+                    self._local.remove(t)
+                    close_fds([t])
+                else:
+                    log.error("fd %d dropped but not held (a double close, refused)", t)
             else:
                 entry = self._kept.pop(t, None)
                 if entry is not None:
                     entry[0].drop(entry[1])
+
+    @property
+    def local(self) -> int:
+        return len(self._local)
 
     @property
     def spilled(self) -> int:

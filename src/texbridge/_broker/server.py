@@ -108,6 +108,8 @@ class BrokerServer:
                     break
             else:
                 self._idle_since = time.monotonic()
+        self.sel.unregister(self.listener)
+        self.listener.close()  # refuse newcomers at once: a broker starting meanwhile waits for this one to go
         for peer in list(self.peers.values()):
             self._drop(peer)
         self.store.close()
