@@ -100,6 +100,44 @@ def test_demo_with_an_unavailable_backend_says_why(cli_env):
     assert "producer pid" not in proc.stdout
 
 
+@pytest.mark.parametrize("to", ["parent", "group"])
+def test_ctrl_c_ends_a_long_demo_at_once_with_the_partial_summary(cli_env, to):
+    """SIGINT to the parent alone (`kill -INT`) or to the whole process group (a terminal's Ctrl-C; the children
+    ignore it, the parent stops them): both children stop, the summary covers the frames checked so far, exit
+    status 130."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "texbridge._cli", "demo", "--frames", "10000000", "--size",
+                             "64x48"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        while not any("frames checked" in line for line in lines):  # progress lines: a long demo shows them
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            lines.append(line)
+        pids = [int(m) for m in re.findall(r"(?:producer|consumer) pid (\d+)", "".join(lines))]
+        t = time.monotonic()
+        if to == "parent":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out + err
+    assert took < 3.0, took  # about 0.5 s; generous for a loaded machine
+    done = int(re.search(r"interrupted after (\d+) of 10000000 frames", err).group(1))
+    assert 0 < done < 10_000_000
+    assert re.search(rf"{done}/10000000 frames verified, 0 failed", out), out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len(pids) == 2 and not any(alive(p) for p in pids)
+
+
 def test_demo_rejects_a_bad_size(cli_env):
     proc = cli("demo", "--size", "12by7")
     assert proc.returncode == 2

@@ -147,6 +147,9 @@ def demo(frames: int, size: tuple[int, int], backend: str, namespace: str | None
     console.print(table)
     for e in result.errors:
         err_console.print(f"[bold red]error:[/] {escape(e)}", soft_wrap=True)
+    if result.interrupted:
+        err_console.print(f"interrupted after {result.verified + result.failed} of {frames} frames")
+        raise SystemExit(130)
     if not result.ok:
         raise SystemExit(1)
 

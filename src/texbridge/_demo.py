@@ -7,7 +7,9 @@ memory passes, and every pixel differs between any two frames, so a stale frame,
 fails the check everywhere rather than in a corner a sample might miss.
 
 Both children are started with multiprocessing's "spawn" so they are fresh interpreters that share nothing with the
-parent but the broker's namespace: what they exchange goes through the broker and the shared memory alone.
+parent but the broker's namespace: what they exchange goes through the broker and the shared memory alone (plus a
+few progress counters and a stop flag for the parent). Ctrl-C is the parent's business: the children ignore SIGINT,
+the parent raises the stop flag, and both sides end within a fraction of a second with the frames checked so far.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import multiprocessing
 import os
 import queue as queue_mod
 import secrets
+import signal
 import statistics
 import time
 import traceback
@@ -27,6 +30,12 @@ import numpy as np
 FORMAT = "rgba8"  # four bytes a pixel: one 32-bit pattern word per pixel
 HANDOFF_TIMEOUT = 10.0  # seconds one side waits for the other before calling the demo failed
 PINGPONG_ROUNDS = 2000  # content-free round trips, to measure the keyed mutex handoff itself
+WAIT_SLICE = 0.05  # children wait for each other in slices this long, to notice the stop flag
+STOP_GRACE = 0.5  # after Ctrl-C, how long the children get to report before they are killed
+PROGRESS_EVERY = 2.0  # seconds between progress lines of a long demo
+
+# The shared progress counters (int64): frames verified and failed so far (the consumer writes), stop (the parent).
+VERIFIED, FAILED, STOP = range(3)
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,11 @@ class DemoResult:
     verify_ms: float = 0.0
     zero_copy: bool = False
     errors: list[str] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: the figures cover the frames done until then
 
     @property
     def ok(self) -> bool:
-        return not self.errors and self.failed == 0 and self.verified == self.config.frames
+        return not self.errors and not self.interrupted and self.failed == 0 and self.verified == self.config.frames
 
 
 # -- the pattern ------------------------------------------------------------------------------------------------------
@@ -92,7 +102,28 @@ def _report(q: Any, role: str, **fields: Any) -> None:
     q.put({"role": role, **fields})
 
 
-def _producer(cfg: DemoConfig, name: str, q: Any) -> None:
+class _Stopped(Exception):
+    """The parent asked the demo to stop (Ctrl-C)."""
+
+
+def _acquire(mutex: Any, key: int, progress: Any) -> None:
+    """acquire(key) within HANDOFF_TIMEOUT, in short slices so that a stop request is seen at once."""
+    from ._errors import KeyedMutexTimeout
+
+    deadline = time.monotonic() + HANDOFF_TIMEOUT
+    while True:
+        if progress[STOP]:
+            raise _Stopped
+        try:
+            mutex.acquire(key, timeout=max(0.0, min(WAIT_SLICE, deadline - time.monotonic())))
+            return
+        except KeyedMutexTimeout:
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _producer(cfg: DemoConfig, name: str, q: Any, progress: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it raises the stop flag
     import texbridge
 
     try:
@@ -104,24 +135,29 @@ def _producer(cfg: DemoConfig, name: str, q: Any) -> None:
             _report(q, "producer", event="ready", handle=str(tex.handle), broker_pid=s.broker_pid,
                     zero_copy=view is not None)
             write_s = 0.0
-            for i in range(cfg.frames):
-                mutex.acquire(0, timeout=HANDOFF_TIMEOUT)
-                t = time.perf_counter()
-                if view is not None:
-                    np.bitwise_xor(base, frame_key(i), out=view)
-                else:
-                    tex.upload(expected_frame(base, i))
-                write_s += time.perf_counter() - t
-                if i == cfg.corrupt_frame:
-                    _damage(tex, view, cfg.height // 2, cfg.width // 3)
-                mutex.release(1)
-            for _ in range(cfg.pingpong):
-                mutex.acquire(0, timeout=HANDOFF_TIMEOUT)
-                mutex.release(1)
-            mutex.acquire(0, timeout=HANDOFF_TIMEOUT)  # the consumer is done with the last frame
-            mutex.release(0)
+            written = 0
+            try:
+                for i in range(cfg.frames):
+                    _acquire(mutex, 0, progress)
+                    t = time.perf_counter()
+                    if view is not None:
+                        np.bitwise_xor(base, frame_key(i), out=view)
+                    else:
+                        tex.upload(expected_frame(base, i))
+                    write_s += time.perf_counter() - t
+                    written += 1
+                    if i == cfg.corrupt_frame:
+                        _damage(tex, view, cfg.height // 2, cfg.width // 3)
+                    mutex.release(1)
+                for _ in range(cfg.pingpong):
+                    _acquire(mutex, 0, progress)
+                    mutex.release(1)
+                _acquire(mutex, 0, progress)  # the consumer is done with the last frame
+                mutex.release(0)
+            except _Stopped:
+                pass
             tex.close()
-        _report(q, "producer", event="done", write_ms=write_s * 1e3 / max(1, cfg.frames))
+        _report(q, "producer", event="done", write_ms=write_s * 1e3 / max(1, written))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent, which decides the exit status
         _report(q, "producer", event="error", error=_describe(e))
         raise SystemExit(1) from None
@@ -137,7 +173,8 @@ def _damage(tex: Any, view: np.ndarray | None, y: int, x: int) -> None:
         tex.upload(frame)
 
 
-def _consumer(cfg: DemoConfig, name: str, q: Any) -> None:
+def _consumer(cfg: DemoConfig, name: str, q: Any, progress: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import texbridge
 
     try:
@@ -153,41 +190,47 @@ def _consumer(cfg: DemoConfig, name: str, q: Any) -> None:
             first_failure = ""
             verify_s = 0.0
             start = end = 0.0
-            for i in range(cfg.frames):
-                mutex.acquire(1, timeout=HANDOFF_TIMEOUT)
-                t = time.perf_counter()
-                if i == 0:
-                    start = t
-                key = frame_key(i)
-                if view is not None:
-                    np.bitwise_xor(view, key, out=scratch)
-                else:
-                    got = tex.download()
-                    np.bitwise_xor(_words(np.ascontiguousarray(got)), key, out=scratch)
-                if np.array_equal(scratch, base):
-                    verified += 1
-                else:
-                    failed += 1
-                    if not first_failure:
-                        bad = np.argwhere(scratch != base)
-                        y, x = (int(v) for v in bad[0])
-                        first_failure = (f"frame {i}: {len(bad)} pixels differ, first at (x={x}, y={y}): "
-                                         f"expected {int(base[y, x] ^ key):#010x}, read {int(scratch[y, x] ^ key):#010x}")
-                verify_s += time.perf_counter() - t
-                mutex.release(0)
-                end = time.perf_counter()
             rounds: list[float] = []
-            last = 0.0
-            for j in range(cfg.pingpong):
-                mutex.acquire(1, timeout=HANDOFF_TIMEOUT)
-                now = time.perf_counter()
-                if j:  # the first wait also covers the producer's last frame; time whole round trips only
-                    rounds.append(now - last)
-                last = now
-                mutex.release(0)
+            try:
+                for i in range(cfg.frames):
+                    _acquire(mutex, 1, progress)
+                    t = time.perf_counter()
+                    if i == 0:
+                        start = t
+                    key = frame_key(i)
+                    if view is not None:
+                        np.bitwise_xor(view, key, out=scratch)
+                    else:
+                        got = tex.download()
+                        np.bitwise_xor(_words(np.ascontiguousarray(got)), key, out=scratch)
+                    if np.array_equal(scratch, base):
+                        verified += 1
+                        progress[VERIFIED] = verified
+                    else:
+                        failed += 1
+                        progress[FAILED] = failed
+                        if not first_failure:
+                            bad = np.argwhere(scratch != base)
+                            y, x = (int(v) for v in bad[0])
+                            first_failure = (f"frame {i}: {len(bad)} pixels differ, first at (x={x}, y={y}): "
+                                             f"expected {int(base[y, x] ^ key):#010x}, "
+                                             f"read {int(scratch[y, x] ^ key):#010x}")
+                    verify_s += time.perf_counter() - t
+                    mutex.release(0)
+                    end = time.perf_counter()
+                last = 0.0
+                for j in range(cfg.pingpong):
+                    _acquire(mutex, 1, progress)
+                    now = time.perf_counter()
+                    if j:  # the first wait also covers the producer's last frame; time whole round trips only
+                        rounds.append(now - last)
+                    last = now
+                    mutex.release(0)
+            except _Stopped:
+                pass
             tex.close()
         _report(q, "consumer", event="done", verified=verified, failed=failed, first_failure=first_failure,
-                elapsed=end - start, verify_ms=verify_s * 1e3 / max(1, cfg.frames), rounds=rounds)
+                elapsed=end - start, verify_ms=verify_s * 1e3 / max(1, verified + failed), rounds=rounds)
     except BaseException as e:  # noqa: BLE001
         _report(q, "consumer", event="error", error=_describe(e))
         raise SystemExit(1) from None
@@ -205,7 +248,8 @@ def _describe(e: BaseException) -> str:
 
 # -- the parent -------------------------------------------------------------------------------------------------------
 def run_demo(cfg: DemoConfig, *, log=lambda text: None) -> DemoResult:
-    """Start both processes, collect what they report, never hang: each side's waits are bounded."""
+    """Start both processes, collect what they report, never hang: each side's waits are bounded. Ctrl-C
+    (KeyboardInterrupt here) stops both within a second and returns what was done (`result.interrupted`)."""
     import texbridge
     from .backends import get_backend
 
@@ -213,55 +257,109 @@ def run_demo(cfg: DemoConfig, *, log=lambda text: None) -> DemoResult:
     get_backend(cfg.backend)  # BackendError, with its reason, before any process starts
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
+    progress = ctx.RawArray("q", 3)
+    procs: dict[str, Any] = {}
+    pending: set[str] = set()  # roles started that have not reported yet
     # The parent's own session keeps the broker up (it may have been auto-started just now) for the whole demo.
     with texbridge.connect(cfg.namespace, app_name="texbridge-demo") as session:
         result.broker_pid = session.broker_pid
         log(f"broker pid {session.broker_pid}, namespace {session.namespace!r}")
-        producer = ctx.Process(target=_producer, args=(cfg, result.name, q), name="texbridge-demo-producer")
-        producer.start()
-        procs = {"producer": producer}
         try:
-            ready = _next(q, procs, timeout=60.0)
-            if ready is None or ready.get("event") != "ready":
-                result.errors.append(_error_text(ready, "producer"))
-                return result
-            result.handle, result.zero_copy = ready["handle"], ready["zero_copy"]
-            log(f"producer pid {producer.pid} created {result.handle} published as {result.name!r}")
-            consumer = ctx.Process(target=_consumer, args=(cfg, result.name, q), name="texbridge-demo-consumer")
-            consumer.start()
-            procs["consumer"] = consumer
-            log(f"consumer pid {consumer.pid} opens {result.name!r}")
-            pending = {"producer", "consumer"}
-            while pending:
-                msg = _next(q, {k: procs[k] for k in pending}, timeout=HANDOFF_TIMEOUT * 3 + 5)
-                if msg is None:
-                    result.errors.append(f"{' and '.join(sorted(pending))} stopped without reporting")
-                    break
-                pending.discard(msg["role"])
-                if msg["event"] == "error":
-                    result.errors.append(f"{msg['role']}: {msg['error']}")
-                elif msg["role"] == "producer":
-                    result.write_ms = msg["write_ms"]
-                else:
-                    _take_consumer(result, msg)
+            _run_children(cfg, result, ctx, q, progress, procs, pending, log)
+            _end_children(result, procs, grace=HANDOFF_TIMEOUT + 5)
+        except KeyboardInterrupt:
+            result.interrupted = True
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop below is bounded: let it finish
+            try:
+                progress[STOP] = 1
+                grace_end = time.monotonic() + STOP_GRACE
+                _collect(result, q, procs, pending, grace_end)
+                result.verified = max(result.verified, progress[VERIFIED])
+                result.failed = max(result.failed, progress[FAILED])
+                _end_children(result, procs, grace=max(0.05, grace_end - time.monotonic()))
+            finally:
+                signal.signal(signal.SIGINT, previous)
         finally:
-            for p in procs.values():
-                p.join(timeout=HANDOFF_TIMEOUT + 5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-                    result.errors.append(f"{p.name} (pid {p.pid}) had to be killed")
-                elif p.exitcode not in (0, None) and not any(e.startswith(p.name.split("-")[-1]) for e in result.errors):
-                    result.errors.append(f"{p.name} exited with status {p.exitcode}")
             q.close()
     return result
+
+
+def _run_children(cfg: DemoConfig, result: DemoResult, ctx: Any, q: Any, progress: Any, procs: dict[str, Any],
+                  pending: set[str], log) -> None:
+    producer = ctx.Process(target=_producer, args=(cfg, result.name, q, progress), name="texbridge-demo-producer")
+    procs["producer"] = producer
+    pending.add("producer")
+    producer.start()
+    ready = _next(q, procs, timeout=60.0)
+    if ready is None or ready.get("event") != "ready":
+        pending.clear()
+        result.errors.append(_error_text(ready, "producer"))
+        return
+    result.handle, result.zero_copy = ready["handle"], ready["zero_copy"]
+    log(f"producer pid {producer.pid} created {result.handle} published as {result.name!r}")
+    consumer = ctx.Process(target=_consumer, args=(cfg, result.name, q, progress), name="texbridge-demo-consumer")
+    procs["consumer"] = consumer
+    consumer.start()
+    pending.add("consumer")
+    log(f"consumer pid {consumer.pid} opens {result.name!r}")
+    started = last = moved = time.monotonic()
+    seen = 0
+    while pending:
+        if not _collect(result, q, procs, pending, time.monotonic() + PROGRESS_EVERY):
+            result.errors.append(f"{' and '.join(sorted(pending))} stopped without reporting")
+            return
+        now = time.monotonic()
+        done = progress[VERIFIED] + progress[FAILED]
+        if done != seen:
+            seen, moved = done, now
+        elif now - moved > HANDOFF_TIMEOUT * 3 + 5:  # each side's waits are bounded: this is a hang elsewhere
+            result.errors.append(f"{' and '.join(sorted(pending))} made no progress for {now - moved:.0f} s")
+            return
+        if pending and now - last >= PROGRESS_EVERY:  # a long demo says how far it got
+            last = now
+            log(f"{done:,}/{cfg.frames:,} frames checked ({done / (now - started):,.0f}/s)"
+                + (f", {progress[FAILED]} failed" if progress[FAILED] else ""))
+
+
+def _collect(result: DemoResult, q: Any, procs: dict[str, Any], pending: set[str], until: float) -> bool:
+    """Take reports into `result` until every pending role reported or `until`. False when the pending processes
+    are all gone without a word."""
+    while pending and time.monotonic() < until:
+        msg = _next(q, {k: procs[k] for k in pending if k in procs}, timeout=until - time.monotonic())
+        if msg is None:
+            if time.monotonic() < until - 0.05:  # they died without reporting, rather than ran out of time
+                return False
+            break
+        pending.discard(msg["role"])
+        if msg["event"] == "error":
+            result.errors.append(f"{msg['role']}: {msg['error']}")
+        elif msg["role"] == "producer":
+            result.write_ms = msg["write_ms"]
+        else:
+            _take_consumer(result, msg)
+    return True
+
+
+def _end_children(result: DemoResult, procs: dict[str, Any], *, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    for p in procs.values():
+        if p.pid is None:  # interrupted before it started
+            continue
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+            if not result.interrupted:
+                result.errors.append(f"{p.name} (pid {p.pid}) had to be killed")
+        elif p.exitcode not in (0, None) and not any(e.startswith(p.name.split("-")[-1]) for e in result.errors):
+            result.errors.append(f"{p.name} exited with status {p.exitcode}")
 
 
 def _take_consumer(result: DemoResult, msg: dict[str, Any]) -> None:
     result.verified, result.failed, result.first_failure = msg["verified"], msg["failed"], msg["first_failure"]
     result.verify_ms = msg["verify_ms"]
     if msg["elapsed"] > 0:
-        result.frames_per_s = result.config.frames / msg["elapsed"]
+        result.frames_per_s = (result.verified + result.failed) / msg["elapsed"]
     rounds = msg["rounds"]
     if rounds:
         total = sum(rounds)
@@ -274,7 +372,7 @@ def _next(q: Any, procs: dict[str, Any], *, timeout: float) -> dict[str, Any] | 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            return q.get(timeout=0.2)
+            return q.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
         except queue_mod.Empty:
             if not any(p.is_alive() for p in procs.values()):
                 try:
