@@ -526,3 +526,29 @@ def test_gl_upload_alone_is_visible_to_other_processes(gl, vkb, runtime, reader)
             assert "match True" in out, (res, out)
         tex.close()
         buf.close()
+
+
+def test_gl_upload_under_the_keyed_mutex_reaches_the_next_owner(gl, vkb, runtime):
+    """Holding the mutex, upload() only flushes; release() must then complete it for the peer (another process)."""
+    import texbridge
+
+    from conftest import run_py
+
+    with texbridge.connect() as s:
+        tex = s.create_texture(24, 8, "rgba8", backend="gl", keyed_mutex=True)
+        data = np.random.default_rng(8).integers(0, 255, tex.shape, dtype=np.uint8, endpoint=True)
+        tex.mutex.acquire(0, timeout=10)
+        tex.upload(data)
+        tex.mutex.release(1)
+        out = run_py(f"""
+            import numpy as np, texbridge
+            with texbridge.connect() as s:
+                r = s.open("{tex.handle}", backend="vulkan")
+                r.mutex.acquire(1, timeout=10)
+                want = np.random.default_rng(8).integers(0, 255, r.shape, dtype=np.uint8, endpoint=True)
+                print("match", bool(np.array_equal(r.download(), want)))
+                r.mutex.release(0)
+                r.close()
+        """).stdout
+        assert "match True" in out
+        tex.close()

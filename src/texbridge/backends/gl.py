@@ -559,12 +559,13 @@ class GLResource(Resource):
     # -- CPU transfers ---------------------------------------------------------------------------------------------
     def upload(self, array: np.ndarray) -> None:
         """Copy `array` in; complete for every other process and API when this returns (like Vulkan and CUDA):
-        GL queues the copy, and another process's import never sees this context's pending work, so we finish it."""
+        GL only queues the copy, and another process's import never sees this context's pending work. Holding
+        this resource's keyed mutex, release() orders it (semaphore signal or glFinish), so a flush is enough."""
         self._check_open()
         self.context.enter()
         if self.buffer:
             self._buffer_upload(self._check_bytes(array))
-            GL.glFinish()
+            self._uploaded()
             return
         data = self._texture_array(array)
         d, fmt = self.descriptor, self.format
@@ -575,7 +576,14 @@ class GLResource(Resource):
             else:
                 _gl12.glTexSubImage3D(self.target, 0, 0, 0, 0, d.width, d.height, d.array_size, fmt.gl_format,
                                    fmt.gl_type, data.ctypes.data_as(ctypes.c_void_p))
-        GL.glFinish()
+        self._uploaded()
+
+    def _uploaded(self) -> None:
+        mutex = self._mutex
+        if mutex is not None and mutex.owned:
+            GL.glFlush()  # release() will finish or signal: the keyed mutex orders the peer after this work
+        else:
+            GL.glFinish()
 
     def download(self) -> np.ndarray:
         self._check_open()
