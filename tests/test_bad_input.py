@@ -157,3 +157,13 @@ def test_missing_sender_is_told_apart_from_no_frame_yet(session):
             assert rx.wait_frame(10) is not None and rx.status == "receiving"
     assert rx.status == "closed"
     assert issubclass(SenderNotFound, TexbridgeError)
+
+
+def test_names_with_the_handle_prefix_are_refused(session):
+    """Text starting with tb: is always read as a handle, so such a name could never be opened."""
+    with pytest.raises(InvalidDescriptor, match="tb:"):
+        session.create_texture(8, 8, name="tb:camera")
+    tex = session.create_texture(8, 8)
+    with pytest.raises(InvalidDescriptor, match="tb:"):
+        tex.publish("TB:camera")
+    tex.close()

@@ -425,6 +425,8 @@ class Registry:
     def _check_name(self, client: Client, name: str) -> None:
         if not name or len(name) > MAX_NAME or not name.isprintable():
             raise InvalidDescriptor(f"names are 1..{MAX_NAME} printable characters")
+        if Handle.claims_to_be(name):
+            raise InvalidDescriptor(f"{name!r}: names cannot start with 'tb:', the prefix of handles")
         if name in self.names:
             raise NameInUse(f"{name!r} is already published in namespace {self.namespace!r}")
         if len(client.names) >= self.quotas.names:
