@@ -167,3 +167,34 @@ with texbridge.connect() as s:
     src.close()
 """)
     assert "zero_copy False 11" in out
+
+
+def test_close_while_another_thread_waits_on_the_control_buffer(runtime):
+    """The C futex wait holds a buffer of the control mapping: closing from another thread must not unmap it."""
+    out = run_clean("""
+import threading, time
+snd = texbridge.Sender("cw", 8, 8)
+rx = texbridge.Receiver("cw")
+results = []
+def wait_rx():
+    try:
+        results.append(("rx", rx.wait_frame(1.0)))
+    except texbridge.TexbridgeError as e:
+        results.append(("rx", type(e).__name__))
+def wait_snd():
+    try:
+        results.append(("snd", snd.wait_for_receivers(5, timeout=1.0)))
+    except texbridge.TexbridgeError as e:
+        results.append(("snd", type(e).__name__))
+threads = [threading.Thread(target=wait_rx), threading.Thread(target=wait_snd)]
+for t in threads:
+    t.start()
+time.sleep(0.3)  # both are asleep in the kernel on words of the two control mappings
+rx.close()
+snd.close()
+gc.collect()
+for t in threads:
+    t.join(10)
+print("done", sorted(r[0] for r in results))
+""")
+    assert "done ['rx', 'snd']" in out

@@ -280,13 +280,16 @@ class _Control:
 
     def wait(self, index: int, expected: int, timeout: float | None) -> None:
         """Sleep while the low 32 bits of word `index` equal `expected` (they change with every update)."""
+        if self.res.closed:
+            raise ClosedError("the sender's control buffer is closed (sender or receiver closed while waiting)")
         _core.wait_word(self.raw, index * 8, expected & 0xFFFFFFFF, timeout)
 
     def wake(self, index: int) -> None:
         _core.wake_word(self.raw, index * 8)
 
     def close(self) -> None:
-        self.u = self.f = self.readers = self.raw = None  # type: ignore[assignment]
+        """Drop the resource. The views stay valid (they keep the mapping alive: see _memfd.SharedMapping), so a
+        thread still inside a wait or a read cannot touch unmapped memory; wait() refuses from now on."""
         self.res.close()
 
 
@@ -436,6 +439,7 @@ class Sender:
         ctl = self._ctl
         deadline = time.monotonic() + (self.sync_timeout if timeout is None else timeout)
         while True:
+            self._check_open()
             a = int(ctl.u[_ACK])
             r = ctl.readers
             active = r[:, _R_PID] != 0
@@ -457,6 +461,7 @@ class Sender:
         ctl = self._ctl
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._check_open()  # close() from another thread wakes us
             a = int(ctl.u[_ACK])
             if self.receivers >= count:
                 return True
