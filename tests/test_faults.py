@@ -3,13 +3,12 @@
 Victims are mutex holders (reaped at once, or left as zombies until the damage is repaired), producers and
 consumers of a broker, and the broker's fd keepers. After every kill: the keyed mutex recovers (the next acquirer
 gets KeyedMutexAbandoned once, then normal operation), no waiter waits past its timeout, the broker answers, its fd
-count does not grow, and nothing a live process holds is lost. The default rounds keep the suite well under a minute
-on 2 cores; the `slow` variants run hundreds more. Workers are forked (cheap, and a fork's parent decides when a
-killed child is reaped, which is how zombies are made); a forked child never returns into pytest.
+count does not grow, and nothing a live process holds is lost. The default rounds keep the suite to about 15 s on
+2 cores; the `slow` variants (TEXBRIDGE_SLOW=1) run about ten times more. Workers are forked (cheap, and a fork's
+parent decides when a killed child is reaped, which is how zombies are made); a forked child never returns here.
 
 Figures (kills, rounds, recovery latencies) are printed; run with `-s` to see them.
 """
-
 from __future__ import annotations
 
 import mmap
@@ -17,16 +16,19 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
 
 import pytest
 
-from texbridge._errors import KeyedMutexAbandoned, KeyedMutexError, KeyedMutexTimeout
-from texbridge.keyed_mutex import KeyedMutex, create_state
 from texbridge._descriptor import KEYED_MUTEX_STATE_SIZE
+from texbridge._errors import KeyedMutexAbandoned, KeyedMutexTimeout
 from texbridge._memfd import map_fd
+from texbridge.keyed_mutex import KeyedMutex, create_state
+
+from conftest import wait_until
 
 EXIT_BROKEN = 3  # a worker saw something that must not happen; it says what on stderr
 
@@ -220,8 +222,282 @@ def test_killing_mutex_holders_at_random_points():
     assert figures["owner kills"] > 0 and figures["abandoned"] > 0  # the suite did hit owners
 
 
+LONG = pytest.mark.skipif(not os.environ.get("TEXBRIDGE_SLOW"), reason="set TEXBRIDGE_SLOW=1 for the long variants")
+
+
 @pytest.mark.slow
+@LONG
 def test_killing_mutex_holders_at_random_points_long():
     figures = run_mutex_kills(rounds=1500, workers=6, seed=2)
     report("keyed mutex holders (long)", figures)
     assert figures["meta-lock kills"] > 0  # hundreds of kills do land inside the meta lock
+
+
+# -- producers, consumers and fd keepers of a broker -----------------------------------------------------------------
+
+# Workers are forked by a zygote: a spawned interpreter that imported texbridge and holds no session and no thread,
+# so a fork costs a millisecond and is safe. It answers one line per request on stdout; it reaps only when asked, so
+# a killed worker stays a zombie as long as the test wants.
+ZYGOTE = r'''
+import mmap, os, random, sys, time, traceback
+import numpy as np
+import texbridge
+from texbridge._errors import KeyedMutexAbandoned, KeyedMutexTimeout, NotFound
+
+W = memoryview(mmap.mmap(int(sys.argv[1]), 4096)).cast("q")
+ERRORS, STUCK, ABANDONED, CYCLES, OPENS = range(5)
+TIMEOUT = 2.0  # every wait is bounded by this; one that overruns it by a second counts as stuck
+
+
+def value(name):
+    pid, i = name[1:].split("-")
+    return (int(pid) * 31 + int(i)) % 251
+
+
+def timed_acquire(mutex):
+    """acquire(0) within TIMEOUT; returns 'ok', 'abandoned' or None (timed out)."""
+    t0 = time.monotonic()
+    try:
+        mutex.acquire(0, TIMEOUT)
+        how = "ok"
+    except KeyedMutexTimeout:
+        how = None
+    except KeyedMutexAbandoned:
+        how = "abandoned"
+    if time.monotonic() - t0 > TIMEOUT + 1.0:
+        W[STUCK] += 1
+    return how
+
+
+def use_arena(arena, rng):
+    """The shared arena: its first word says who is inside; a clean acquire must find nobody there."""
+    how = timed_acquire(arena.mutex)
+    if how is None:
+        return
+    words = arena.numpy().view(np.int64)
+    if how == "abandoned":
+        W[ABANDONED] += 1
+    elif words[0]:
+        W[ERRORS] += 1
+        print(f"arena granted to {os.getpid()} while {words[0]} was inside", file=sys.stderr, flush=True)
+    words[0] = os.getpid()
+    if rng.random() < 0.3:
+        time.sleep(0.002)  # a frame takes a while: some owners die mid-frame
+    words[0] = 0
+    arena.mutex.release(0)
+
+
+def producer(rng):
+    s = texbridge.connect(app_name="fault-producer")
+    arena = s.open("arena")
+    held, i = [], 0
+    while True:
+        if len(held) < 10:
+            b = s.create_buffer(4096, keyed_mutex=(i % 3 == 0))
+            name = f"p{os.getpid()}-{i}"
+            b.numpy()[:] = value(name)
+            i += 1
+            try:
+                s.publish(b.handle, name)  # published only once written
+            except NotFound:  # the fd keeper that took it was killed meanwhile: the broker lost it
+                b.close()
+                continue
+            held.append(b)
+        elif rng.random() < 0.5:
+            held.pop(rng.randrange(len(held))).close()
+        use_arena(arena, rng)
+        W[CYCLES] += 1
+
+
+def consumer(rng):
+    s = texbridge.connect(app_name="fault-consumer")
+    arena = s.open("arena")
+    while True:
+        names = [n for r in s.list() for n in r.get("names") or () if n.startswith("p")]
+        if names:
+            name = rng.choice(names)
+            try:
+                r = s.open(name)
+            except NotFound:  # its producer (or the keeper holding it) died meanwhile
+                r = None
+            if r is not None:
+                W[OPENS] += 1
+                if not (r.numpy() == value(name)).all():
+                    W[ERRORS] += 1
+                    print(f"{name}: wrong content", file=sys.stderr, flush=True)
+                if r.descriptor.keyed_mutex and timed_acquire(r.mutex) is not None:
+                    if rng.random() < 0.3:
+                        time.sleep(0.002)
+                    r.mutex.release(0)
+                r.close()
+        use_arena(arena, rng)
+        W[CYCLES] += 1
+
+
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "reap":
+        _, status = os.waitpid(int(arg), 0)
+        print(status, flush=True)
+        continue
+    pid = os.fork()
+    if pid:
+        print(pid, flush=True)
+        continue
+    os.dup2(2, 1)
+    code = 0
+    try:
+        {"producer": producer, "consumer": consumer}[cmd](random.Random(int(arg)))
+    except BaseException:
+        W[ERRORS] += 1
+        traceback.print_exc()
+        code = 3
+    finally:
+        os._exit(code)
+'''
+Z_ERRORS, Z_STUCK, Z_ABANDONED, Z_CYCLES, Z_OPENS = range(5)
+
+
+class Zygote:
+    def __init__(self, board_fd: int, errfile) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(board_fd)], pass_fds=[board_fd],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errfile, text=True)
+
+    def ask(self, cmd: str, arg: int) -> int:
+        self.proc.stdin.write(f"{cmd} {arg}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the zygote died"
+        return int(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def broker_children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def run_broker_kills(runtime, tmp_path, monkeypatch, rounds: int, seed: int) -> dict:
+    import texbridge
+    from texbridge._memfd import create_sealed
+
+    monkeypatch.setenv("TEXBRIDGE_BROKER_LOCAL_FDS", "24")  # producers spill into fd keepers, which get killed too
+    rng = random.Random(seed)
+    board_fd = create_sealed("fault-board", 4096)
+    board = map_fd(board_fd, 4096)
+    view = memoryview(board)
+    words = view.cast("q")
+    errfile = open(tmp_path / "workers.err", "w+")
+    figures = {"rounds": rounds, "producer kills": 0, "consumer kills": 0, "keeper kills": 0, "zombie kills": 0}
+    latencies: list[float] = []
+    survivor_abandoned = 0
+    zygote = None
+    workers: dict[int, str] = {}
+    with texbridge.connect(app_name="fault-survivor") as s:
+        broker = s.broker_pid
+        # What a live process holds, registered first so that it lives in the broker's own fd table.
+        arena = s.create_buffer(4096, name="arena", keyed_mutex=True)
+        mine = {}
+        for i in range(8):
+            b = s.create_buffer(4096 * (i + 1), name=f"survivor-{i}")
+            b.numpy()[:] = 0x40 + i
+            mine[f"survivor-{i}"] = b
+        baseline_fds = len(os.listdir(f"/proc/{broker}/fd"))
+        try:
+            zygote = Zygote(board_fd, errfile)
+            for kind in ("producer", "consumer") * 3:
+                workers[zygote.ask(kind, rng.randrange(1 << 30))] = kind
+            time.sleep(0.3)
+            for r in range(rounds):
+                time.sleep(rng.uniform(0, 0.03))
+                keepers = broker_children(broker)
+                if keepers and rng.random() < 0.15:
+                    victim, kind = rng.choice(keepers), "keeper"
+                else:
+                    victim = rng.choice(list(workers))
+                    kind = workers.pop(victim)
+                os.kill(victim, signal.SIGKILL)
+                killed = time.monotonic()
+                figures[f"{kind} kills"] += 1
+                if kind != "keeper":
+                    if rng.random() < 0.5:
+                        figures["zombie kills"] += 1  # reaped only after the checks below
+                    else:
+                        zygote.ask("reap", victim)
+                        victim = None
+                    workers[zygote.ask(kind, rng.randrange(1 << 30))] = kind
+                # The mutex recovers: the survivor gets it (perhaps abandoned, once) within the workers' bound.
+                try:
+                    arena.mutex.acquire(0, 5)
+                except KeyedMutexAbandoned:
+                    survivor_abandoned += 1
+                    arena.numpy().view("q")[0] = 0
+                latencies.append(time.monotonic() - killed)
+                arena.mutex.release(0)
+                # The broker is alive and answering, and what the survivor holds is all there.
+                assert proc_state(broker) not in "ZX"
+                for name, b in mine.items():
+                    with s.open(name) as again:
+                        assert (again.numpy() == b.numpy()[0]).all(), name
+                if kind != "keeper" and victim is not None:
+                    assert wait_until(lambda: proc_state(victim) == "Z")  # dead, unreaped all along
+                    zygote.ask("reap", victim)
+                assert words[Z_ERRORS] == 0 and words[Z_STUCK] == 0, _tail(errfile)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+                zygote.ask("reap", pid)
+            workers.clear()
+            # Nothing left behind: only the survivor's resources, and the broker's fds back to where they were
+            # (plus one socket per keeper, which stay for later spills).
+            assert wait_until(lambda: s.stats()["resources"] == 1 + len(mine), timeout=10), s.stats()
+            keepers = broker_children(broker)
+            assert wait_until(lambda: len(os.listdir(f"/proc/{broker}/fd")) == baseline_fds + len(keepers)), \
+                (len(os.listdir(f"/proc/{broker}/fd")), baseline_fds, keepers)
+            try:  # then normal operation
+                arena.mutex.acquire(0, 5)
+            except KeyedMutexAbandoned:
+                survivor_abandoned += 1
+            arena.mutex.release(0)
+            arena.mutex.acquire(0, 1)
+            arena.mutex.release(0)
+            assert words[Z_ERRORS] == 0 and words[Z_STUCK] == 0, _tail(errfile)
+            figures["worker cycles"] = words[Z_CYCLES]
+            figures["opens"] = words[Z_OPENS]
+            figures["abandoned seen"] = words[Z_ABANDONED] + survivor_abandoned
+            figures.update(latency_figures(latencies))
+            return figures
+        finally:
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if zygote is not None:
+                zygote.close()
+            words.release()
+            view.release()
+            board.close()
+            os.close(board_fd)
+            errfile.close()
+
+
+def _tail(f) -> str:
+    f.flush()
+    f.seek(0)
+    return f.read()[-3000:]
+
+
+def test_killing_producers_consumers_and_keepers(runtime, tmp_path, monkeypatch):
+    figures = run_broker_kills(runtime, tmp_path, monkeypatch, rounds=150, seed=3)
+    report("broker clients and keepers", figures)
+    assert figures["keeper kills"] > 0 and figures["abandoned seen"] > 0
+
+
+@pytest.mark.slow
+@LONG
+def test_killing_producers_consumers_and_keepers_long(runtime, tmp_path, monkeypatch):
+    figures = run_broker_kills(runtime, tmp_path, monkeypatch, rounds=600, seed=4)
+    report("broker clients and keepers (long)", figures)

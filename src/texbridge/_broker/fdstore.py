@@ -218,15 +218,21 @@ class FdStore:
 
     def _put(self, fd: int) -> tuple[_Keeper, int]:
         """Hand fd to a keeper with room; a keeper found dead on the way is buried and the next one tried."""
+        error: KeeperError | None = None
         for _ in range(3):
-            keeper = self._keeper_with_room()
+            try:
+                keeper = self._keeper_with_room()  # KeeperError when a new one died starting
+            except KeeperError as e:
+                error = e
+                continue
             try:
                 return keeper, keeper.put(fd)
             except KeeperError as e:
+                error = e
                 if e.dead:
                     self._bury(keeper)
                 # else it is merely full (capacity lowered): the next round picks or starts another keeper
-        raise KeeperError("fd keepers keep failing")
+        raise KeeperError(f"fd keepers keep failing: {error}")
 
     def _bury(self, keeper: _Keeper) -> None:
         """A keeper is dead or broken: reap it, forget it, and queue its tokens as lost."""
