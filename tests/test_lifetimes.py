@@ -198,3 +198,33 @@ for t in threads:
 print("done", sorted(r[0] for r in results))
 """)
     assert "done ['rx', 'snd']" in out
+
+
+def test_vulkan_close_from_another_thread_waits_for_a_transfer(runtime):
+    """Staging memory is a vkMapMemory pointer: close() must not free it while a transfer writes through it."""
+    try:
+        texbridge.backends.get_backend("vulkan").diagnostics()["available"] or pytest.skip("no Vulkan device")
+    except texbridge.BackendError as e:
+        pytest.skip(f"vulkan backend unavailable: {e}")
+    out = run_clean("""
+import threading
+from texbridge.backends import get_backend
+vk = get_backend("vulkan")
+outcomes = []
+for round in range(20):
+    tex = vk.create_texture(256, 256, "rgba8")
+    frame = np.full(tex.shape, round, np.uint8)
+    def pump():
+        try:
+            while True:
+                tex.upload(frame)
+                tex.download()
+        except texbridge.ClosedError:
+            outcomes.append("closed")
+    t = threading.Thread(target=pump)
+    t.start()
+    tex.close()
+    t.join(10)
+print("outcomes", len(outcomes), set(outcomes))
+""")
+    assert "outcomes 20 {'closed'}" in out

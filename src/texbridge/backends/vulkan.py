@@ -12,8 +12,10 @@ not shared across processes); every helper transitions out of and back into the 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -345,6 +347,18 @@ def _clear_value(fmt: Format, color: Any) -> Any:
     return ffi.new("VkClearColorValue*", {"float32": vals})
 
 
+def _exclusive(method: Any) -> Any:
+    """Transfers and close() of one resource never overlap: a close() from another thread waits for the transfer, so
+    the staging memory it writes through a vkMapMemory pointer is never freed (unmapped) under it."""
+
+    @functools.wraps(method)
+    def wrapper(self: "VulkanResource", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class VulkanResource(Resource):
     """A texture or buffer visible to Vulkan in this process.
 
@@ -361,6 +375,7 @@ class VulkanResource(Resource):
                  fd: int = -1, host: _HostMapping | None = None, host_map: SharedMapping | None = None,
                  extra_buffer: bool = False) -> None:
         super().__init__(descriptor)
+        self._lock = threading.RLock()
         self.device, self.image, self.buffer, self.memory = device, image, buffer, memory
         self.handle_type, self.exportable = handle_type, exportable
         self.layout = layout or vk.VK_IMAGE_LAYOUT_GENERAL
@@ -471,6 +486,7 @@ class VulkanResource(Resource):
         row = d.width * get_format(d.format).bytes_per_pixel
         return [(d.offset + y * d.row_pitch, y * row, row) for y in range(d.height)]
 
+    @_exclusive
     def upload(self, array: np.ndarray, *, layer: int = 0) -> None:
         """Copy `array` (shape of download()) into mip 0 of `layer` through a staging buffer."""
         self._check_open()
@@ -497,6 +513,7 @@ class VulkanResource(Resource):
         if self._host_map is not None:
             self.sync_to_host()
 
+    @_exclusive
     def download(self, *, layer: int = 0) -> np.ndarray:
         """A NumPy copy of mip 0 of `layer` (textures: (H, W, C)) or of the whole buffer, read through Vulkan."""
         self._check_open()
@@ -514,6 +531,7 @@ class VulkanResource(Resource):
         self._copy_buffer(False, staging, [(0, 0, d.size)])
         return staging.array[:d.size].copy()
 
+    @_exclusive
     def clear(self, color: Any = (0, 0, 0, 0)) -> None:
         """Fill every mip and layer with `color` (floats for normalized/float formats, ints for r32ui) on the GPU;
         buffers are filled with the 32-bit word `color`."""
@@ -545,6 +563,7 @@ class VulkanResource(Resource):
         if self._host_map is not None:
             self.sync_to_host()
 
+    @_exclusive
     def transition(self, layout: int | str) -> None:
         """Move the image to `layout` (a VkImageLayout or a name like "shader_read_only_optimal"); later helpers
         return it there. Leave shared images in "general" before another process uses them."""
@@ -565,6 +584,7 @@ class VulkanResource(Resource):
         return self._host_map.array(self.shape, fmt.numpy_dtype, offset=d.offset,
                                     strides=(d.row_pitch, fmt.bytes_per_pixel, fmt.numpy_dtype.itemsize))
 
+    @_exclusive
     def sync_to_image(self) -> None:
         """memfd → VkImage after CPU writes (staging path only; zero-copy resources share the pages)."""
         self._check_open()
@@ -575,6 +595,7 @@ class VulkanResource(Resource):
         staging.array[:self._texel_bytes()].view(fmt.numpy_dtype).reshape(self.shape)[...] = self._host_view()
         self._copy_image(True, staging)
 
+    @_exclusive
     def sync_to_host(self) -> None:
         """VkImage → memfd after GPU writes (staging path only)."""
         self._check_open()
@@ -586,6 +607,7 @@ class VulkanResource(Resource):
         self._host_view()[...] = staging.array[:self._texel_bytes()].view(fmt.numpy_dtype).reshape(self.shape)
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
+    @_exclusive
     def _release(self) -> None:
         dev = self.device
         semaphore, self.semaphore = self.semaphore, None
