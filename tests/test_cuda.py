@@ -489,3 +489,23 @@ def test_sender_takes_torch_and_cupy_cuda_frames(runtime, cuda):
         s.send(cupy.full((32, 64, 4), 78, dtype=cupy.uint8))
         frame = rx.wait_frame(5)
         assert frame is not None and (frame == 78).all()
+
+
+@needs_cuda
+def test_close_with_a_live_cuda_array_interface_view_defers_the_free(cuda):
+    """CuPy keeps the resource as its arrays' owner: close() must not free what such an array still points at."""
+    cupy = _cupy()
+    import gc
+
+    backend, dev = cuda
+    tex = backend.create_texture(64, 64, "rgba8")
+    a = cupy.asarray(tex)
+    size = tex.descriptor.size
+    tex.close()
+    a[...] = 5  # still mapped
+    cupy.cuda.Device().synchronize()
+    assert int(a.sum()) == 5 * 64 * 64 * 4
+    free_before = dev.mem_info()[0]
+    del a, tex
+    gc.collect()  # the last owner reference goes: the deferred free runs
+    assert dev.mem_info()[0] >= free_before + size - dev.granularity

@@ -358,6 +358,7 @@ class CUDAResource(Resource):
         self.sync_stream: Any = None  # where keyed-mutex waits/signals go (a CUstream, torch or cupy stream); None: 0
         self._stream: Any = None
         self._views = 0
+        self._cai_exported = False
         self._free_pending = False
 
     # -- addresses and layout ------------------------------------------------------------------------------------
@@ -386,7 +387,11 @@ class CUDAResource(Resource):
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
+        """Consumers (CuPy, Numba, torch.as_tensor) keep this resource object as the owner of their arrays but
+        tell nobody when they let go, so once handed out the memory is freed when the object itself is collected,
+        not by close() (views keep the mapping alive, as with DLPack and memfd)."""
         ptr, shape, strides, dtype = self._view_layout()
+        self._cai_exported = True
         return {"shape": shape, "typestr": dtype.str, "data": (ptr, False), "version": 3,
                 "strides": strides if len(shape) > 1 else None}
 
@@ -559,10 +564,20 @@ class CUDAResource(Resource):
 
     # -- lifetime ------------------------------------------------------------------------------------------------
     def _release(self) -> None:
-        if self._views:
-            self._free_pending = True  # a DLPack consumer still maps it: free when the last view goes
+        if self._views or self._cai_exported:
+            # A DLPack consumer still maps it (free when the last view goes), or a __cuda_array_interface__
+            # consumer may (free when this object is collected: its arrays hold it as their owner).
+            self._free_pending = True
             return
         self._free()
+
+    def __del__(self) -> None:
+        super().__del__()
+        if getattr(self, "_free_pending", False) and not self._views:
+            try:
+                self._free()
+            except Exception:
+                pass  # interpreter shutdown: the driver frees everything with the context
 
     def _free(self) -> None:
         """Destroy every CUDA object, in dependency order; state is swapped out first so nothing is freed twice."""
