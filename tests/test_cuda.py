@@ -509,3 +509,24 @@ def test_close_with_a_live_cuda_array_interface_view_defers_the_free(cuda):
     del a, tex
     gc.collect()  # the last owner reference goes: the deferred free runs
     assert dev.mem_info()[0] >= free_before + size - dev.granularity
+
+
+@needs_cuda
+def test_linear_vulkan_texture_opens_in_cuda_by_its_descriptor(session, cuda, vk):
+    """tiling="linear": CUDA maps it as a pointer with the row pitch the descriptor records (another process)."""
+    try:
+        tex = session.create_texture(100, 37, "rgba8", backend="vulkan", name="vk-lin", memory="opaque_fd",
+                                     tiling="linear")
+    except BackendError as e:
+        pytest.skip(f"{vk.name} cannot export a linear rgba8 image: {e}")
+    assert tex.descriptor.planes, "a linear image must record its layout"
+    tex.upload(pattern((37, 100, 4), np.uint8, 60))
+    out = run_py(child("""
+        with texbridge.connect() as s:
+            t = s.open("vk-lin", backend="cuda")
+            assert t.array is None and t.row_pitch == t.descriptor.row_pitch
+            assert same(t.download(), pattern((37, 100, 4), np.uint8, 60)), "linear texture content"
+            print("ok")
+    """), timeout=120)
+    assert out.stdout.strip() == "ok"
+    tex.close()

@@ -508,9 +508,13 @@ with texbridge.connect() as s:
     d = Descriptor.from_wire(_unpack_descriptor(fields["descriptor"]), validated=True)
     raw = Descriptor(kind="buffer", size=d.size, memory=d.memory, backend="test", driver_uuid=d.driver_uuid,
                      device_uuid=d.device_uuid, driver_private={"buffer_size": d.size, "vk_usage": 3}).validate()
-    buf = BACKEND.import_resource(raw, fds)
-    np.save(out + "-raw.npy", buf.download())
-    buf.close()
+    try:
+        buf = BACKEND.import_resource(raw, fds)
+    except texbridge.BackendError as e:  # drivers may insist a dedicated image allocation is imported as one
+        print("no raw path:", e)
+    else:
+        np.save(out + "-raw.npy", buf.download())
+        buf.close()
     img.close()
 """
 
@@ -519,7 +523,10 @@ def test_linear_texture_records_its_layout_for_any_importer(session, dev, tmp_pa
     """A LINEAR image's descriptor carries offset and row pitch; a reader that knows only the descriptor and the
     fd (here: a VkBuffer import of the raw memory in another process) finds every row where the planes say."""
     w, h = 33, 7
-    tex = session.create_texture(w, h, "rgba8", backend="vulkan", tiling="linear", memory="opaque_fd")
+    try:
+        tex = session.create_texture(w, h, "rgba8", backend="vulkan", tiling="linear", memory="opaque_fd")
+    except BackendError as e:
+        pytest.skip(f"{dev.name} cannot export a linear rgba8 image: {e}")
     d = tex.descriptor
     assert len(d.planes) == 1, "a linear image must record its plane layout"
     (offset, pitch), = d.planes
@@ -527,8 +534,11 @@ def test_linear_texture_records_its_layout_for_any_importer(session, dev, tmp_pa
     assert d.driver_private["plane_layouts"][0]["row_pitch"] == pitch
     data = _random((h, w, 4), "rgba8", seed=9)
     tex.upload(data)
-    run_py(LINEAR_READER, str(tex.handle), str(tmp_path / "r"))
+    out = run_py(LINEAR_READER, str(tex.handle), str(tmp_path / "r")).stdout
     assert _same_bytes(np.load(tmp_path / "r-img.npy"), data)
+    if "no raw path" in out:
+        tex.close()
+        pytest.skip(f"{dev.name} refuses to import the image's memory as a buffer: {out.strip()}")
     raw = np.load(tmp_path / "r-raw.npy")
     rows = np.stack([raw[offset + y * pitch: offset + y * pitch + w * 4] for y in range(h)]).reshape(h, w, 4)
     assert _same_bytes(rows, data)
@@ -536,7 +546,10 @@ def test_linear_texture_records_its_layout_for_any_importer(session, dev, tmp_pa
 
 
 def test_linear_import_refuses_a_layout_this_driver_would_not_use(session, dev):
-    tex = session.create_texture(16, 4, "rgba8", backend="vulkan", tiling="linear", memory="opaque_fd")
+    try:
+        tex = session.create_texture(16, 4, "rgba8", backend="vulkan", tiling="linear", memory="opaque_fd")
+    except BackendError as e:
+        pytest.skip(f"{dev.name} cannot export a linear rgba8 image: {e}")
     fds = tex.export_fds()
     (offset, pitch), = tex.descriptor.planes
     bad = tex.descriptor.with_(planes=((offset, pitch + 256),))
