@@ -333,7 +333,8 @@ def run_rounds(rounds: int, with_vulkan: bool, capsys=None) -> list[float]:
     text = report(latencies)
     print(f"\n{text}; producer churned {churn['churn']} registrations ({churn['churn_errors']} errors), "
           f"sent {churn['frames']} frames ({churn['send_errors']} errors); opener {opens['opens']} opens "
-          f"({opens['errors']} errors)", file=sys.stderr)
+          f"({opens['errors']} errors: {opens.get('last_error', '-')}); last registration error: "
+          f"{churn.get('last_error', '-')}", file=sys.stderr)
     assert churn["churn"] > rounds and opens["opens"] > rounds and churn["frames"] > rounds
     assert max(latencies) < REATTACH_GOAL, text
     return latencies
@@ -447,3 +448,15 @@ def test_broker_stop_force_makes_live_clients_reattach(runtime):
         assert wait_until(lambda: s.reattached == 1 and s.broker_pid != old)
         with texbridge.connect() as other, other.open("kept-across-stop") as again:
             assert again.handle == buf.handle and list(again.numpy()[:4]) == [7] * 4
+
+
+def test_an_unclosed_session_still_hangs_up_when_collected(session):
+    """The monitor watches sessions weakly: dropping a Session without close() ends its connection, as before."""
+    import gc
+
+    before = session.stats()["clients"]
+    dropped = texbridge.connect()
+    assert session.stats()["clients"] == before + 1
+    del dropped
+    gc.collect()
+    assert wait_until(lambda: session.stats()["clients"] == before)

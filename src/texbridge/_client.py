@@ -537,7 +537,8 @@ class _Monitor:
         self._lock = threading.Lock()
         self._pid = -1
         self._ep: select.epoll | None = None
-        self._entries: dict[int, tuple[weakref.ref, _Channel]] = {}
+        # fd -> (session, channel), both weak: an unclosed Session that is dropped must still hang up when collected
+        self._entries: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
     def watch(self, session: Session, channel: _Channel) -> None:
         sock = channel.sock
@@ -549,7 +550,7 @@ class _Monitor:
                 threading.Thread(target=self._run, args=(self._ep,), name="texbridge-monitor", daemon=True).start()
             assert self._ep is not None
             fd = sock.fileno()
-            self._entries[fd] = (weakref.ref(session), channel)
+            self._entries[fd] = (weakref.ref(session), weakref.ref(channel))
             try:
                 self._ep.register(fd, select.EPOLLRDHUP)
             except FileExistsError:
@@ -562,7 +563,7 @@ class _Monitor:
         with self._lock:
             fd = sock.fileno()
             entry = self._entries.get(fd)
-            if entry is not None and entry[1] is channel:
+            if entry is not None and entry[1]() is channel:
                 del self._entries[fd]
                 try:
                     self._ep.unregister(fd)
@@ -570,7 +571,7 @@ class _Monitor:
                     pass
 
     def _run(self, ep: select.epoll) -> None:
-        retry: dict[int, tuple[float, float, weakref.ref, _Channel]] = {}  # id(channel) -> due, delay, session
+        retry: dict[int, tuple[float, float, weakref.ref, weakref.ref]] = {}  # id(channel) -> due, delay, refs
         while ep is self._ep:
             now = time.monotonic()
             timeout = max(0.0, min(r[0] for r in retry.values()) - now) if retry else -1
@@ -580,7 +581,7 @@ class _Monitor:
                 continue
             except OSError:
                 return
-            work: list[tuple[weakref.ref, _Channel, float]] = []
+            work: list[tuple[weakref.ref, weakref.ref, float]] = []
             with self._lock:
                 for fd, _mask in events:
                     entry = self._entries.pop(fd, None)
@@ -588,7 +589,7 @@ class _Monitor:
                         ep.unregister(fd)
                     except OSError:
                         pass
-                    if entry is not None and _hung_up(entry[1]):
+                    if entry is not None and _hung_up(entry[1]()):
                         work.append((entry[0], entry[1], 0.05))
                     elif entry is not None:  # a reused fd number: not ours to act on; watch it again
                         self._entries[fd] = entry
@@ -598,9 +599,9 @@ class _Monitor:
                 if due <= now:
                     del retry[key]
                     work.append((ref, channel, min(delay * 2, 1.0)))
-            for ref, channel, delay in work:
-                session = ref()
-                if session is None:
+            for ref, channel_ref, delay in work:
+                session, channel = ref(), channel_ref()
+                if session is None or channel is None:
                     continue
                 try:
                     ok = session._hung_up(channel)
@@ -608,12 +609,12 @@ class _Monitor:
                     log.exception("texbridge: re-attaching a session failed")
                     ok = False
                 if ok is False:
-                    retry[id(channel)] = (time.monotonic() + delay, delay, ref, channel)
+                    retry[id(channel)] = (time.monotonic() + delay, delay, ref, channel_ref)
 
 
-def _hung_up(channel: _Channel) -> bool:
-    sock = channel.sock
-    if sock is None:
+def _hung_up(channel: _Channel | None) -> bool:
+    sock = channel.sock if channel is not None else None
+    if sock is None or sock.fileno() < 0:
         return True
     p = select.poll()
     p.register(sock.fileno(), select.POLLRDHUP)
