@@ -306,6 +306,11 @@ class World:
             want = {"r-buf": 2, "r-vk": 2, "r-mutex": 1, "unnamed": 1}
             counts = lambda: {k: s.info(self.targets[k])["open_count"] for k in want if k in self.targets}
             assert wait_until(lambda: counts() == {k: v for k, v in want.items() if k in self.targets}), counts()
+            # the sender's metadata (frame count, fps) keeps flowing to the new broker
+            from texbridge.senders import list_senders
+            frames = lambda: {i.name: i.frames for i in list_senders(s)}.get("r-cam", 0)
+            first = frames()
+            assert wait_until(lambda: frames() > first, timeout=5), first
         if check_cpu:
             use = cpu_use([self.producer.pid, self.opener.pid, self.receiver.pid])
             assert max(use.values()) < 0.6, f"a process spins after the broker restart: {use}"
@@ -460,3 +465,51 @@ def test_an_unclosed_session_still_hangs_up_when_collected(session):
     del dropped
     gc.collect()
     assert wait_until(lambda: session.stats()["clients"] == before)
+
+
+def test_idle_sessions_and_waiting_receivers_do_not_spin_without_a_broker(runtime):
+    """A session holding nothing reconnects lazily (its dead socket must not wake the monitor again and again), and a
+    Receiver whose watch stream gave up (no autostart, no broker) stops polling it."""
+    from texbridge._broker.launch import start_broker
+    from texbridge.senders import Receiver
+
+    start_broker()
+    with texbridge.connect(autostart=False, timeout=1.0) as s:
+        rx = Receiver(session=s)  # waits for any sender
+        kill_broker()
+        assert wait_until(lambda: rx._watch.closed, timeout=10)
+        cpu = time.process_time()
+        time.sleep(1.0)
+        used = time.process_time() - cpu
+        rx.close()
+        assert used < 0.3, f"{used:.2f} s of CPU in 1 s with no broker"
+        with pytest.raises(texbridge.BrokenError):
+            s.stats()
+
+
+def test_a_sender_without_autostart_comes_back_when_a_broker_does(runtime):
+    """No broker for a while (nobody may start one): sends go on through shared memory, metadata pushes fail; once a
+    broker is started the sender's session re-attaches, the sender is announced again and its metadata flows."""
+    import threading
+
+    from texbridge._broker.launch import start_broker
+    from texbridge.senders import Sender, list_senders
+
+    start_broker()
+    with texbridge.connect(autostart=False, timeout=1.0) as s, Sender("lonely", 32, 16, session=s) as tx:
+        stop = threading.Event()
+        sending = threading.Thread(target=lambda: [tx.send(__import__("numpy").zeros(tx.shape, "uint8"))
+                                                   or time.sleep(0.01) for _ in iter(stop.is_set, True)])
+        sending.start()
+        try:
+            kill_broker()
+            time.sleep(1.5)  # metadata pushes meet no broker
+            start_broker()
+            with texbridge.connect(autostart=False) as other:
+                frames = lambda: {i.name: i.frames for i in list_senders(other)}.get("lonely", 0)
+                assert wait_until(lambda: frames() > 0, timeout=10)
+                first = frames()
+                assert wait_until(lambda: frames() > first, timeout=5), "the sender's metadata stopped"
+        finally:
+            stop.set()
+            sending.join(5)
