@@ -149,3 +149,29 @@ def test_a_dying_broker_writes_into_no_clients_memory(runtime, how):
             assert np.all(b.numpy() == (0xA5 ^ i)), f"buffer {i} was written by the dying broker"
             b.numpy()[:] = 0
         del b
+
+
+def test_a_token_dropped_twice_never_closes_another_fd():
+    """The store hands out tokens, not fd numbers: the kernel reuses a closed number at once (for a client's
+    memfd, say), so a stale token must not reach whatever has that number now."""
+    from texbridge._broker.fdstore import FdStore
+
+    store = FdStore(capacity=8)
+    r, w = os.pipe()
+    os.close(w)
+    (token,) = store.keep([r])
+    store.drop([token])
+    again = os.open(os.devnull, os.O_RDONLY)  # most likely r's number
+    try:
+        (other,) = store.keep([again])
+        assert other != token
+        store.drop([token])  # a second drop: ignored
+        with pytest.raises(KeyError):
+            store.resolve([token])
+        os.fstat(again)  # still open
+        assert store.resolve([other])[0] == [again]
+        store.drop([other])
+        with pytest.raises(OSError):
+            os.fstat(again)
+    finally:
+        store.close()

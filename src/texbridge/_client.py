@@ -70,17 +70,26 @@ class _Channel:
 
     def __init__(self, namespace: str, *, app_name: str, autostart: bool, timeout: float,
                  session_id: int | None = None) -> None:
-        self.sock = connect_socket(namespace, autostart=autostart, timeout=timeout)
-        self.conn = Connection(broker_side=False)
         self.lock = threading.Lock()
         hello: dict[str, Any] = {"version": VERSION, "name": app_name, "pid": os.getpid()}
         if session_id is not None:
             hello["session_id"] = session_id  # re-attaching: keyed mutexes record their owner by session id
-        try:
-            self.hello = self.request(Op.HELLO, hello)[0]
-        except BaseException:
-            self.close()
-            raise
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = connect_socket(namespace, autostart=autostart, timeout=max(0.1, deadline - time.monotonic()))
+            self.conn = Connection(broker_side=False)
+            try:
+                self.hello = self.request(Op.HELLO, hello)[0]
+                return
+            except BrokenError:
+                self.close()
+                if time.monotonic() >= deadline:
+                    raise
+                # Hung up before any answer: we reached a broker that was exiting (idle) as we connected. The next
+                # connect finds, or starts, its successor.
+            except BaseException:
+                self.close()
+                raise
 
     def request(self, op: Op, fields: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> tuple[dict, list[int]]:
         with self.lock:

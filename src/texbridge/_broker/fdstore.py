@@ -5,9 +5,10 @@ the limit (CAP_SYS_RESOURCE) that is enough; where it may not (a hard limit of 2
 broker would refuse the 20,001st resource. A keeper is a tiny child process whose only job is to hold fds: each has
 its own fd table and limit, so capacity grows by one limit per keeper.
 
-The registry never sees the difference: it is given *tokens*. A token >= 0 is an fd in this process; a token < 0
-names an fd a keeper holds. resolve() turns tokens into fds usable now (fetching kept ones as temporary copies);
-drop() releases tokens. The keeper itself, and its wire format, are in _keeper.py (standard library only, run by
+The registry never sees the difference: it is given *tokens*. A token > 0 names an fd in this process; a token < 0
+names an fd a keeper holds. Tokens are never reused, unlike fd numbers: a token dropped twice, or used after its
+drop, can never reach another fd (a raw fd number could by then be a client's memfd). resolve() turns tokens into
+fds usable now (fetching kept ones as temporary copies); drop() releases tokens. The keeper itself, and its wire format, are in _keeper.py (standard library only, run by
 path, so a keeper costs a bare interpreter).
 
 A keeper can die (kill -9, OOM killer). Its fds are then gone for good: the store notices (a failed request, or
@@ -126,7 +127,7 @@ class FdStore:
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = local_capacity() if capacity is None else capacity
-        self._local: set[int] = set()  # fds this process holds for the registry: each is closed once, by drop()
+        self._local: dict[int, int] = {}  # token -> an fd this process holds for the registry; closed once, by drop()
         self._keepers: list[_Keeper] = []
         self._kept: dict[int, tuple[_Keeper, int]] = {}
         self._next = 1
@@ -137,8 +138,9 @@ class FdStore:
         tokens = []
         for i, fd in enumerate(fds):
             if len(self._local) < self.capacity:
-                self._local.add(fd)
-                tokens.append(fd)
+                self._local[self._next] = fd
+                tokens.append(self._next)
+                self._next += 1
                 continue
             try:
                 keeper, ident = self._put(fd)
@@ -159,7 +161,7 @@ class FdStore:
         try:
             for t in tokens:
                 if t >= 0:
-                    fds.append(t)
+                    fds.append(self._local[t])  # KeyError for a dropped token, like a lost one
                 else:
                     keeper, ident = self._kept[t]
                     try:
@@ -176,14 +178,14 @@ class FdStore:
         return fds, temps
 
     def drop(self, tokens) -> None:
-        """Release tokens. A token not held (dropped twice) is ignored: its number may be another fd by now."""
+        """Release tokens; one not held (dropped twice) is ignored."""
         for t in tokens:
             if t >= 0:
-                if t in self._local:
-                    self._local.remove(t)
-                    close_fds([t])
+                fd = self._local.pop(t, None)
+                if fd is None:
+                    log.error("fd token %d dropped twice (ignored)", t)
                 else:
-                    log.error("fd %d dropped but not held (a double close, refused)", t)
+                    close_fds([fd])
             else:
                 entry = self._kept.pop(t, None)
                 if entry is not None:
