@@ -452,6 +452,23 @@ time.sleep(120)
 """
 
 
+def test_death_halfway_through_taking_an_abandoned_mutex_is_healed(fd, mutex, children):
+    """Killed inside the meta lock between `locked = 1` and `abandoned = 0` of taking an abandoned mutex: the state
+    is half-written (locked and abandoned at once); the next user finishes the step and recovers, it does not call
+    the mutex corrupted."""
+    c = children(DIE_IN_META_LOCK, fd, args=(1,))
+    assert c.line() == "in meta lock"
+    raw = map_fd(fd, KEYED_MUTEX_STATE_SIZE)
+    raw[20:24] = (1).to_bytes(4, "little")  # abandoned = 1 beside locked = 1: the half-done step
+    c.kill()
+    with pytest.raises(KeyedMutexAbandoned):
+        mutex.acquire(0, 5)
+    mutex.release(1)
+    assert mutex.acquire(1, 0) >= 1 and mutex.statistics().meta_steals == 1
+    mutex.release(0)
+    raw.close()
+
+
 @pytest.mark.parametrize("owning", [False, True], ids=["free", "owning"])
 @pytest.mark.parametrize("reaped", [False, True], ids=["zombie", "reaped"])
 def test_death_inside_the_meta_lock_is_recovered(fd, mutex, children, owning, reaped):

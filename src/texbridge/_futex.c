@@ -215,6 +215,10 @@ static int meta_lock(km_state *st) {
         if (tid_dead(h)) {
             if (atomic_compare_exchange_strong(&st->meta, &h, me)) {
                 ST(st->meta_steals, LD(st->meta_steals) + 1);
+                /* The holder died between two stores. The only half-done step header_ok() would call corrupt is
+                 * taking over an abandoned mutex (locked = 1 stored, abandoned = 0 not yet): finish it; the recorded
+                 * owner is then checked for liveness like any other. */
+                if (LD(st->locked) == 1 && LD(st->abandoned) == 1) ST(st->abandoned, 0);
                 return 1;
             }
             continue;
