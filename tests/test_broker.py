@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import resource
 import signal
 import socket
 import tempfile
+import textwrap
 import time
 
 import msgpack
@@ -446,3 +448,225 @@ def test_a_killed_fd_keeper_is_replaced_and_what_it_held_retired(runtime, monkey
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(x) for x in f.read().split()]
+
+
+# -- hardening: nothing a client sends kills or stalls the broker ---------------------------------------------------
+
+def test_huge_echo_before_hello_is_answered_and_the_broker_lives(session):
+    """Each of these once made an error reply larger than a frame, and encode() took the daemon down."""
+    for envelope in (["v" * 60_000, 1, "hello", {}, 0], [VERSION, 1, "o" * 60_000, {}, 0],
+                     [VERSION, "r" * 60_000, "hello", {}, 0], [VERSION, 1, "hello", {}, "n" * 60_000]):
+        sock = raw_socket()
+        reply = ask(sock, msgpack.packb(envelope))
+        assert error_code(reply) == "protocol" and len(reply[3]["message"]) < 200
+        sock.close()
+    assert session.stats()["clients"] == 1
+
+
+def test_strict_envelope_and_nesting_over_a_real_socket(raw):
+    assert error_code(ask(raw, msgpack.packb([True, 1, "stats", {}, 0]))) == "protocol"
+    assert error_code(ask(raw, msgpack.packb([VERSION, 1, "stats", {}, 0.0]))) == "protocol"
+    deep: dict = {}
+    node = deep
+    for _ in range(600):
+        node["d"] = {}
+        node = node["d"]
+    fd = create_sealed("x", 4096)
+    try:
+        reply = ask(raw, frame("register", {"descriptor": tex_desc(driver_private=deep)}, nfds=1), [fd])
+        assert error_code(reply) == "protocol" and "nests deeper" in reply[3]["message"]
+    finally:
+        os.close(fd)
+
+
+def test_meta_is_bounded_and_list_pages_by_bytes(session):
+    """200 buffers with 300-byte meta once made list() fail (a 200-entry page over 64 KiB)."""
+    bufs = [session.create_buffer(64) for _ in range(200)]
+    for i, b in enumerate(bufs):
+        session.update(b.handle, {"note": f"{i:03d}" + "m" * 300})
+    listed = session.list()
+    assert sorted(r["meta"]["note"][:3] for r in listed) == [f"{i:03d}" for i in range(200)]
+    with pytest.raises(texbridge.QuotaExceeded):
+        session.update(bufs[0].handle, {"big": "x" * 10_000})
+    assert session.info(bufs[0].handle)["meta"]["note"].startswith("000")
+    for b in bufs:
+        b.close()
+
+
+def _wrong_fd(kind, tmp_path):
+    """(fd to send, things to close afterwards) for an fd that is not GPU memory."""
+    if kind == "eventfd":
+        fd = os.eventfd(0)
+    elif kind == "epoll":
+        import select
+        ep = select.epoll()
+        return ep.fileno(), [ep]
+    elif kind == "pidfd":
+        fd = os.pidfd_open(os.getpid())
+    elif kind == "devnull":
+        fd = os.open(os.devnull, os.O_RDWR)
+    elif kind == "timerfd":
+        import ctypes
+        fd = ctypes.CDLL(None).timerfd_create(1, 0)
+        assert fd >= 0
+    return fd, [fd]
+
+
+@pytest.mark.parametrize("memory", ["opaque_fd", "dma_buf"])
+@pytest.mark.parametrize("kind", ["eventfd", "epoll", "pidfd", "devnull", "timerfd"])
+def test_fds_that_are_never_gpu_memory_are_refused(raw, kind, memory, tmp_path):
+    fd, extra = _wrong_fd(kind, tmp_path)
+    try:
+        reply = ask(raw, frame("register", {"descriptor": tex_desc(memory=memory, backend="vulkan")}, nfds=1), [fd])
+        assert error_code(reply) == "invalid_descriptor", reply
+    finally:
+        for x in extra:
+            x.close() if hasattr(x, "close") else os.close(x)
+
+
+def test_scribbled_keyed_mutex_state_does_not_stall_the_broker(session):
+    """A client registers keyed-mutex states whose meta lock word it set (and claims ownership), then hangs up: the
+    broker's abandon path once took that lock first, 2 s per mutex, serving nobody meanwhile."""
+    import mmap
+    import struct
+    from texbridge.keyed_mutex import create_state
+    sock = raw_socket()
+    sid = hello(sock)[3]["session_id"]
+    for _ in range(6):
+        fd = create_state()
+        m = mmap.mmap(fd, 4096)
+        struct.pack_into("<I", m, 8, os.getpid())  # meta lock "held" by a live thread (this test process)
+        struct.pack_into("<I", m, 16, 1)  # locked...
+        struct.pack_into("<i", m, 32, os.getpid())  # ...by a live pid...
+        struct.pack_into("<I", m, 36, sid)  # ...of the disconnecting session
+        m.close()
+        desc = {"kind": "keyed_mutex", "size": 4096, "keyed_mutex": True}
+        assert ask(sock, frame("register", {"descriptor": desc}, nfds=1), [fd])[2] == "reply"
+        os.close(fd)
+    sock.close()
+    t0 = time.monotonic()
+    session.stats()
+    assert wait_until(lambda: session.stats()["resources"] == 0, timeout=5)
+    assert time.monotonic() - t0 < 5, "the broker stalled on client-writable memory"
+
+
+def test_connections_per_uid_are_limited(runtime, monkeypatch):
+    monkeypatch.setenv("TEXBRIDGE_BROKER_MAX_CONNECTIONS", "4")
+    sessions = [texbridge.connect() for _ in range(4)]
+    try:
+        with pytest.raises(texbridge.QuotaExceeded, match="connections"):
+            texbridge.connect(autostart=False)
+        sessions.pop().close()
+        with texbridge.connect(autostart=False) as s:  # room again once one goes
+            assert s.stats()["clients"] == 4
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_out_of_fds_answers_busy_backs_off_and_recovers(tmp_path):
+    """A broker at its fd limit once spun at 100% CPU writing megabytes of log while new clients hung. Now: a new
+    client gets BrokerBusy, the loop idles, the log stays short, and service resumes once fds are free."""
+    broker, connect, log_path = _spawn_broker(tmp_path, """
+        n = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    """)
+    try:
+
+        held = []
+        for _ in range(60):  # more connections than the broker has fds for
+            s = connect()
+            held.append(s)
+            send_frame(s, frame("hello", {"version": VERSION, "name": "fill", "pid": os.getpid()}))
+        codes = []
+        for s in held:
+            try:
+                reply = msgpack.unpackb(recv_frame(s)[0])
+                codes.append(reply[2] if reply[2] == "reply" else reply[3]["code"])
+            except OSError:
+                codes.append("closed")
+        print("codes:", collections.Counter(codes))
+        assert "reply" in codes and "busy" in codes, codes
+        cpu0 = _cpu_seconds(broker.pid)
+        time.sleep(2)
+        assert _cpu_seconds(broker.pid) - cpu0 < 1.0, "the broker spins while out of fds"
+        for s in held:
+            s.close()
+        s = connect()  # fds are free again: a new client is served
+        assert ask(s, frame("hello", {"version": VERSION, "name": "after", "pid": os.getpid()}))[2] == "reply"
+        s.close()
+        assert log_path.stat().st_size < 20_000, log_path.read_text()[-2000:]
+    finally:
+        broker.kill()
+        broker.wait()
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _spawn_broker(tmp_path, setup=""):
+    """A BrokerServer in a child process, served on a private socket after running `setup` (limits, injected
+    faults). Returns (process, connect(), log path)."""
+    sock_path, log_path = tmp_path / "b.sock", tmp_path / "b.log"
+    broker = spawn_py(f"""
+        import logging, os, resource, socket, sys
+        from texbridge._broker.registry import Registry
+        from texbridge._broker import server
+        logging.basicConfig(filename={str(log_path)!r}, level=logging.INFO)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind({str(sock_path)!r})
+        listener.listen(4096)
+""" + textwrap.indent(textwrap.dedent(setup), " " * 8) + """
+        print("ready", flush=True)
+        server.BrokerServer(listener, Registry(broker_pid=os.getpid()), idle_timeout=None,
+                            max_connections=1000).serve()
+    """)
+    assert broker.stdout.readline().strip() == "ready", broker.stderr.read()
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        return s
+    return broker, connect, log_path
+
+
+def test_a_broker_bug_costs_one_session_never_the_broker(tmp_path):
+    """Faults injected outside the registry's own guard: fd inspection raises, a reply cannot be encoded. The
+    first costs that client its session (its fds closed), the second one request; the broker serves on."""
+    broker, connect, log_path = _spawn_broker(tmp_path, """
+        def boom(fd):
+            raise RuntimeError("injected fault")
+        server.inspect_fd = boom
+        real = Registry._op_stats
+        def unencodable(self, client, msg, fds, fx):
+            fx.reply(client.id, msg.request_id, blob=b"x" * 70_000)
+            return False
+        Registry._op_stats = unencodable
+    """)
+    try:
+        s = connect()
+        hello(s)
+        baseline = fd_count(broker.pid)
+        for rid in range(7, 300):
+            reply = ask(s, frame("stats", rid=rid))
+            assert error_code(reply) == "error" and reply[1] == rid and "encoded" in reply[3]["message"]
+        fd = create_sealed("x", 4096)
+        send_frame(s, frame("register", {"descriptor": tex_desc()}, nfds=1), [fd])
+        os.close(fd)
+        assert recv_frame(s)[0] == b""  # hung up on: this session is gone
+        s.close()
+        assert wait_until(lambda: fd_count(broker.pid) == baseline - 1), "the failed frame's fd leaked"
+        s = connect()
+        assert hello(s)[2] == "reply"  # and the broker serves the next client
+        s.close()
+        assert broker.poll() is None
+        log_text = log_path.read_text()
+        assert "injected fault" in log_text
+        assert 1 <= log_text.count("cannot send reply") <= 10, "a client can flood the log"
+    finally:
+        broker.kill()
+        broker.wait()

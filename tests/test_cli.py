@@ -236,10 +236,16 @@ def test_broker_start_status_stop(cli_env):
 
         with texbridge.connect(ns) as s:
             s.create_buffer(4096, name="held")
+            for missing in ("no-such-1", "no-such-2"):
+                with pytest.raises(texbridge.NotFound):
+                    s.open(missing)
             status = cli("broker", "status", "--namespace", ns)
         assert status.returncode == 0, status.stderr
         for key, value in (("pid", pid), ("resources", 1), ("names", 1), ("fds", 1), ("clients", 2)):
             assert re.search(rf"│ {key}\s+│\s+{value}\b", status.stdout), (key, status.stdout)
+        # errors say what they were: a count per code, then the last few with the op and message
+        assert re.search(r"│ errors\s+│\s+2 \(not_found 2\)", status.stdout), status.stdout
+        assert "last errors" in status.stdout and "no-such-2" in status.stdout and "open" in status.stdout
 
         stop = cli("broker", "stop", "--namespace", ns)
         assert stop.returncode == 0 and f"pid {pid}" in stop.stdout

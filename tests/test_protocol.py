@@ -113,3 +113,47 @@ def test_decode_never_raises_anything_else(data, nfds):
         decode(data, nfds)
     except RemoteProtocolError:
         pass
+
+
+@pytest.mark.parametrize("data, nfds", [
+    (frame(True, 1, "list", {}, 0), 0),  # True == 1 in Python, not on the wire
+    (frame(1.0, 1, "list", {}, 0), 0),
+    (frame(VERSION, 1, "list", {}, 0.0), 0),
+    (frame(VERSION, 1, "list", {}, False), 0),
+    (frame(VERSION, True, "list", {}, 0), 0),
+])
+def test_envelope_types_are_exact(data, nfds):
+    with pytest.raises(RemoteProtocolError):
+        decode(data, nfds)
+
+
+def test_deep_nesting_is_refused_with_a_reason():
+    deep: dict = {}
+    node = deep
+    for _ in range(600):
+        node["d"] = {}
+        node = node["d"]
+    desc = {"kind": "buffer", "size": 1, "driver_private": deep}
+    with pytest.raises(RemoteProtocolError, match="nests deeper"):
+        decode(frame(VERSION, 1, "register", {"descriptor": desc}, 1), 1)
+    with pytest.raises(RemoteProtocolError, match="nests deeper"):
+        nested: list = [1]
+        for _ in range(20):
+            nested = [nested]
+        decode(frame(VERSION, 1, "update", {"handle": 1, "meta": {"l": nested}}, 0), 0)
+    ok = {"a": [{"b": [1, 2, {"c": "d"}]}]}
+    assert decode(frame(VERSION, 1, "update", {"handle": 1, "meta": ok}, 0), 0).fields["meta"] == ok
+
+
+@pytest.mark.parametrize("envelope", [
+    ["v" * 60_000, 1, "list", {}, 0], [VERSION, "r" * 60_000, "list", {}, 0], [VERSION, 1, "o" * 60_000, {}, 0],
+    [VERSION, 1, "list", {}, "n" * 60_000], [VERSION, 1, "list", {"k" * 60_000: 1}, 0],
+    [VERSION, 1, "list", {}, list(range(4000))], [b"b" * 60_000, 1, "list", {}, 0],
+])
+def test_errors_echo_a_short_repr(envelope):
+    """Every value quoted back is cut: the error reply to a ~60 KB value is small (it once exceeded a frame)."""
+    data = msgpack.packb(envelope, use_bin_type=True)
+    assert len(data) <= MAX_FRAME
+    with pytest.raises(RemoteProtocolError) as e:
+        decode(data, 0)
+    assert len(str(e.value)) < 200

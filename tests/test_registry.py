@@ -6,10 +6,12 @@ import msgpack
 
 import pytest
 
-from texbridge._broker.registry import Policy, Quotas, Registry
+from texbridge._broker.registry import (LAST_ERRORS, LIST_PAGE, MAX_DESCRIPTOR, MAX_META, MAX_NAMES, Policy, Quotas,
+                                        Registry, error_message)
 from texbridge._descriptor import Descriptor, texture_layout
+from texbridge._errors import MAX_MESSAGE, TexbridgeError
 from texbridge._memfd import F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, FdFacts
-from texbridge._protocol import VERSION, Message, Op
+from texbridge._protocol import MAX_FRAME, MAX_NAME, VERSION, Message, Op, encode
 from texbridge import AccessDenied
 
 SEALED = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
@@ -273,3 +275,131 @@ def test_shutdown_without_force_refuses_while_others_are_live():
     w.reg.disconnect(2)
     w.ok(w.call(1, Op.SHUTDOWN, force=False))
     assert w.last.shutdown
+
+
+# -- limits: everything stored is bounded, so every reply and event fits a frame -------------------------------------
+
+def fits(fx):
+    """Every message in the effects encodes within a frame (encode raises LocalProtocolError otherwise)."""
+    for o in fx.out:
+        assert len(encode(o.message)) <= MAX_FRAME
+
+
+def test_meta_is_limited_on_register_and_update():
+    w = World()
+    w.connect(1)
+    w.err(w.register(1, meta={"x": "y" * MAX_META})[1], "quota_exceeded")
+    h = w.ok(w.register(1, meta={"x": "y" * (MAX_META - 16)})[1])["handle"]
+    w.err(w.call(1, Op.UPDATE, handle=h, meta={"x": "y" * MAX_META}), "quota_exceeded")
+    assert len(msgpack.packb(w.reg.resources[h].meta)) <= MAX_META  # the refused update changed nothing
+    assert sorted(w.closed) == [100]
+
+
+def test_names_per_resource_are_limited():
+    w = World()
+    w.connect(1)
+    h = w.ok(w.register(1)[1])["handle"]
+    for i in range(MAX_NAMES):
+        w.ok(w.call(1, Op.PUBLISH, handle=h, name=f"n{i}"))
+    w.err(w.call(1, Op.PUBLISH, handle=h, name="one-too-many"), "quota_exceeded")
+
+
+def test_packed_descriptor_is_limited():
+    w = World()
+    w.connect(1)
+    big = {**TEX, "driver_private": {"blob": b"x" * MAX_DESCRIPTOR}}
+    w.err(w.register(1, desc=big)[1], "invalid_descriptor")
+
+
+def test_worst_case_resource_fits_every_reply_and_event():
+    """Longest names (4-byte characters), all of them, the largest meta and descriptor: OPEN, INFO, LIST and the
+    events still fit a frame."""
+    w = World()
+    w.connect(1), w.connect(2)
+    w.call(2, Op.WATCH)
+    desc = {**TEX, "runtime_private": b"r" * 4096, "driver_private": {"k": b"x" * (MAX_DESCRIPTOR - 4096 - 400)}}
+    meta = {"m": "\U0001F600" * ((MAX_META - 16) // 4)}
+    h = w.ok(w.register(1, desc=desc, meta=meta, name="\U0001F600" * MAX_NAME)[1])["handle"]
+    for i in range(1, MAX_NAMES):
+        w.ok(w.call(1, Op.PUBLISH, handle=h, name=f"{i:03d}" + "\U0001F600" * (MAX_NAME - 3)))
+        fits(w.last)
+    for op, fields in [(Op.OPEN, {"handle": h}), (Op.INFO, {"handle": h}), (Op.LIST, {}),
+                       (Op.UPDATE, {"handle": h, "meta": meta})]:
+        w.ok(w.call(1, op, **fields))
+        fits(w.last)
+    fits(w.reg.disconnect(1))
+
+
+def test_list_pages_by_bytes_and_paging_sees_everything():
+    """200 buffers with 300-byte meta once made a 200-entry page larger than a frame (the issue's public-API case)."""
+    w = World()
+    w.connect(1)
+    buf = Descriptor(kind="buffer", size=4096).to_wire()
+    for i in range(LIST_PAGE + 50):
+        w.ok(w.register(1, FdFacts("memfd", 4096, SEALED), desc=buf, meta={"note": f"{i:04d}" + "m" * 300})[1])
+    seen, pages = [], 0
+    while True:
+        reply = w.ok(w.call(1, Op.LIST, offset=len(seen)))
+        fits(w.last)
+        pages += 1
+        seen += reply["resources"]
+        if not reply["resources"] or len(seen) >= reply["total"]:
+            break
+    assert sorted(r["meta"]["note"][:4] for r in seen) == [f"{i:04d}" for i in range(LIST_PAGE + 50)]
+    assert pages > 2  # a count-only page would need 2
+
+
+def test_error_messages_are_bounded():
+    """An error that quotes a client's value quotes a short, cut repr."""
+    w = World()
+    w.connect(1)
+    long = "z" * 50_000
+    for desc in ({**TEX, "format": long}, {**TEX, "kind": long}, {**TEX, long: 1}, {**TEX, "memory": long}):
+        r = w.register(1, desc=desc)[1]
+        assert r.message.op is Op.ERROR and len(r.message.fields["message"]) <= MAX_MESSAGE, desc.keys()
+        assert len(encode(r.message)) < 2048
+    w.err(w.call(1, Op.OPEN, name="n" * 1024), "not_found")
+    assert len(w.last.out[0].message.fields["message"]) < 200
+    long_error = error_message(5, TexbridgeError("e" * 100_000))  # whatever a message says, the reply is bounded
+    assert len(long_error.fields["message"]) <= MAX_MESSAGE and len(encode(long_error)) < 2 * MAX_MESSAGE
+
+
+@pytest.mark.parametrize("facts", [
+    FdFacts("anon", detail="eventfd"), FdFacts("anon", detail="eventpoll"), FdFacts("anon", detail="pidfd"),
+    FdFacts("anon", detail="timerfd"), FdFacts("anon", detail="signalfd"), FdFacts("anon", detail="inotify"),
+    FdFacts("chardev", detail="/dev/null", major=1), FdFacts("chardev", detail="/dev/pts/0", major=136),
+])
+@pytest.mark.parametrize("memory", ["opaque_fd", "dma_buf"])
+def test_fds_that_are_never_gpu_memory_are_refused(facts, memory):
+    w = World()
+    w.connect(1)
+    fd, r = w.register(1, facts, desc={**TEX, "memory": memory, "backend": "vulkan"})
+    w.err(r, "invalid_descriptor")
+    assert w.closed == [fd]
+
+
+@pytest.mark.parametrize("facts", [
+    FdFacts("anon", 1 << 20, detail="dmabuf"),  # a dma-buf (anon inode of its own fs)
+    FdFacts("chardev", detail="/dev/nvidiactl", major=195),  # NVIDIA exports OPAQUE_FD memory as a device fd
+    FdFacts("memfd", SIZE, SEALED),  # lavapipe exports OPAQUE_FD memory as a memfd
+    FdFacts("anon", detail="syncobj"),
+])
+def test_gpu_export_fds_are_accepted(facts):
+    w = World()
+    w.connect(1)
+    w.ok(w.register(1, facts, desc={**TEX, "memory": "opaque_fd", "backend": "vulkan"})[1])
+
+
+def test_stats_say_what_the_errors_were():
+    w = World()
+    w.connect(1)
+    w.err(w.call(1, Op.OPEN, handle=5), "not_found")
+    w.err(w.call(1, Op.OPEN, handle=6), "not_found")
+    w.err(w.register(1, FdFacts("socket"))[1], "invalid_descriptor")
+    stats = w.ok(w.call(1, Op.STATS))
+    assert stats["errors"] == 3 and stats["error_codes"] == {"not_found": 2, "invalid_descriptor": 1}
+    assert [e[2:4] for e in stats["last_errors"]] == [["open", "not_found"]] * 2 + [["register", "invalid_descriptor"]]
+    assert stats["last_errors"][0][1] == 1001  # the pid of the client that got the error
+    for i in range(20):
+        w.call(1, Op.CLOSE, handle=i + 1)
+    assert len(w.ok(w.call(1, Op.STATS))["last_errors"]) == LAST_ERRORS

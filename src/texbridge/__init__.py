@@ -21,6 +21,7 @@ from ._descriptor import Usage as Usage
 from ._errors import AccessDenied as AccessDenied
 from ._errors import BackendError as BackendError
 from ._errors import BrokenError as BrokenError
+from ._errors import BrokerBusy as BrokerBusy
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import ClosedError as ClosedError
 from ._errors import IncompatibleDevice as IncompatibleDevice
@@ -52,7 +53,7 @@ from .senders import watch_senders as watch_senders
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccessDenied", "BackendError", "BrokenError", "BrokerUnavailable", "ClosedError", "Descriptor", "Event",
+    "AccessDenied", "BackendError", "BrokenError", "BrokerBusy", "BrokerUnavailable", "ClosedError", "Descriptor", "Event",
     "FORMATS", "Handle", "IncompatibleDevice", "InvalidArgument", "InvalidDescriptor", "KeyedMutexAbandoned", "KeyedMutexError",
     "KeyedMutexTimeout", "LocalProtocolError", "NameInUse", "NoKeyedMutex", "NotASender", "NotFound",
     "NotHostVisible", "ProtocolError", "QuotaExceeded", "RemoteProtocolError", "Resource", "SenderNotFound", "Session", "TexbridgeError", "TexbridgeTimeout", "Usage", "WouldBlock",

@@ -15,7 +15,7 @@ import struct
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ._errors import InvalidArgument, InvalidDescriptor
+from ._errors import InvalidArgument, InvalidDescriptor, echo
 from ._formats import get_format
 
 MAX_DIMENSION = 65536
@@ -139,9 +139,9 @@ class Descriptor:
         return self.size
 
     def validate(self) -> "Descriptor":
-        _check(self.kind in KINDS, f"kind must be one of {KINDS}, not {self.kind!r}")
-        _check(self.memory in MEMORY_TYPES, f"memory must be one of {MEMORY_TYPES}, not {self.memory!r}")
-        _check(_is_int(self.size) and 0 < self.size <= MAX_BYTES, f"size must be 1..{MAX_BYTES}, not {self.size!r}")
+        _check(self.kind in KINDS, f"kind must be one of {KINDS}, not {echo(self.kind)}")
+        _check(self.memory in MEMORY_TYPES, f"memory must be one of {MEMORY_TYPES}, not {echo(self.memory)}")
+        _check(_is_int(self.size) and 0 < self.size <= MAX_BYTES, f"size must be 1..{MAX_BYTES}, not {echo(self.size)}")
         for name in ("width", "height", "mip_levels", "array_size", "usage"):
             _check(_is_int(getattr(self, name)), f"{name} must be an integer")
         _check(isinstance(self.backend, str) and len(self.backend) <= 32, "backend must be a short string")
@@ -196,12 +196,12 @@ class Descriptor:
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
-            raise InvalidDescriptor(f"unknown descriptor fields: {sorted(map(str, unknown))}")
+            raise InvalidDescriptor(f"unknown descriptor fields: {', '.join(echo(k) for k in sorted(map(str, unknown))[:4])}")
         try:
             planes = tuple(tuple(p) for p in data.get("planes", ()))
             desc = cls(**{**data, "planes": planes})
         except TypeError as e:
-            raise InvalidDescriptor(f"malformed descriptor: {e}") from None
+            raise InvalidDescriptor(f"malformed descriptor: {echo(str(e))}") from None
         return desc if validated else desc.validate()
 
     def with_(self, **changes: Any) -> "Descriptor":

@@ -6,6 +6,9 @@ exception class on the client, so a broker-side refusal reads exactly like a loc
 
 from __future__ import annotations
 
+MAX_ECHO = 40  # characters of a peer's value quoted back in an error: an echo must never make a reply too large
+MAX_MESSAGE = 1024  # characters of an error message on the wire
+
 
 class TexbridgeError(Exception):
     """Base class: catch this to catch anything texbridge raises."""
@@ -83,7 +86,8 @@ class NameInUse(TexbridgeError):
 
 
 class QuotaExceeded(TexbridgeError):
-    """This client has reached its limit of resources, bytes or names."""
+    """A limit was reached: this client's resources, bytes, names or connections, or a resource's names or
+    metadata size."""
 
     code = "quota_exceeded"
 
@@ -92,6 +96,12 @@ class SenderNotFound(NotFound):
     """No live sender has this name (Receiver(name, require_sender=True), `texbridge view NAME --timeout`)."""
 
     code = "sender_not_found"
+
+
+class BrokerBusy(TexbridgeError):
+    """The broker is out of file descriptors for now: it refused this connection or request; retry later."""
+
+    code = "busy"
 
 
 class BrokerUnavailable(TexbridgeError):
@@ -157,7 +167,8 @@ class KeyedMutexAbandoned(TexbridgeError):
 _BY_CODE = {
     cls.code: cls
     for cls in (
-        TexbridgeError, NotFound, AccessDenied, InvalidDescriptor, NameInUse, QuotaExceeded, BrokerUnavailable,
+        TexbridgeError, NotFound, AccessDenied, InvalidDescriptor, NameInUse, QuotaExceeded, BrokerBusy,
+        BrokerUnavailable,
         ClosedError, BrokenError, BackendError, IncompatibleDevice, TexbridgeTimeout, WouldBlock,
     )
 }
@@ -167,3 +178,12 @@ _BY_CODE["protocol"] = RemoteProtocolError
 def error_from_code(code: str, message: str) -> TexbridgeError:
     """The exception a client raises for an error reply; unknown codes (a newer broker) map to TexbridgeError."""
     return _BY_CODE.get(code, TexbridgeError)(message)
+
+
+def echo(value: object) -> str:
+    """A peer's value quoted in an error message: its repr, cut to MAX_ECHO characters, so no echo can make a
+    reply larger than a frame (and no log line larger than a line)."""
+    if isinstance(value, (list, tuple, dict)):  # never repr a container: it may be huge or nested thousands deep
+        return f"<{type(value).__name__} of {len(value)}>"
+    text = repr(value[:MAX_ECHO] if isinstance(value, (bytes, str)) else value)
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 3] + "..."

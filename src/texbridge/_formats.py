@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._errors import InvalidDescriptor
+from ._errors import InvalidDescriptor, echo
 
 
 def _fourcc(code: str) -> int:
@@ -76,7 +76,7 @@ def get_format(name: str) -> Format:
     try:
         return FORMATS[name]
     except (KeyError, TypeError):
-        raise InvalidDescriptor(f"unknown format {name!r}; known: {', '.join(FORMATS)}") from None
+        raise InvalidDescriptor(f"unknown format {echo(name)}; known: {', '.join(FORMATS)}") from None
 
 
 def format_by_vk(vk: int) -> Format:

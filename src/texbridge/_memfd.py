@@ -99,6 +99,8 @@ class FdFacts:
     kind: str  # "memfd" (shmem with seals), "regular", "chardev", "anon", "socket", "directory", "fifo", "other"
     size: int = 0
     seals: int = 0
+    detail: str = ""  # anon: the inode's name ("eventfd", "dmabuf", "sync_file"...); chardev: the device path
+    major: int = -1  # chardev: the device major number
 
     @property
     def size_sealed(self) -> bool:
@@ -119,15 +121,17 @@ def inspect_fd(fd: int) -> FdFacts:
     if stat.S_ISFIFO(mode):
         return FdFacts("fifo")
     if stat.S_ISCHR(mode):
-        return FdFacts("chardev", st.st_size)
+        return FdFacts("chardev", st.st_size, detail=_fd_link(fd), major=os.major(st.st_rdev))
     if stat.S_ISREG(mode):
         try:
             seals = fcntl.fcntl(fd, F_GET_SEALS)
         except OSError:
             return FdFacts("regular", st.st_size)
         return FdFacts("memfd", st.st_size, seals)
-    if stat.S_IFMT(mode) == 0:
-        return FdFacts("anon", st.st_size)  # anon inodes (dma-buf, sync files, some driver fds)
+    if stat.S_IFMT(mode) == 0:  # anon inodes: dma-buf, sync files, driver fds, but also eventfd, epoll, pidfd...
+        link = _fd_link(fd)
+        name = link.split(":", 1)[1] if link.startswith("anon_inode:") else link.strip("/").split(":", 1)[0]
+        return FdFacts("anon", st.st_size, detail=name.strip("[]"))
     return FdFacts("other", st.st_size)
 
 
@@ -158,3 +162,9 @@ def _libc():
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
+def _fd_link(fd: int) -> str:
+    """What /proc says the fd is ("anon_inode:[eventfd]", "/dmabuf:", "/dev/null"); "" where /proc is missing."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")[:200]
+    except OSError:
+        return ""

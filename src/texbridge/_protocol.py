@@ -21,12 +21,13 @@ from typing import Any
 import msgpack
 
 from ._descriptor import MAX_FDS
-from ._errors import LocalProtocolError, RemoteProtocolError
+from ._errors import LocalProtocolError, RemoteProtocolError, echo
 
 VERSION = 1
 MAX_FRAME = 64 * 1024
 MAX_REQUEST_ID = (1 << 63) - 1
 MAX_NAME = 128
+MAX_DEPTH = 16  # nesting of maps/lists inside a request's map fields (descriptor, meta): deeper is refused
 
 
 class Op(str, enum.Enum):
@@ -121,17 +122,17 @@ def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
     if not (isinstance(obj, list) and len(obj) == 5):
         raise RemoteProtocolError("a frame is [version, request_id, op, fields, nfds]")
     version, request_id, op_name, fields, declared = obj
-    if version != VERSION:
-        raise RemoteProtocolError(f"protocol version {version!r} is not supported (this side speaks {VERSION})")
+    if not (_is_int(version) and version == VERSION):  # exact types: True == 1 == 1.0 in Python, not on the wire
+        raise RemoteProtocolError(f"protocol version {echo(version)} is not supported (this side speaks {VERSION})")
     if not (_is_int(request_id) and 0 <= request_id <= MAX_REQUEST_ID):
-        raise RemoteProtocolError(f"bad request id {request_id!r}")
+        raise RemoteProtocolError(f"bad request id {echo(request_id)}")
     op = _OPS.get(op_name) if isinstance(op_name, str) else None
     if op is None:
-        raise RemoteProtocolError(f"unknown op {op_name!r}")
+        raise RemoteProtocolError(f"unknown op {echo(op_name)}")
     if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
         raise RemoteProtocolError("fields must be a map with string keys")
-    if declared != nfds:
-        raise RemoteProtocolError(f"{op.value} declares {declared!r} fds but {nfds} arrived")
+    if not (_is_int(declared) and declared == nfds):
+        raise RemoteProtocolError(f"{op.value} declares {echo(declared)} fds but {nfds} arrived")
     lo, hi = FD_LIMITS.get(op, (0, 0))
     if not lo <= nfds <= hi:
         raise RemoteProtocolError(f"{op.value} carries {lo}..{hi} fds, not {nfds}")
@@ -156,12 +157,14 @@ def _check_schema(op: Op, fields: dict[str, Any]) -> None:
     for key, value in fields.items():
         spec = schema.get(key)
         if spec is None:
-            raise RemoteProtocolError(f"{op.value}: unknown field {key!r}")
+            raise RemoteProtocolError(f"{op.value}: unknown field {echo(key)}")
         typ = spec[0]
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise RemoteProtocolError(f"{op.value}: field {key!r} must be {typ.__name__}")
         if typ is str and len(value) > MAX_NAME * 8:
             raise RemoteProtocolError(f"{op.value}: field {key!r} is too long")
+        if typ is dict and not _shallow(value, MAX_DEPTH):
+            raise RemoteProtocolError(f"{op.value}: field {key!r} nests deeper than {MAX_DEPTH} levels")
     missing = [k for k, (_, required) in schema.items() if required and k not in fields]
     if missing:
         raise RemoteProtocolError(f"{op.value}: missing field(s) {', '.join(missing)}")
@@ -171,6 +174,23 @@ def _check_schema(op: Op, fields: dict[str, Any]) -> None:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _shallow(obj: object, limit: int) -> bool:
+    """True when maps and lists nest at most `limit` deep (iterative: a deep value must not blow the C stack)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    return True
 
 
 class Connection:

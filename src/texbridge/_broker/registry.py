@@ -18,6 +18,7 @@ session id back, so keyed mutexes that record their owner by session id keep mea
 
 from __future__ import annotations
 
+import collections
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -26,19 +27,32 @@ from typing import Any, Callable, Iterable
 import msgpack
 
 from .._descriptor import Descriptor, Handle
-from .._errors import (AccessDenied, InvalidDescriptor, NameInUse, NotFound, QuotaExceeded, RemoteProtocolError,
-                       TexbridgeError)
+from .._errors import (MAX_MESSAGE, AccessDenied, InvalidDescriptor, NameInUse, NotFound, QuotaExceeded,
+                       RemoteProtocolError, TexbridgeError, echo)
 from .._memfd import FdFacts
-from .._protocol import MAX_NAME, Message, Op
+from .._protocol import MAX_FRAME, MAX_NAME, Message, Op
 
-LIST_PAGE = 200
+# Limits on what is stored, so that every reply and event built from it fits a frame (see docs/protocol.md):
+# an OPEN reply is descriptor + names + meta, an INFO reply summary + descriptor, a LIST page a byte budget.
+LIST_PAGE = 200  # summaries per LIST page at most...
+LIST_BUDGET = MAX_FRAME // 2  # ...and at most this many bytes of them (one summary always fits: it is < 12 KiB)
+MAX_META = 2048  # bytes of a resource's packed metadata (REGISTER, UPDATE)
 MAX_SESSION = (1 << 32) - 1  # keyed mutexes record their owner's session id in 32 bits
-MAX_META = 2048  # bytes of packed sender metadata; enforced by the server, which sees the frame
+MAX_DESCRIPTOR = 16 * 1024  # bytes of a packed descriptor (driver_private is a free-form map)
+MAX_NAMES = 16  # names one resource may be published under
+LAST_ERRORS = 8  # error replies remembered for STATS (`broker status`)
+
+# Fds that can never be GPU memory or a GPU semaphore, however they are labelled: anon-inode kinds (the name
+# /proc/self/fd shows) and character-device majors (mem: /dev/null, /dev/zero...; ttys; misc: kvm, fuse, tun...).
+# Refusal is by known-bad kind: drivers export memory as memfds (lavapipe), dma-bufs, or device fds (NVIDIA).
+BAD_ANON = frozenset({"eventfd", "eventpoll", "pidfd", "signalfd", "timerfd", "inotify", "fanotify", "userfaultfd",
+                      "io_uring", "perf_event", "bpf-map", "bpf-prog", "bpf_link", "fscontext", "memfd_secret"})
+BAD_CHAR_MAJORS = frozenset({1, 4, 5, 7, 10, 13} | set(range(136, 144)))
 
 
 @dataclass(frozen=True)
 class Quotas:
-    resources: int = 1_000_000  # distinct resources a client may reference at once
+    resources: int = 65536  # distinct resources a client may reference at once: far below any fd budget
     bytes: int = 1 << 40  # bytes of resources a client may register
     names: int = 4096  # names a client may publish
 
@@ -106,7 +120,15 @@ class Effects:
         self.out.append(Outgoing(client, Message(Op.REPLY, request_id, fields, len(fds)), fds))
 
     def error(self, client: int, request_id: int, exc: TexbridgeError) -> None:
-        self.out.append(Outgoing(client, Message(Op.ERROR, request_id, {"code": exc.code, "message": str(exc)})))
+        self.out.append(Outgoing(client, error_message(request_id, exc)))
+
+
+def error_message(request_id: int, exc: TexbridgeError) -> Message:
+    """The ERROR frame for `exc`: the message is cut to MAX_MESSAGE characters, so an error reply always fits."""
+    text = str(exc)
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE - 3] + "..."
+    return Message(Op.ERROR, request_id, {"code": exc.code, "message": text})
 
 
 class Registry:
@@ -127,6 +149,8 @@ class Registry:
         self.clients: dict[int, Client] = {}
         self.watchers: set[int] = set()  # client ids: events cost nothing when nobody watches
         self.counters = {"requests": 0, "errors": 0, "registered": 0, "opened": 0, "retired": 0}
+        self.error_codes: collections.Counter[str] = collections.Counter()
+        self.last_errors: collections.deque[list] = collections.deque(maxlen=LAST_ERRORS)
 
     # -- connection lifecycle -------------------------------------------------------------------------------------
     def connect(self, client_id: int, pid: int, uid: int) -> None:
@@ -199,11 +223,18 @@ class Registry:
             if not kept:
                 fx.close.extend(fd for fd, _ in fd_list)
         except TexbridgeError as e:
-            self.counters["errors"] += 1
+            self.count_error(e, msg.op.value, client_id)
             fx.close.extend(fd for fd, _ in fd_list)
             if not msg.fields.get("quiet"):
                 fx.error(client_id, msg.request_id, e)
         return fx
+
+    def count_error(self, exc: TexbridgeError, op: str, client_id: int) -> None:
+        """Remember an error reply for STATS: a count per code and the last few (`broker status` shows them)."""
+        self.counters["errors"] += 1
+        self.error_codes[exc.code] += 1
+        client = self.clients.get(client_id)
+        self.last_errors.append([self.clock(), client.pid if client else 0, op, exc.code, str(exc)[:200]])
 
     def _op_hello(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
         client.name = msg.fields["name"][:MAX_NAME]
@@ -216,6 +247,11 @@ class Registry:
 
     def _op_register(self, client: Client, msg: Message, fds: list[tuple[int, FdFacts]], fx: Effects) -> bool:
         desc = Descriptor.from_wire(msg.fields["descriptor"])
+        packed = msgpack.packb(desc.to_wire(), use_bin_type=True)
+        if len(packed) > MAX_DESCRIPTOR:
+            raise InvalidDescriptor(f"the descriptor packs to {len(packed)} bytes; at most {MAX_DESCRIPTOR}")
+        meta = msg.fields.get("meta")
+        _check_meta(meta)
         if len(fds) != desc.nfds:
             raise InvalidDescriptor(f"descriptor needs {desc.nfds} fd(s), {len(fds)} arrived")
         self._check_memory(desc, fds[0][1])
@@ -230,11 +266,10 @@ class Registry:
             raise QuotaExceeded(f"client holds {len(client.refs)} resources (quota {self.quotas.resources})")
         if client.bytes + desc.size > self.quotas.bytes:
             raise QuotaExceeded(f"registering {desc.size} bytes exceeds the quota of {self.quotas.bytes}")
-        packed = msgpack.packb(desc.to_wire(), use_bin_type=True)
         handle = msg.fields.get("handle")
         if handle is not None:
             if not 1 <= handle < 1 << 64:
-                raise InvalidDescriptor(f"handles are 64-bit and non-zero, not {handle!r}")
+                raise InvalidDescriptor(f"handles are 64-bit and non-zero, not {echo(handle)}")
             rec = self.resources.get(handle)
             if rec is not None:
                 self._rejoin(client, rec, packed, [fd for fd, _ in fds], name, msg, fx)
@@ -245,7 +280,7 @@ class Registry:
                 handle = self._new_handle() or 1
         rec = Record(handle, packed, tuple(fd for fd, _ in fds),
                      client.pid, client.id, desc.size, desc.keyed_mutex or desc.kind == "keyed_mutex",
-                     sys.intern(desc.kind), meta=msg.fields.get("meta"))
+                     sys.intern(desc.kind), meta=meta)
         self.resources[handle] = rec
         client.refs[handle] = 1
         client.bytes += desc.size
@@ -264,6 +299,9 @@ class Registry:
                 not all(self.same_file(mine, theirs) for mine, theirs in zip(rec.fds, fds)):
             raise AccessDenied(f"{_fmt(rec.handle)} is registered with other memory: only a holder of its fds may "
                                f"re-attach to it")
+        if name is not None and len(rec.names) >= MAX_NAMES:
+            raise QuotaExceeded(f"{_fmt(rec.handle)} is already published under {len(rec.names)} names (at most "
+                                f"{MAX_NAMES})")
         client.refs[rec.handle] = client.refs.get(rec.handle, 0) + 1
         rec.refs += 1
         if msg.fields.get("meta") is not None and msg.fields["meta"] != rec.meta:
@@ -302,6 +340,9 @@ class Registry:
         if handle not in client.refs:
             raise AccessDenied(f"only a holder of {_fmt(handle)} may publish it")
         self._check_name(client, name)
+        if len(rec.names) >= MAX_NAMES:
+            raise QuotaExceeded(f"{_fmt(handle)} is already published under {len(rec.names)} names (at most "
+                                f"{MAX_NAMES})")
         self._publish(client, rec, name, fx)
         fx.reply(client.id, msg.request_id)
         return False
@@ -309,15 +350,16 @@ class Registry:
     def _op_unpublish(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
         name = msg.fields["name"]
         if name not in self.names:
-            raise NotFound(f"no resource is published as {name!r}")
+            raise NotFound(f"no resource is published as {echo(name)}")
         if name not in client.names:
-            raise AccessDenied(f"{name!r} was published by another client")
+            raise AccessDenied(f"{echo(name)} was published by another client")
         self._unpublish(name, fx)
         fx.reply(client.id, msg.request_id)
         return False
 
     def _op_update(self, client: Client, msg: Message, fds: list, fx: Effects) -> bool:
         rec = self._held(client, msg.fields["handle"])
+        _check_meta(msg.fields["meta"])
         rec.meta = msg.fields["meta"]
         self._event(fx, "updated", handle=rec.handle, names=list(rec.names), meta=rec.meta)
         fx.reply(client.id, msg.request_id)
@@ -328,7 +370,13 @@ class Registry:
         limit = min(LIST_PAGE, max(1, msg.fields.get("limit", LIST_PAGE)))
         kind = msg.fields.get("kind")
         recs = [r for r in self.resources.values() if kind is None or r.kind == kind]
-        page = [self.summary(r) for r in recs[offset:offset + limit]]
+        page, used = [], 0
+        for r in recs[offset:offset + limit]:  # a page ends at LIST_PAGE entries or LIST_BUDGET bytes
+            summary = self.summary(r)
+            used += len(msgpack.packb(summary, use_bin_type=True))
+            if page and used > LIST_BUDGET:
+                break
+            page.append(summary)
         fx.reply(client.id, msg.request_id, resources=page, total=len(recs))
         return False
 
@@ -364,10 +412,11 @@ class Registry:
         return False  # the server hangs up after sending the reply, which drops everything
 
     # -- queries ----------------------------------------------------------------------------------------------------
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return {"clients": len(self.clients), "resources": len(self.resources), "names": len(self.names),
                 "bytes": sum(r.size for r in self.resources.values()),
-                "fds": sum(len(r.fds) for r in self.resources.values()), **self.counters}
+                "fds": sum(len(r.fds) for r in self.resources.values()), **self.counters,
+                "error_codes": dict(self.error_codes), "last_errors": list(self.last_errors), "clock": self.clock()}
 
     def summary(self, rec: Record) -> dict[str, Any]:
         d = rec.descriptor
@@ -391,7 +440,7 @@ class Registry:
         if "name" in fields:
             handle = self.names.get(fields["name"])
             if handle is None:
-                raise NotFound(f"no resource is published as {fields['name']!r} in namespace {self.namespace!r}")
+                raise NotFound(f"no resource is published as {echo(fields['name'])} in namespace {self.namespace!r}")
         else:
             handle = fields["handle"]
         rec = self.resources.get(handle)
@@ -415,6 +464,9 @@ class Registry:
     def _check_not_plumbing(facts: FdFacts, what: str) -> None:
         if facts.kind in ("socket", "directory", "fifo", "other", "regular"):
             raise InvalidDescriptor(f"the {what} fd is a {facts.kind}")
+        if (facts.kind == "anon" and facts.detail in BAD_ANON) or (
+                facts.kind == "chardev" and facts.major in BAD_CHAR_MAJORS):
+            raise InvalidDescriptor(f"the {what} fd is a {facts.kind} ({facts.detail}): never GPU memory")
 
     @staticmethod
     def _check_mutex_state(facts: FdFacts) -> None:
@@ -428,7 +480,7 @@ class Registry:
         if Handle.claims_to_be(name):
             raise InvalidDescriptor(f"{name!r}: names cannot start with 'tb:', the prefix of handles")
         if name in self.names:
-            raise NameInUse(f"{name!r} is already published in namespace {self.namespace!r}")
+            raise NameInUse(f"{echo(name)} is already published in namespace {self.namespace!r}")
         if len(client.names) >= self.quotas.names:
             raise QuotaExceeded(f"client published {len(client.names)} names (quota {self.quotas.names})")
 
@@ -471,6 +523,11 @@ class Registry:
             return
         msg = Message(Op.EVENT, 0, {"event": event, **fields})
         fx.out.extend(Outgoing(cid, msg) for cid in sorted(self.watchers))
+
+
+def _check_meta(meta: dict[str, Any] | None) -> None:
+    if meta is not None and len(msgpack.packb(meta, use_bin_type=True)) > MAX_META:
+        raise QuotaExceeded(f"metadata is limited to {MAX_META} bytes (packed)")
 
 
 def _has_mutex(rec: Record) -> bool:
