@@ -387,10 +387,23 @@ def broker_status(namespace: str | None) -> None:
     for key in ("clients", "resources", "names", "bytes", "fds"):
         if key in stats:
             table.add_row(key, f"{stats[key]:,}" + (f" ({_bytes(stats[key])})" if key == "bytes" else ""))
+    codes, last = stats.pop("error_codes", None) or {}, stats.pop("last_errors", None) or []
+    now = stats.pop("clock", None)
     for key, value in stats.items():
         if key not in ("clients", "resources", "names", "bytes", "fds"):
-            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+            text = f"{value:,}" if isinstance(value, int) else str(value)
+            if key == "errors" and codes:  # say what they were: a bare count explains nothing
+                text += " (" + ", ".join(f"{c} {n:,}" for c, n in sorted(codes.items(), key=lambda kv: -kv[1])) + ")"
+            table.add_row(key, escape(text))
     console.print(table)
+    if last:
+        errors = Table(title="last errors", show_header=True)
+        for column in ("age", "pid", "op", "code", "message"):
+            errors.add_column(column)
+        for when, pid_, op, code, message in last[::-1]:
+            age = f"{now - when:.0f} s" if isinstance(now, (int, float)) else ""
+            errors.add_row(age, str(pid_), escape(str(op)), escape(str(code)), escape(str(message)))
+        console.print(errors)
 
 
 # -- doctor ---------------------------------------------------------------------------------------------------------
