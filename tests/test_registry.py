@@ -403,3 +403,13 @@ def test_stats_say_what_the_errors_were():
     for i in range(20):
         w.call(1, Op.CLOSE, handle=i + 1)
     assert len(w.ok(w.call(1, Op.STATS))["last_errors"]) == LAST_ERRORS
+
+
+@pytest.mark.parametrize("facts", [FdFacts("memfd", 8192, SEALED), FdFacts("memfd", 4096, 0), FdFacts("anon", 4096)])
+def test_keyed_mutex_kind_needs_a_real_state_memfd(facts):
+    """The broker maps a keyed_mutex resource's fd to abandon a dead owner: it must be exactly a sealed state page."""
+    w = World()
+    w.connect(1)
+    desc = Descriptor(kind="keyed_mutex", size=4096, memory="opaque_fd").to_wire()
+    w.err(w.register(1, facts, desc=desc)[1], "invalid_descriptor")
+    w.ok(w.register(1, FdFacts("memfd", 4096, SEALED), desc=desc)[1])

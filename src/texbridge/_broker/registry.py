@@ -255,7 +255,7 @@ class Registry:
         if len(fds) != desc.nfds:
             raise InvalidDescriptor(f"descriptor needs {desc.nfds} fd(s), {len(fds)} arrived")
         self._check_memory(desc, fds[0][1])
-        if desc.keyed_mutex and desc.kind != "keyed_mutex":
+        if desc.keyed_mutex or desc.kind == "keyed_mutex":  # the broker maps it to abandon a dead owner's mutex
             self._check_mutex_state(fds[-1][1])
         if desc.gpu_sync:
             self._check_not_plumbing(fds[1][1], "GPU semaphore")
@@ -471,8 +471,9 @@ class Registry:
     @staticmethod
     def _check_mutex_state(facts: FdFacts) -> None:
         from .._descriptor import KEYED_MUTEX_STATE_SIZE
-        if not (facts.size_sealed and facts.size >= KEYED_MUTEX_STATE_SIZE):
-            raise InvalidDescriptor("the keyed mutex state must be a size-sealed memfd of at least one page")
+        if not (facts.size_sealed and facts.size == KEYED_MUTEX_STATE_SIZE):
+            raise InvalidDescriptor(f"the keyed mutex state must be a size-sealed memfd of {KEYED_MUTEX_STATE_SIZE} "
+                                    f"bytes")
 
     def _check_name(self, client: Client, name: str) -> None:
         if not name or len(name) > MAX_NAME or not name.isprintable():
