@@ -16,7 +16,7 @@ def test_memfd_import_closes_the_gpu_sync_fd(session):
     pitch, size = texture_layout(8, 8, "rgba8")
     desc = Descriptor(kind="texture2d", size=size, width=8, height=8, format="rgba8", planes=((0, pitch),),
                       gpu_sync="timeline_opaque_fd").validate()
-    mem, sem = create_sealed("leak-test", size), os.eventfd(0)
+    mem, sem = create_sealed("leak-test", size), create_sealed("semaphore-stand-in", 4096)  # (an eventfd is refused)
     try:
         fields, _ = session._channel.request(Op.REGISTER, {"descriptor": desc.to_wire()}, [mem, sem])
     finally:

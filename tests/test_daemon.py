@@ -109,14 +109,17 @@ def _fd_of(pid: int, path) -> int:
 
 
 # A broker whose serve() fails after clients registered memory: the daemon's exit paths run with the memfds open.
-# (Fault injection in a real broker process: the third connection makes accept() raise.)
+# (Fault injection in a real broker process: the third connection makes accept() raise. A BaseException, because
+# the server loop survives any Exception: a bug there costs a request or a session, never the broker.)
 FAILING_BROKER = """
 import sys
 from texbridge._broker import daemon, server
+class InjectedFailure(BaseException):
+    pass
 accept = server.BrokerServer._accept
 def failing_accept(self):
     if self._next_id > 2:
-        raise RuntimeError("injected broker failure")
+        raise InjectedFailure("injected broker failure")
     accept(self)
 server.BrokerServer._accept = failing_accept
 sys.exit(daemon.main(["--daemon"]))

@@ -466,7 +466,7 @@ class Registry:
             raise InvalidDescriptor(f"the {what} fd is a {facts.kind}")
         if (facts.kind == "anon" and facts.detail in BAD_ANON) or (
                 facts.kind == "chardev" and facts.major in BAD_CHAR_MAJORS):
-            raise InvalidDescriptor(f"the {what} fd is a {facts.kind} ({facts.detail}): never GPU memory")
+            raise InvalidDescriptor(f"the {what} fd is a {facts.kind} ({facts.detail}), which no GPU API exports")
 
     @staticmethod
     def _check_mutex_state(facts: FdFacts) -> None:
