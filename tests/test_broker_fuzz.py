@@ -386,11 +386,34 @@ envelopes = st.tuples(st.one_of(st.just(VERSION), values), st.one_of(st.integers
                       st.one_of(st.just(0), values))
 
 
+@pytest.fixture
+def hyp_conn(session):
+    """One connection shared by the examples of a hypothesis test (reopened after a hang-up), closed at the end."""
+    holder: dict = {}
+
+    def get():
+        if holder.get("sock") is None:
+            sock = raw_socket()
+            sock.settimeout(10)
+            send_frame(sock, msgpack.packb([VERSION, 1, "hello", {"version": VERSION, "name": "hyp", "pid": 1}, 0]))
+            assert msgpack.unpackb(recv_frame(sock)[0])[2] == "reply"
+            holder["sock"] = sock
+        return holder["sock"]
+
+    def hung_up():
+        holder.pop("sock").close()
+
+    yield get, hung_up
+    if holder.get("sock") is not None:
+        holder["sock"].close()
+
+
 @settings(max_examples=int(os.environ.get("TEXBRIDGE_FUZZ_EXAMPLES", "400")),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(envelope=envelopes)
-def test_hypothesis_frames_get_a_bounded_answer(session, envelope):
-    sock = _hyp_socket(session)
+def test_hypothesis_frames_get_a_bounded_answer(session, hyp_conn, envelope):
+    get, hung_up = hyp_conn
+    sock = get()
     send_frame(sock, msgpack.packb(list(envelope)))
     data, fds, truncated = recv_frame(sock)
     for fd in fds:
@@ -402,22 +425,5 @@ def test_hypothesis_frames_get_a_bounded_answer(session, envelope):
         if reply[2] == "error":
             assert len(reply[3]["message"]) <= 1024
     if not data or envelope[2] == "bye":
-        _hyp.pop(session.broker_pid).close()  # hung up on (bye): the next example connects again
+        hung_up()  # the broker hung up (bye): the next example connects again
     assert session.stats()["clients"] >= 1
-
-
-_hyp: dict = {}
-
-
-def _hyp_socket(session):
-    sock = _hyp.get(session.broker_pid)
-    if sock is None:
-        for old in _hyp.values():
-            old.close()
-        _hyp.clear()
-        sock = raw_socket()
-        sock.settimeout(10)
-        send_frame(sock, msgpack.packb([VERSION, 1, "hello", {"version": VERSION, "name": "hyp", "pid": 1}, 0]))
-        recv_frame(sock)
-        _hyp[session.broker_pid] = sock
-    return sock

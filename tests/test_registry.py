@@ -413,3 +413,18 @@ def test_keyed_mutex_kind_needs_a_real_state_memfd(facts):
     desc = Descriptor(kind="keyed_mutex", size=4096, memory="opaque_fd").to_wire()
     w.err(w.register(1, facts, desc=desc)[1], "invalid_descriptor")
     w.ok(w.register(1, FdFacts("memfd", 4096, SEALED), desc=desc)[1])
+
+
+def test_default_resource_quota_is_enforced():
+    """A client may not reference more resources than the default quota, far below any fd budget (each resource is
+    an fd in the broker or a keeper): one client cannot take the broker's capacity for itself."""
+    w = World()
+    w.connect(1)
+    limit = Quotas().resources
+    assert limit <= 65536
+    buf = Descriptor(kind="buffer", size=4096).to_wire()
+    facts = FdFacts("memfd", 4096, SEALED)
+    for _ in range(limit):
+        w.reg.handle(1, Message(Op.REGISTER, 1, {"descriptor": buf}, 1), [(next(w.fd), facts)])
+    assert len(w.reg.clients[1].refs) == limit
+    w.err(w.register(1, facts, desc=buf)[1], "quota_exceeded")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from .._errors import (AccessDenied, BrokerBusy, LocalProtocolError, NotFound, QuotaExceeded, RemoteProtocolError,
                        TexbridgeError)
 from .._memfd import inspect_fd, same_file
-from .._protocol import Connection, Message, Op, State, peek_request_id
+from .._protocol import MAX_FRAME, Connection, Message, Op, State, peek_request_id
 from .._unix import close_fds as _close_all
 from .._unix import SPIN_SECONDS, recv_frame, send_frame
 from ._keeper import raise_fd_limit  # noqa: F401  (re-exported: the daemon and benchmarks use it from here)
@@ -319,7 +319,7 @@ class BrokerServer:
             if not isinstance(e, RemoteProtocolError):
                 self._throttle("decode", logging.ERROR, "internal error decoding a frame", exc_info=True)
                 e = RemoteProtocolError(f"undecodable frame ({type(e).__name__})")
-            if truncated and _out_of_fds():
+            if truncated and len(data) <= MAX_FRAME and _out_of_fds():  # fds cut, not data: count ours (O(fds))
                 e = BrokerBusy("the broker is out of file descriptors (RLIMIT_NOFILE): the fds of this "
                                "message were dropped; close resources or raise the broker's limit")
             self.registry.count_error(e, "?", peer.id)
