@@ -8,6 +8,7 @@ starting at once is fine: the broker's lock lets exactly one win.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import threading
 import time
 
 from .._errors import AccessDenied, BrokerUnavailable
-from .._paths import ensure_runtime_dir, namespace_name, socket_path
+from .._paths import ensure_runtime_dir, lock_path, namespace_name, socket_path
 
 _RETRYABLE = (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
 
@@ -46,16 +47,34 @@ def connect_socket(namespace: str | None = None, *, autostart: bool = True, time
         if launcher is None:
             # Not waited for: when many clients lose their broker at once (it died), one launcher wins and the
             # others take a whole interpreter start-up to learn they lost; connecting to the winner meanwhile is
-            # what makes re-attaching fast.
-            launcher = _launch(ns)
+            # what makes re-attaching fast. And none at all while a broker holds the lock (it is starting up).
+            if not _lock_held(ns):
+                launcher = _launch(ns)
         elif launcher.poll() not in (None, 0, 3):
             raise BrokerUnavailable(f"the broker for namespace {ns!r} failed to start (exit {launcher.returncode}); "
                                     f"run `{sys.executable} -m texbridge._broker --namespace {ns}` to see why")
         if time.monotonic() > deadline:
-            _reap(launcher)
+            if launcher is not None:
+                _reap(launcher)
             raise BrokerUnavailable(f"the broker for namespace {ns!r} did not come up within {timeout:.0f}s")
         time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, 0.02)
+
+
+def _lock_held(ns: str) -> bool:
+    """Whether a broker holds the namespace's lock (running, or starting and about to listen). A shared lock taken
+    and dropped at once: a daemon that loses its own start to it exits 3, but then this caller launches one."""
+    try:
+        fd = os.open(lock_path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock, if taken
+    return False
 
 
 def _reap(proc: subprocess.Popen) -> None:
