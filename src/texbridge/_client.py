@@ -209,7 +209,7 @@ class Session:
 
     Closing the session drops every reference it holds, exactly as if the process had died: resources others still
     hold live on, the rest are freed by the broker. If the broker itself dies, the session re-attaches everything it
-    holds to a new one, under the same handles and names.
+    holds to a new one, under the same handles and names (`reattached` counts how often; `broker_pid` follows).
     """
 
     def __init__(self, namespace: str | None = None, *, app_name: str | None = None, autostart: bool = True,
