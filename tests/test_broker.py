@@ -670,3 +670,26 @@ def test_a_broker_bug_costs_one_session_never_the_broker(tmp_path):
     finally:
         broker.kill()
         broker.wait()
+
+
+def test_names_and_meta_stay_within_what_replies_and_events_can_carry(session):
+    """Hundreds of names once made OPEN's reply, and a large UPDATE the watchers' events, exceed a frame."""
+    from texbridge._broker.registry import MAX_META, MAX_NAMES
+    t = session.create_texture(8, 8, name="n-0")
+    for i in range(1, MAX_NAMES):
+        session.publish(t.handle, f"n-{i}" + "\U0001F600" * 100)
+    with pytest.raises(texbridge.QuotaExceeded, match="names"):
+        session.publish(t.handle, "one-too-many")
+    with session.watch() as events:
+        session.update(t.handle, {"m": "x" * (MAX_META - 16)})  # the largest meta allowed reaches the watcher
+        seen = []
+        while "updated" not in seen:
+            ev = events.next(timeout=5)
+            assert ev is not None
+            seen.append(ev.kind)
+        with pytest.raises(texbridge.QuotaExceeded):
+            session.update(t.handle, {"m": "x" * MAX_META})
+    with session.open("n-0") as r:  # OPEN carries every name and the meta
+        assert r.descriptor.width == 8
+    assert len(session.info(t.handle)["names"]) == MAX_NAMES
+    t.close()
