@@ -279,8 +279,28 @@ class Conn:
                 return
 
 
+def pre_hello(fuzzer: Fuzzer, stats: dict) -> None:
+    sock = raw_socket()
+    sock.settimeout(10)
+    try:
+        data, fds = fuzzer.frame()
+        send_frame(sock, data, fds)
+        stats["frames"] += 1
+        stats["pre_hello"] += 1
+        reply, rfds, truncated = recv_frame(sock)
+        for fd in rfds:
+            os.close(fd)
+        assert not truncated and len(reply) <= MAX_FRAME
+        if reply:  # hello itself may succeed (a hostile but valid one); anything else is an error reply
+            assert msgpack.unpackb(reply, strict_map_key=False)[2] in ("error", "reply")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+
+
 def fuzz(n_frames: int, seed: int, fds: WrongFds, targets: dict, broker: int) -> dict:
-    stats = {"frames": 0, "replies": 0, "reconnects": 0, "largest_reply": 0, "broker_fds_peak": 0}
+    stats = {"frames": 0, "replies": 0, "reconnects": 0, "largest_reply": 0, "broker_fds_peak": 0, "pre_hello": 0}
     fuzzer = Fuzzer(seed, fds, targets)
     conns = [Conn(stats) for _ in range(CONNECTIONS)]
     t0 = time.perf_counter()
@@ -291,6 +311,8 @@ def fuzz(n_frames: int, seed: int, fds: WrongFds, targets: dict, broker: int) ->
             if ok:
                 c.drain()
         rounds += 1
+        if rounds % 4 == 0:  # a frame before HELLO, on a fresh connection: answered (an error) and hung up on
+            pre_hello(fuzzer, stats)
         if rounds % 25 == 0:
             stats["broker_fds_peak"] = max(stats["broker_fds_peak"], fd_count(broker))
     stats["seconds"] = time.perf_counter() - t0
@@ -339,7 +361,8 @@ def campaign(session, arena: Arena, n_frames: int, seed: int, label: str) -> dic
     with open(f"/proc/{broker}/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
     print(f"\n[{label}] {stats['frames']:,} frames in {stats['seconds']:.1f} s "
-          f"({stats['frames'] / stats['seconds']:,.0f}/s) on {CONNECTIONS} connections, {stats['replies']:,} "
+          f"({stats['frames'] / stats['seconds']:,.0f}/s) on {CONNECTIONS} connections (+{stats['pre_hello']:,} "
+          f"frames before a HELLO), {stats['replies']:,} "
           f"replies (largest {stats['largest_reply']:,} B), {stats['reconnects']} reconnects; broker fds "
           f"{arena.baseline} before and after (peak {stats['broker_fds_peak']} during), RSS {rss // 1024} MiB; errors by code {session.stats()['error_codes']}")
     return stats
