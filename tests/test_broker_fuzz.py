@@ -364,7 +364,8 @@ def campaign(session, arena: Arena, n_frames: int, seed: int, label: str) -> dic
           f"({stats['frames'] / stats['seconds']:,.0f}/s) on {CONNECTIONS} connections (+{stats['pre_hello']:,} "
           f"frames before a HELLO), {stats['replies']:,} "
           f"replies (largest {stats['largest_reply']:,} B), {stats['reconnects']} reconnects; broker fds "
-          f"{arena.baseline} before and after (peak {stats['broker_fds_peak']} during), RSS {rss // 1024} MiB; errors by code {session.stats()['error_codes']}")
+          f"{arena.baseline} before and after (peak {stats['broker_fds_peak']} during), RSS {rss // 1024} MiB; "
+          f"errors by code {session.stats()['error_codes']}")
     return stats
 
 
