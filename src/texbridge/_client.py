@@ -31,8 +31,8 @@ import msgpack
 
 from ._broker.launch import connect_socket
 from ._descriptor import Descriptor, Handle, Usage
-from ._errors import (BrokenError, ClosedError, InvalidDescriptor, NameInUse, RemoteProtocolError, TexbridgeError,
-                      error_from_code)
+from ._errors import (BrokenError, BrokerUnavailable, ClosedError, InvalidDescriptor, NameInUse, RemoteProtocolError,
+                      TexbridgeError, error_from_code)
 from ._paths import namespace_name
 from ._protocol import VERSION, Connection, Message, Op
 from ._resources import Resource
@@ -79,7 +79,16 @@ class _Channel:
             self.sock = connect_socket(namespace, autostart=autostart, timeout=max(0.1, deadline - time.monotonic()))
             self.conn = Connection(broker_side=False)
             try:
-                self.hello = self.request(Op.HELLO, hello)[0]
+                # A broker that is stopped (SIGSTOP), wedged or never accepts still lets connect() succeed (the
+                # listen backlog takes it): only a deadline on the hello turns that into an error instead of a hang.
+                self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    self.hello = self.request(Op.HELLO, hello)[0]
+                except TimeoutError:
+                    raise BrokerUnavailable(f"the broker for namespace {namespace_name(namespace)!r} accepted the "
+                                            f"connection but did not answer within {timeout:g}s (stopped or "
+                                            f"wedged? `texbridge broker status`)") from None
+                self.sock.settimeout(None)
                 return
             except BrokenError:
                 self.close()
