@@ -513,3 +513,23 @@ def test_a_sender_without_autostart_comes_back_when_a_broker_does(runtime):
         finally:
             stop.set()
             sending.join(5)
+
+
+def test_a_receiver_follows_a_resize_made_after_the_restart(runtime):
+    """The ring a sender builds after the restart is registered with the new broker; the receiver attached before
+    the kill opens its slots there."""
+    import numpy as np
+
+    from texbridge.senders import Receiver, Sender
+
+    with Sender("resized", 32, 16) as tx, Receiver("resized") as rx:
+        tx.send(np.full(tx.shape, 1, np.uint8))
+        assert rx.wait_frame(5.0) is not None
+        old = tx._session.broker_pid
+        kill_broker()
+        assert wait_until(lambda: tx._session.reattached and rx._session.reattached, timeout=10)
+        assert tx._session.broker_pid != old
+        tx.resize(64, 8)
+        tx.send(np.full(tx.shape, 9, np.uint8))
+        frame = rx.wait_frame(10.0)
+        assert frame is not None and frame.shape == (8, 64, 4) and int(frame[0, 0, 0]) == 9
