@@ -533,3 +533,36 @@ def test_a_receiver_follows_a_resize_made_after_the_restart(runtime):
         tx.send(np.full(tx.shape, 9, np.uint8))
         frame = rx.wait_frame(10.0)
         assert frame is not None and frame.shape == (8, 64, 4) and int(frame[0, 0, 0]) == 9
+
+
+def test_ls_watch_follows_the_broker_across_a_restart(session):
+    """`texbridge ls --watch` says it reconnected and lists what the new broker holds (re-attached resources)."""
+    import subprocess
+
+    session.create_buffer(4096, name="listed-again")
+    watcher = subprocess.Popen([sys.executable, "-m", "texbridge._cli", "ls", "--watch"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    watchdog = __import__("threading").Timer(30, watcher.kill)  # a missing line must fail the test, not hang it
+    watchdog.start()
+    try:
+        lines = []
+        for line in watcher.stdout:
+            lines.append(line)
+            if "watching" in line:
+                break
+        kill_broker()
+        for line in watcher.stdout:
+            lines.append(line)
+            if "new broker" in line:
+                break
+        for line in watcher.stdout:  # the table follows its title
+            lines.append(line)
+            if "listed-again" in line:
+                break
+        text = "".join(lines)
+        assert "reconnected" in text and "listed-again" in text.split("new broker")[-1], text
+    finally:
+        watchdog.cancel()
+        watcher.kill()
+        watcher.wait(10)
+        watcher.stdout.close()

@@ -212,6 +212,11 @@ def ls(namespace: str | None, watch: bool) -> None:
             try:
                 for ev in stream:
                     console.print(_event_line(ev), soft_wrap=True)
+                    if ev.kind == "reconnected":  # a new broker: what it holds now, as events of the gap are lost
+                        resources = session.list()
+                        console.print(_resource_table(resources, f"namespace {session.namespace!r} (new broker "
+                                                                 f"pid {session.broker_pid}): {len(resources)} "
+                                                                 f"resource(s)"))
                     sys.stdout.flush()
             except KeyboardInterrupt:
                 pass
