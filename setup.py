@@ -1,11 +1,11 @@
-"""Builds the one compiled piece: the futex keyed-mutex core (texbridge._futex)."""
+"""Builds the one compiled piece: the keyed-mutex and seqlock core (texbridge._synccore)."""
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
         Extension(
-            "texbridge._futex",
-            sources=["src/texbridge/_futex.c"],
+            "texbridge._synccore",
+            sources=["src/texbridge/_synccore.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
         )
     ]

@@ -30,9 +30,9 @@ import texbridge
 from texbridge._broker.launch import start_broker
 from texbridge._broker.server import raise_fd_limit
 from texbridge._descriptor import Descriptor
-from texbridge._memfd import create_sealed
+from texbridge._sharedmem import create_sealed
 from texbridge._protocol import Message, Op
-from texbridge._unix import close_fds, send_frame
+from texbridge._seqpacket import close_fds, send_frame
 
 WIDTH, HEIGHT = 1280, 720
 GROUP_OPEN = "open by handle -> NumPy view (1280x720 rgba8)"
@@ -292,7 +292,8 @@ def bench_scale(ns: str, n: int, open_n: int) -> list[Row]:
 _REGISTRY_PROBE = """
 import gc, os, sys, msgpack
 from texbridge._broker.registry import Registry
-from texbridge._memfd import SIZE_SEALS, FdFacts
+from texbridge._fdinfo import FdFacts
+from texbridge._sharedmem import SIZE_SEALS
 from texbridge._protocol import VERSION, Connection, Message, Op
 
 def rss():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from texbridge._descriptor import Descriptor, texture_layout
-from texbridge._memfd import create_sealed
+from texbridge._sharedmem import create_sealed
 from texbridge._protocol import Op
 
 from conftest import fd_count, wait_until

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import texbridge
-from texbridge._memfd import create_sealed
+from texbridge._sharedmem import create_sealed
 from texbridge._protocol import MAX_FRAME, VERSION
-from texbridge._unix import recv_frame, send_frame
+from texbridge._seqpacket import recv_frame, send_frame
 
 from conftest import fd_count, raw_socket, run_py, spawn_py, wait_until
 

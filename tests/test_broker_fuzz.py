@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from texbridge._descriptor import MEMORY_TYPES
-from texbridge._memfd import create_sealed
+from texbridge._sharedmem import create_sealed
 from texbridge._protocol import MAX_FRAME, VERSION, Op
-from texbridge._unix import recv_frame, send_frame
+from texbridge._seqpacket import recv_frame, send_frame
 
 from conftest import fd_count, raw_socket, spawn_py, wait_until
 

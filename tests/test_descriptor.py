@@ -3,7 +3,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from texbridge import Descriptor, Handle, InvalidDescriptor
-from texbridge._descriptor import d3d11_texture_desc, parse_d3d11_texture_desc, texture_layout
+from texbridge._d3d11 import d3d11_texture_desc, parse_d3d11_texture_desc
+from texbridge._descriptor import texture_layout
 from texbridge._formats import FORMATS, format_by_dxgi, format_by_vk, get_format
 
 

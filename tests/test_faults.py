@@ -25,7 +25,7 @@ import pytest
 
 from texbridge._descriptor import KEYED_MUTEX_STATE_SIZE
 from texbridge._errors import KeyedMutexAbandoned, KeyedMutexTimeout
-from texbridge._memfd import map_fd
+from texbridge._sharedmem import map_fd
 from texbridge.keyed_mutex import KeyedMutex, create_state
 
 from conftest import wait_until
@@ -382,7 +382,7 @@ def broker_children(pid: int) -> list[int]:
 
 def run_broker_kills(runtime, tmp_path, monkeypatch, rounds: int, seed: int) -> dict:
     import texbridge
-    from texbridge._memfd import create_sealed
+    from texbridge._sharedmem import create_sealed
 
     monkeypatch.setenv("TEXBRIDGE_BROKER_LOCAL_FDS", "24")  # producers spill into fd keepers, which get killed too
     rng = random.Random(seed)

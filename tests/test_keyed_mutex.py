@@ -25,14 +25,14 @@ from hypothesis import strategies as st
 from texbridge._descriptor import KEYED_MUTEX_STATE_SIZE
 from texbridge._errors import (ClosedError, KeyedMutexAbandoned, KeyedMutexError, KeyedMutexTimeout,
                                TexbridgeError, WouldBlock)
-from texbridge._memfd import create_sealed, map_fd
+from texbridge._sharedmem import create_sealed, map_fd
 from texbridge.keyed_mutex import PRIVATE_DATA_CAPACITY, KeyedMutex, abandon_session, create_state
 
 PRELUDE = """
 import os, sys, time, signal, random, struct, mmap
 from texbridge.keyed_mutex import KeyedMutex
 from texbridge._errors import *
-from texbridge._memfd import map_fd
+from texbridge._sharedmem import map_fd
 ARGS = [int(a) for a in sys.argv[1:]]
 def say(*a):
     print(*a, flush=True)

@@ -7,7 +7,6 @@ failed child (exit -11 and a faulthandler traceback) instead of killing pytest.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 

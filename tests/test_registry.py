@@ -10,7 +10,8 @@ from texbridge._broker.registry import (LAST_ERRORS, LIST_PAGE, MAX_DESCRIPTOR, 
                                         Registry, error_message)
 from texbridge._descriptor import Descriptor, texture_layout
 from texbridge._errors import MAX_MESSAGE, TexbridgeError
-from texbridge._memfd import F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, FdFacts
+from texbridge._fdinfo import FdFacts
+from texbridge._sharedmem import F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK
 from texbridge._protocol import MAX_FRAME, MAX_NAME, VERSION, Message, Op, encode
 from texbridge import AccessDenied
 

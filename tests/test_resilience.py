@@ -359,7 +359,7 @@ def test_kill_9_of_the_broker_hundreds_of_times(runtime):
 def test_a_claim_on_a_live_handle_needs_the_very_same_files(session):
     """Holders of a resource may re-register it under its handle (they join the entry); nobody else may point a
     live handle at other memory, even with an identical descriptor."""
-    from texbridge._memfd import create_sealed
+    from texbridge._sharedmem import create_sealed
     from texbridge._protocol import Op
 
     buf = session.create_buffer(4096, name="claimed")

@@ -16,7 +16,7 @@ from ._client import Event as Event
 from ._client import Session as Session
 from ._client import connect as connect
 from ._descriptor import Descriptor as Descriptor
-from ._descriptor import Handle as Handle
+from ._handle import Handle as Handle
 from ._descriptor import Usage as Usage
 from ._errors import AccessDenied as AccessDenied
 from ._errors import BackendError as BackendError

@@ -75,7 +75,7 @@ def _bytes(n: int) -> str:
 
 
 def _handle_text(value: int) -> str:
-    from ._descriptor import Handle
+    from ._handle import Handle
 
     return str(Handle(value))
 
@@ -237,7 +237,9 @@ def _ns(namespace: str | None) -> str:
 @_friendly
 def info(target: str, namespace: str | None) -> None:
     """Show a resource's descriptor: geometry, format in every API, memory type, device identity, blobs."""
-    from ._descriptor import Descriptor, Handle, Usage, parse_d3d11_texture_desc
+    from ._d3d11 import parse_d3d11_texture_desc
+    from ._descriptor import Descriptor, Usage
+    from ._handle import Handle
     from ._formats import get_format
 
     with _connect(namespace) as s:

@@ -30,14 +30,15 @@ from typing import Any, Iterator
 import msgpack
 
 from ._broker.launch import connect_socket
-from ._descriptor import Descriptor, Handle, Usage
+from ._descriptor import Descriptor, Usage
+from ._handle import Handle
 from ._errors import (BrokenError, BrokerUnavailable, ClosedError, InvalidDescriptor, NameInUse, RemoteProtocolError,
                       TexbridgeError, error_from_code)
 from ._paths import namespace_name
 from ._protocol import VERSION, Connection, Message, Op
 from ._resources import Resource
-from ._unix import close_fds as _close
-from ._unix import recv_frame_spinning, send_frame
+from ._seqpacket import close_fds as _close
+from ._seqpacket import recv_frame_spinning, send_frame
 from .backends import DEFAULT_IMPORTER, get_backend
 
 log = logging.getLogger("texbridge")

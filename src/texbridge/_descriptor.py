@@ -1,4 +1,4 @@
-"""Handles and the API-neutral resource descriptor.
+"""The API-neutral resource descriptor.
 
 A descriptor tells an importer everything it needs to map the memory in its own API, the way D3DKMT's shared
 resource description does: the geometry and format, the memory handle type, the exporting device's identity, and two
@@ -9,13 +9,10 @@ plain data: validation happens here, once, both when a client builds one and whe
 from __future__ import annotations
 
 import enum
-import re
-import secrets
-import struct
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ._errors import InvalidArgument, InvalidDescriptor, echo
+from ._errors import InvalidDescriptor, echo
 from ._formats import get_format
 
 MAX_DIMENSION = 65536
@@ -43,53 +40,6 @@ class Usage(enum.IntFlag):
     CPU_READ = 32
     CPU_WRITE = 64
     DEFAULT = SHADER_READ | RENDER_TARGET | TRANSFER_SRC | TRANSFER_DST | CPU_READ | CPU_WRITE
-
-
-HANDLE_PREFIX = "tb:"
-_HANDLE_RE = re.compile(r"^tb:([0-9a-f]{16})$")
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Handle:
-    """An unguessable 64-bit resource id. Printable form: ``tb:`` + 16 lowercase hex digits."""
-
-    value: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.value, int) or isinstance(self.value, bool) or not 0 < self.value < 1 << 64:
-            raise InvalidArgument(f"a handle is a non-zero 64-bit integer, not {self.value!r}")
-
-    @classmethod
-    def new(cls) -> "Handle":
-        return cls(secrets.randbits(64) or 1)
-
-    @classmethod
-    def parse(cls, text: "str | Handle | int") -> "Handle":
-        """Accept a Handle, its int value, or its printable form; anything else is InvalidArgument (a ValueError)."""
-        if isinstance(text, Handle):
-            return text
-        if isinstance(text, int) and not isinstance(text, bool):
-            return cls(text)
-        m = _HANDLE_RE.match(text.strip().lower()) if isinstance(text, str) else None
-        if not m:
-            raise InvalidArgument(f"not a texbridge handle: {text!r} (expected 'tb:' + 16 hex digits, as "
-                                  "`texbridge ls` prints them)")
-        return cls(int(m.group(1), 16))
-
-    @staticmethod
-    def looks_like(text: str) -> bool:
-        return bool(_HANDLE_RE.match(text.strip().lower()))
-
-    @staticmethod
-    def claims_to_be(text: str) -> bool:
-        """Whether `text` is meant as a handle (it has the ``tb:`` prefix), valid or not: such text is never a name."""
-        return text.strip().lower().startswith(HANDLE_PREFIX)
-
-    def __str__(self) -> str:
-        return f"tb:{self.value:016x}"
-
-    def __repr__(self) -> str:
-        return f"Handle('{self}')"
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,28 +189,3 @@ def texture_layout(width: int, height: int, format: str, *, pitch_align: int = 2
     fmt = get_format(format)
     pitch = align(width * fmt.bytes_per_pixel, pitch_align)
     return pitch, pitch * height
-
-
-# D3D11_TEXTURE2D_DESC, as runtime private data: Width, Height, MipLevels, ArraySize, Format, SampleDesc.Count,
-# SampleDesc.Quality, Usage, BindFlags, CPUAccessFlags, MiscFlags.
-_D3D11_DESC = struct.Struct("<11I")
-D3D11_BIND_SHADER_RESOURCE, D3D11_BIND_RENDER_TARGET = 0x8, 0x20
-D3D11_RESOURCE_MISC_SHARED, D3D11_RESOURCE_MISC_SHARED_KEYEDMUTEX, D3D11_RESOURCE_MISC_SHARED_NTHANDLE = 0x2, 0x100, 0x800
-
-
-def d3d11_texture_desc(width: int, height: int, format: str, *, mip_levels: int = 1, array_size: int = 1,
-                       keyed_mutex: bool = False) -> bytes:
-    """A DXGI-compatible D3D11_TEXTURE2D_DESC, so Wine/Proton can describe the texture to D3D without guessing."""
-    check_texture_size(width, height)
-    misc = D3D11_RESOURCE_MISC_SHARED_NTHANDLE | (
-        D3D11_RESOURCE_MISC_SHARED_KEYEDMUTEX if keyed_mutex else D3D11_RESOURCE_MISC_SHARED)
-    return _D3D11_DESC.pack(width, height, mip_levels, array_size, get_format(format).dxgi, 1, 0, 0,
-                            D3D11_BIND_SHADER_RESOURCE | D3D11_BIND_RENDER_TARGET, 0, misc)
-
-
-def parse_d3d11_texture_desc(blob: bytes) -> dict[str, int]:
-    names = ("Width", "Height", "MipLevels", "ArraySize", "Format", "SampleCount", "SampleQuality", "Usage",
-             "BindFlags", "CPUAccessFlags", "MiscFlags")
-    if len(blob) != _D3D11_DESC.size:
-        raise InvalidDescriptor(f"a D3D11_TEXTURE2D_DESC is {_D3D11_DESC.size} bytes, not {len(blob)}")
-    return dict(zip(names, _D3D11_DESC.unpack(blob)))

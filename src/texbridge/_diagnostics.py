@@ -39,7 +39,7 @@ def backend_report(name: str) -> dict[str, Any]:
 def keyed_mutex_report() -> dict[str, Any]:
     """Whether the compiled futex core of the keyed mutex is built and importable."""
     try:
-        from . import _futex  # noqa: F401
+        from . import _synccore  # noqa: F401
     except ImportError as e:
         return {"available": False, "detail": f"the compiled core is missing ({e}); run `pip install -e .`"}
     try:

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ._descriptor import Descriptor, Handle
+from ._descriptor import Descriptor
+
+from ._handle import Handle
 from ._errors import ClosedError, InvalidArgument, NoKeyedMutex, NotHostVisible
 
 if TYPE_CHECKING:

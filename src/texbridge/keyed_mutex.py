@@ -2,7 +2,7 @@
 
 Two processes take turns on shared memory: the producer acquires key 0, writes, releases with key 1; the consumer
 acquires key 1, reads, releases with key 0. The state is one page of a sealed memfd; all the work happens in the C
-core (texbridge._futex) so a handoff costs about a microsecond and never talks to the broker.
+core (texbridge._synccore) so a handoff costs about a microsecond and never talks to the broker.
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import _futex
+from . import _synccore
 from ._descriptor import KEYED_MUTEX_STATE_SIZE
 from ._errors import KeyedMutexError, KeyedMutexTimeout, WouldBlock
-from ._memfd import SharedMapping, create_sealed, inspect_fd
+from ._fdinfo import inspect_fd
+from ._sharedmem import SharedMapping, create_sealed
 
 __all__ = ["KeyedMutex", "KeyedMutexStats", "create_state", "abandon_session", "PRIVATE_DATA_CAPACITY",
            "MAX_WAITERS"]
 
-PRIVATE_DATA_CAPACITY: int = _futex.PRIVATE_CAPACITY
-MAX_WAITERS: int = _futex.MAX_WAITERS  # queued waiters beyond this still work, by polling, without FIFO order
-assert _futex.STATE_SIZE == KEYED_MUTEX_STATE_SIZE
+PRIVATE_DATA_CAPACITY: int = _synccore.PRIVATE_CAPACITY
+MAX_WAITERS: int = _synccore.MAX_WAITERS  # queued waiters beyond this still work, by polling, without FIFO order
+assert _synccore.STATE_SIZE == KEYED_MUTEX_STATE_SIZE
 
 
 def create_state(initial_key: int = 0) -> int:
@@ -32,7 +33,7 @@ def create_state(initial_key: int = 0) -> int:
     try:
         m = SharedMapping(fd, KEYED_MUTEX_STATE_SIZE)
         try:
-            _futex.init(m.view(), initial_key)
+            _synccore.init(m.view(), initial_key)
         finally:
             m.close()
     except BaseException:
@@ -56,10 +57,10 @@ def abandon_session(fd_or_buffer: "int | mmap.mmap | memoryview", session_id: in
     if isinstance(fd_or_buffer, int):
         m = _map_state(fd_or_buffer)
         try:
-            return _futex.abandon_session(m.view(), session_id)
+            return _synccore.abandon_session(m.view(), session_id)
         finally:
             m.close()
-    return _futex.abandon_session(fd_or_buffer, session_id)
+    return _synccore.abandon_session(fd_or_buffer, session_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ class KeyedMutex:
         """Map the state behind `fd` (not taken over: the caller still closes it) and check it is one."""
         self._map = _map_state(fd)
         try:
-            self._core = _futex.Core(self._map.view(), session_id)  # the core's buffer keeps the pages mapped
+            self._core = _synccore.Core(self._map.view(), session_id)  # the core's buffer keeps the pages mapped
         except BaseException:
             self._map.close()
             raise

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import _futex as _core
+from . import _synccore as _core
 from ._client import Session, connect
 from ._errors import (BackendError, BrokenError, ClosedError, InvalidArgument, InvalidDescriptor, KeyedMutexAbandoned,
                       NotASender, NotFound, SenderNotFound, TexbridgeError)
@@ -62,7 +62,7 @@ _WANT_COPY = 1
 _SLOT_BITS = 4  # latest = frame << 4 | slot; the futex waits on its low 32 bits, which change every frame
 _SLOT_MASK = (1 << _SLOT_BITS) - 1  # slot value a closing sender parks `latest` on (no ring slot has it)
 
-# -- futex waits and fences come from the compiled core (texbridge._futex): the only native code in texbridge --------
+# -- futex waits and fences come from the compiled core (texbridge._synccore): the only native code in texbridge --------
 def _fence() -> None:
     """A full memory barrier, where a store must be visible before a later load (pin, then check the slot; mark
     the slot, then check the pins)."""
@@ -288,7 +288,7 @@ class _Control:
         _core.wake_word(self.raw, index * 8)
 
     def close(self) -> None:
-        """Drop the resource. The views stay valid (they keep the mapping alive: see _memfd.SharedMapping), so a
+        """Drop the resource. The views stay valid (they keep the mapping alive: see _sharedmem.SharedMapping), so a
         thread still inside a wait or a read cannot touch unmapped memory; wait() refuses from now on."""
         self.res.close()
 

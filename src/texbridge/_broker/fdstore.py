@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .._unix import close_fds, recv_frame, send_frame
+from .._seqpacket import close_fds, recv_frame, send_frame
 from ._keeper import ID as _ID
 
 log = logging.getLogger("texbridge.broker")

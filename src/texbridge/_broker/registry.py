@@ -26,10 +26,12 @@ from typing import Any, Callable, Iterable
 
 import msgpack
 
-from .._descriptor import Descriptor, Handle
+from .._descriptor import Descriptor
+
+from .._handle import Handle
 from .._errors import (MAX_MESSAGE, AccessDenied, InvalidDescriptor, NameInUse, NotFound, QuotaExceeded,
                        RemoteProtocolError, TexbridgeError, echo)
-from .._memfd import FdFacts
+from .._fdinfo import FdFacts
 from .._protocol import MAX_FRAME, MAX_NAME, Message, Op
 
 # Limits on what is stored, so that every reply and event built from it fits a frame (see docs/protocol.md):

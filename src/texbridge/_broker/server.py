@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 from .._errors import (AccessDenied, BrokerBusy, LocalProtocolError, NotFound, QuotaExceeded, RemoteProtocolError,
                        TexbridgeError)
-from .._memfd import inspect_fd, same_file
+from .._fdinfo import inspect_fd, same_file
 from .._protocol import MAX_FRAME, Connection, Message, Op, State, peek_request_id
-from .._unix import close_fds as _close_all
-from .._unix import SPIN_SECONDS, recv_frame, send_frame
+from .._seqpacket import close_fds as _close_all
+from .._seqpacket import SPIN_SECONDS, recv_frame, send_frame
 from ._keeper import raise_fd_limit  # noqa: F401  (re-exported: the daemon and benchmarks use it from here)
 from .fdstore import FdStore, KeeperError, local_capacity
 from .registry import Effects, Registry, error_message
@@ -122,7 +122,7 @@ class BrokerServer:
         busy_until = 0.0
         while self._running:
             # After serving, poll without sleeping for a moment: the next request of a busy client usually follows
-            # within microseconds, and catching it awake saves an idle-CPU wake-up on each side (see _unix).
+            # within microseconds, and catching it awake saves an idle-CPU wake-up on each side (see _seqpacket).
             spinning = time.perf_counter() < busy_until
             if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
                 self._accept_paused_until = 0.0

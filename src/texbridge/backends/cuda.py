@@ -23,7 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 from cuda.bindings import driver as cu  # an ImportError here makes the backend unavailable, not texbridge
 
-from .._descriptor import Descriptor, Usage, align, check_texture_size, d3d11_texture_desc, texture_layout
+from .._d3d11 import d3d11_texture_desc
+
+from .._descriptor import Descriptor, Usage, align, check_texture_size, texture_layout
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
 from .._resources import Resource

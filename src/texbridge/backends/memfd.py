@@ -7,10 +7,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._descriptor import Descriptor, Usage, check_buffer_size, d3d11_texture_desc, texture_layout
+from .._d3d11 import d3d11_texture_desc
+
+from .._descriptor import Descriptor, Usage, check_buffer_size, texture_layout
 from .._errors import InvalidDescriptor
 from .._formats import get_format
-from .._memfd import SharedMapping, create_sealed, inspect_fd
+from .._fdinfo import inspect_fd
+from .._sharedmem import SharedMapping, create_sealed
 from .._resources import Resource
 
 

@@ -21,10 +21,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _vk  # imports `vulkan`: an ImportError here makes the backend unavailable, not texbridge
-from .._descriptor import Descriptor, Usage, align, d3d11_texture_desc
+from .._d3d11 import d3d11_texture_desc
+from .._descriptor import Descriptor, Usage, align
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
-from .._memfd import SharedMapping, inspect_fd
+from .._fdinfo import inspect_fd
+from .._sharedmem import SharedMapping
 from .._resources import Resource
 from ._vk import (HANDLE_DMA_BUF, HANDLE_HOST, HANDLE_NAMES, HANDLE_OPAQUE_FD, TimelineSemaphore, VulkanDevice,
                   VulkanError, check, default_device, ffi, lib, live_objects, track, vk)

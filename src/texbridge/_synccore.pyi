@@ -1,4 +1,4 @@
-"""Type stubs for the keyed-mutex C core (src/texbridge/_futex.c). Use texbridge.keyed_mutex, not this."""
+"""Type stubs for the keyed-mutex C core (src/texbridge/_synccore.c). Use texbridge.keyed_mutex, not this."""
 
 from typing_extensions import Buffer
 

@@ -1,4 +1,4 @@
-/* texbridge._futex: the keyed-mutex core, the only compiled code in texbridge.
+/* texbridge._synccore: the keyed-mutex and seqlock core, the only compiled code in texbridge.
  *
  * Why C: a cross-process handoff must cost about a microsecond and a blocked waiter nothing, which needs C11 atomics
  * on shared memory, a bounded spin and futex waits with absolute CLOCK_MONOTONIC deadlines while the GIL is released.
@@ -912,7 +912,7 @@ static PyGetSetDef Core_getset[] = {
 
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "texbridge._futex.Core",
+    .tp_name = "texbridge._synccore.Core",
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Core(buffer, session_id=0): one opened keyed mutex (owner identity = pid, session, token).",
@@ -1061,10 +1061,10 @@ static PyMethodDef mod_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_futex", "Keyed-mutex core: C11 atomics + futex.", -1,
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_synccore", "Keyed-mutex and seqlock core: C11 atomics + futex.", -1,
                                  mod_methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__futex(void) {
+PyMODINIT_FUNC PyInit__synccore(void) {
     PyObject *errors = PyImport_ImportModule("texbridge._errors");
     if (!errors) return NULL;
     E_Error = PyObject_GetAttrString(errors, "KeyedMutexError");
