@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from ._errors import AccessDenied, BrokerUnavailable, TexbridgeError
+from ._liveness import watch
 
 # Piped output (tests, `| grep`) gets wide lines instead of rich's 80-column default, so tables stay readable.
 _WIDTH = None if sys.stdout.isatty() else max(200, int(os.environ.get("COLUMNS", "0") or 0))
@@ -326,34 +327,18 @@ def broker_stop(namespace: str | None, force: bool) -> None:
     except BrokerUnavailable:
         console.print(f"no broker is running for namespace {ns!r}")
         return
-    with s:
-        pid = s.broker_pid
-        try:
-            s.shutdown(force=force)
-        except AccessDenied as e:
-            _fail(f"not stopping the broker of namespace {ns!r} (pid {pid}): {e}. Use --force to stop it anyway.")
-    if _wait_exit(pid, timeout=10.0):
-        console.print(f"stopped the broker for namespace {ns!r} (pid {pid})")
-    else:
-        _fail(f"the broker (pid {pid}) acknowledged the shutdown but is still running after 10s")
-
-
-def _pid_alive(pid: int) -> bool:
-    """Alive and not a zombie (a detached broker is reaped by init, maybe not at once)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return True
-        time.sleep(0.02)
-    return False
+    with watch(s.broker_pid) as broker_proc:  # followed from before the shutdown: its pid cannot be reused on us
+        with s:
+            pid = s.broker_pid
+            try:
+                s.shutdown(force=force)
+            except AccessDenied as e:
+                _fail(f"not stopping the broker of namespace {ns!r} (pid {pid}): {e}. Use --force to stop it anyway.")
+        # A detached broker is reaped by init, maybe not at once: a zombie counts as gone.
+        if broker_proc.wait(10.0):
+            console.print(f"stopped the broker for namespace {ns!r} (pid {pid})")
+        else:
+            _fail(f"the broker (pid {pid}) acknowledged the shutdown but is still running after 10s")
 
 
 def _rss(pid: int) -> int | None:

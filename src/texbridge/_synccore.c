@@ -163,7 +163,9 @@ static uint32_t my_tid(void) {
     return t_tid;
 }
 
-/* Alive = exists, is not a zombie, and (when known) started when the record says: defeats pid reuse. */
+/* Alive = exists, is not a zombie, and (when known) started when the record says: defeats pid reuse. An unreadable
+ * /proc entry counts as alive. The same rule as texbridge/_liveness.py's alive(), the Python home of this question
+ * (this copy stays in C: the core must not call Python); change both together. */
 static int proc_alive(int32_t pid, uint64_t start) {
     if (pid <= 0) return 0;
     if (kill(pid, 0) != 0 && errno == ESRCH) return 0;
