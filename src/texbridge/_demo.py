@@ -131,7 +131,7 @@ def _producer(cfg: DemoConfig, name: str, q: Any, progress: Any) -> None:
         with texbridge.connect(cfg.namespace, app_name="texbridge-demo-producer") as s:
             tex = s.create_texture(cfg.width, cfg.height, FORMAT, name=name, backend=cfg.backend, keyed_mutex=True)
             mutex = tex.mutex
-            view = _words(tex.numpy()) if hasattr(tex, "numpy") else None
+            view = _words(tex.numpy()) if tex.host_visible else None
             _report(q, "producer", event="ready", handle=str(tex.handle), broker_pid=s.broker_pid,
                     zero_copy=view is not None)
             write_s = 0.0
@@ -184,7 +184,7 @@ def _consumer(cfg: DemoConfig, name: str, q: Any, progress: Any) -> None:
             mutex = tex.mutex
             if mutex is None:
                 raise RuntimeError(f"{name!r} was opened without its keyed mutex")
-            view = _words(tex.numpy()) if hasattr(tex, "numpy") else None
+            view = _words(tex.numpy()) if tex.host_visible else None
             scratch = np.empty_like(base)
             verified = failed = 0
             first_failure = ""

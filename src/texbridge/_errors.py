@@ -67,8 +67,8 @@ class NoKeyedMutex(TexbridgeError, AttributeError):
     code = "no_keyed_mutex"
 
 
-class NotHostVisible(TexbridgeError, TypeError):
-    """NumPy asked for a zero-copy view of memory only a GPU API sees (np.asarray(vulkan_texture)): use download()."""
+class NotHostVisible(TexbridgeError, TypeError, NotImplementedError):
+    """A zero-copy host view of memory only a GPU API sees (np.asarray(vulkan_texture), .numpy()): use download()."""
 
     code = "not_host_visible"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import numpy as np
 
@@ -32,6 +32,13 @@ class Resource:
     """A shared texture, buffer or keyed mutex, as seen from one process and one API."""
 
     backend_name = "base"
+
+    # Optional capabilities, declared here so callers choose without probing (as wgpu-py's base classes do): a
+    # backend that has one sets its flag and overrides the method; the defaults raise NotImplementedError.
+    host_visible: ClassVar[bool] = False
+    """numpy() returns a zero-copy view of the memory (and np.asarray(resource) is that view)."""
+    device_copy: ClassVar[bool] = False
+    """copy_from_device()/copy_to_device() copy between the resource and linear device memory on the GPU."""
 
     def __init__(self, descriptor: Descriptor) -> None:
         self.descriptor = descriptor
@@ -56,6 +63,26 @@ class Resource:
 
     def _release(self) -> None:
         """Free this process's API objects. Called once, by close()."""
+
+    # -- optional capabilities (see the class flags) ----------------------------------------------------------------
+    def numpy(self) -> np.ndarray:
+        """A zero-copy NumPy view of the memory (host_visible backends only): (H, W, C) honouring the row pitch for
+        textures, 1-D uint8 for buffers. Elsewhere NotHostVisible (a NotImplementedError): use download()."""
+        self._check_open()
+        raise NotHostVisible(f"{self!r} lives in {self.descriptor.memory} memory that NumPy cannot see without a "
+                             "copy: use resource.download()")
+
+    def copy_from_device(self, src_ptr: int, src_pitch: int | None = None, *, layer: int = 0,
+                         stream: Any = None) -> None:
+        """Copy linear device memory at src_ptr (rows src_pitch apart) into the texture, on the GPU (device_copy
+        backends only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no device copy: use upload()")
+
+    def copy_to_device(self, dst_ptr: int, dst_pitch: int | None = None, *, layer: int = 0,
+                       stream: Any = None) -> None:
+        """Copy the texture into linear device memory at dst_ptr (rows dst_pitch apart), on the GPU (device_copy
+        backends only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no device copy: use download()")
 
     # -- GPU ordering around the keyed mutex (backends with GPU queues override) -----------------------------------
     def gpu_acquired(self, value: int) -> None:
@@ -110,10 +137,14 @@ class Resource:
         return data
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        """np.asarray(resource): only CPU-visible memory has a zero-copy view (memfd overrides this)."""
-        self._check_open()
-        raise NotHostVisible(f"{self!r} lives in {self.descriptor.memory} memory that NumPy cannot see without a "
-                             "copy: use resource.download()")
+        """np.asarray(resource) is the zero-copy view (numpy()), np.array(resource) a copy; NotHostVisible for
+        memory only a GPU API sees."""
+        view = self.numpy()
+        if dtype is not None and np.dtype(dtype) != view.dtype:
+            if copy is False:
+                raise ValueError(f"a {view.dtype} resource has no zero-copy {np.dtype(dtype)} view")
+            return view.astype(dtype)
+        return view.copy() if copy else view
 
     @property
     def shape(self) -> tuple[int, ...]:

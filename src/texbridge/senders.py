@@ -271,7 +271,7 @@ class _Control:
     """Views on a control buffer's words (u64 and, for fps, f64)."""
 
     def __init__(self, res: Resource) -> None:
-        raw = res.numpy()  # type: ignore[attr-defined]
+        raw = res.numpy()
         self.res = res
         self.u = raw.view(np.uint64)
         self.f = raw.view(np.float64)
@@ -388,7 +388,7 @@ class Sender:
         old, old_mirror = self._slots, self._mirror
         self._slots = self._new_slots(self.backend)
         self._mirror = []
-        self._views = [s.numpy() if hasattr(s, "numpy") else None for s in self._slots]
+        self._views = [s.numpy() if s.host_visible else None for s in self._slots]
         self._shape = self._slots[0].shape
         u = self._ctl.u
         n = self._nslots
@@ -410,7 +410,7 @@ class Sender:
     def _make_mirror(self) -> None:
         """The copy path: memfd twins of the slots for receivers that cannot import `backend` memory."""
         self._mirror = self._new_slots("memfd")
-        self._mirror_views = [s.numpy() for s in self._mirror]  # type: ignore[attr-defined]
+        self._mirror_views = [s.numpy() for s in self._mirror]
         u = self._ctl.u
         for i, s in enumerate(self._mirror):
             u[_MIRROR + i] = s.handle.value
@@ -529,7 +529,7 @@ class Sender:
                     get_format(self._format).numpy_dtype:
                 raise InvalidArgument(f"CUDA frame of shape {tuple(cai['shape'])} / {cai['typestr']} sent to a "
                                         f"{self._width}x{self._height} {self._format} sender (shape {self._shape})")
-            if all(hasattr(slot, "copy_from_device") for slot in self._slots) and not self._mirror:
+            if all(slot.device_copy for slot in self._slots) and not self._mirror:
                 return frame
             frame = frame.get() if hasattr(frame, "get") else frame.cpu().numpy()  # CuPy / torch to the host
         return check_frame(frame, self._shape, get_format(self._format).numpy_dtype,
@@ -925,7 +925,7 @@ class Receiver:
             link.copy_path = True
             link.ctl.readers[link.reader, _R_FLAGS] = _WANT_COPY
             return False
-        link.views = [s.numpy() if hasattr(s, "numpy") else None for s in link.slots]
+        link.views = [s.numpy() if s.host_visible else None for s in link.slots]
         link.shape = link.slots[0].shape
         link.dtype = get_format(link.slots[0].descriptor.format).numpy_dtype
         link.generation = gen

@@ -346,6 +346,7 @@ class CUDAResource(Resource):
     """
 
     backend_name = "cuda"
+    device_copy = True
 
     def __init__(self, descriptor: Descriptor, device: CudaDevice, *, ptr: int = 0, pitch: int = 0,
                  array: Any = None, mipmap: Any = None, ext_mem: Any = None, vmm_handle: Any = None,

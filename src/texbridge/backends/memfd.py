@@ -21,6 +21,7 @@ class MemfdResource(Resource):
     """A texture or buffer in a sealed memfd, mapped into this process."""
 
     backend_name = "memfd"
+    host_visible = True
 
     def __init__(self, descriptor: Descriptor, fd: int) -> None:
         """Takes ownership of `fd`: it is mapped and kept only for export, and closed on close()."""
@@ -53,15 +54,6 @@ class MemfdResource(Resource):
         else:
             data = self._check_bytes(array)
             view[:data.size] = data
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        """np.asarray(resource) is the zero-copy view (numpy()); np.array(resource) a copy."""
-        view = self.numpy()
-        if dtype is not None and np.dtype(dtype) != view.dtype:
-            if copy is False:
-                raise ValueError(f"a {view.dtype} resource has no zero-copy {np.dtype(dtype)} view")
-            return view.astype(dtype)
-        return view.copy() if copy else view
 
     def download(self) -> np.ndarray:
         return self.numpy().copy()
