@@ -27,8 +27,8 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from _report import Row, latency_row, private_namespace, rate_row
 
 import texbridge
-from texbridge._broker.launch import start_broker
-from texbridge._broker.server import raise_fd_limit
+from texbridge._launch import start_broker
+from texbridge._fdlimit import raise_fd_limit
 from texbridge._descriptor import Descriptor
 from texbridge._sharedmem import create_sealed
 from texbridge._protocol import Message, Op

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import texbridge
-from texbridge._broker.launch import connect_socket
+from texbridge._launch import connect_socket
 
 # CI has 2 cores shared with the processes the tests start: judge hypothesis by examples, not wall time.
 settings.register_profile("texbridge", deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -125,7 +125,7 @@ def test_broker_exits_when_idle(runtime, monkeypatch):
 
 
 def test_persistent_broker_stays(runtime):
-    run_py("import texbridge._broker.launch as l; l.start_broker(persistent=True, idle=0.1)")
+    run_py("import texbridge._launch as l; l.start_broker(persistent=True, idle=0.1)")
     with texbridge.connect(autostart=False) as s:
         pid = s.broker_pid
     time.sleep(0.8)
@@ -182,13 +182,13 @@ def test_other_uid_is_refused(monkeypatch):
     monkeypatch.setenv("TEXBRIDGE_NAMESPACE", "uidtest")
     try:
         # Default: directory 0700 and socket 0600 keep other users out entirely.
-        run_py("import texbridge._broker.launch as l; l.start_broker()")
+        run_py("import texbridge._launch as l; l.start_broker()")
         assert _as_user(65534, _try_connect).startswith("AccessDenied")
         with texbridge.connect(autostart=False) as s:
             s._channel.request(texbridge._protocol.Op.SHUTDOWN, {})
         time.sleep(0.3)
         # With an allow-list the socket is reachable, and SO_PEERCRED decides.
-        run_py("import texbridge._broker.launch as l; l.start_broker(extra_args=['--allow-uid', '12345'])")
+        run_py("import texbridge._launch as l; l.start_broker(extra_args=['--allow-uid', '12345'])")
         denied = _as_user(65534, _try_connect)
         assert denied.startswith("AccessDenied") and "uid 65534" in denied, denied
         assert _as_user(12345, _try_connect).startswith("connected")

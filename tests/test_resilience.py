@@ -470,7 +470,7 @@ def test_an_unclosed_session_still_hangs_up_when_collected(session):
 def test_idle_sessions_and_waiting_receivers_do_not_spin_without_a_broker(runtime):
     """A session holding nothing reconnects lazily (its dead socket must not wake the monitor again and again), and a
     Receiver whose watch stream gave up (no autostart, no broker) stops polling it."""
-    from texbridge._broker.launch import start_broker
+    from texbridge._launch import start_broker
     from texbridge.senders import Receiver
 
     start_broker()
@@ -492,7 +492,7 @@ def test_a_sender_without_autostart_comes_back_when_a_broker_does(runtime):
     broker is started the sender's session re-attaches, the sender is announced again and its metadata flows."""
     import threading
 
-    from texbridge._broker.launch import start_broker
+    from texbridge._launch import start_broker
     from texbridge.senders import Sender, list_senders
 
     start_broker()

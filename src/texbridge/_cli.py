@@ -299,7 +299,7 @@ def broker() -> None:
 @_friendly
 def broker_start(namespace: str | None, persistent: bool, idle: float | None, allow_uid: tuple[int, ...]) -> None:
     """Start the namespace's broker (detached)."""
-    from ._broker.launch import start_broker
+    from ._launch import start_broker
 
     ns = _ns(namespace)
     extra = [a for uid in allow_uid for a in ("--allow-uid", str(uid))]

@@ -29,11 +29,12 @@ from typing import Any, Iterator
 
 import msgpack
 
-from ._broker.launch import connect_socket
 from ._descriptor import Descriptor, Usage
-from ._handle import Handle
 from ._errors import (BrokenError, BrokerUnavailable, ClosedError, InvalidDescriptor, NameInUse, RemoteProtocolError,
                       TexbridgeError, error_from_code)
+from ._fdlimit import raise_fd_limit
+from ._handle import Handle
+from ._launch import connect_socket
 from ._paths import namespace_name
 from ._protocol import VERSION, Connection, Message, Op
 from ._resources import Resource
@@ -203,8 +204,6 @@ def _keep(fds: list[int] | tuple[int, ...]) -> list[int]:
             except OSError as e:
                 if e.errno != errno.EMFILE:
                     raise
-                from ._broker._keeper import raise_fd_limit
-
                 raise_fd_limit()
                 kept.append(os.dup(fd))
     except OSError as e:

@@ -12,20 +12,29 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
 
 import numpy as np
 
 from ._descriptor import Descriptor
-
-from ._handle import Handle
 from ._errors import ClosedError, InvalidArgument, NoKeyedMutex, NotHostVisible
+from ._handle import Handle
 
 if TYPE_CHECKING:
-    from ._client import Session
     from .keyed_mutex import KeyedMutex
 
 _uids = itertools.count(1)
+
+
+class Holder(Protocol):
+    """Who registered a resource with the broker (the Session): the only way a resource reaches up, so this layer
+    never imports the client that sits above it."""
+
+    def publish(self, handle: Handle, name: str) -> None:
+        """Publish the resource's handle under `name`."""
+
+    def _drop(self, res: Resource, handle: Handle) -> None:
+        """Called once by Resource.close(): forget `res` and drop this holder's broker reference to `handle`."""
 
 
 class Resource:
@@ -44,7 +53,7 @@ class Resource:
         self.descriptor = descriptor
         self.handle: Handle | None = None
         self._mutex: KeyedMutex | ResourceMutex | None = None
-        self._session: Session | None = None
+        self._holder: Holder | None = None
         self._uid = next(_uids)
         self._closed = False
 
@@ -107,7 +116,7 @@ class Resource:
         none, ClosedError once the resource is closed."""
         if self._mutex is None:
             self._check_open()
-            if self._session is not None or not self.descriptor.keyed_mutex:
+            if self._holder is not None or not self.descriptor.keyed_mutex:
                 raise NoKeyedMutex(f"{self!r} has no keyed mutex: create it with keyed_mutex=True to use .mutex")
             raise NoKeyedMutex(f"{self!r} is not registered yet: its keyed mutex comes from the session")
         return self._mutex
@@ -155,10 +164,10 @@ class Resource:
             return (d.height, d.width, get_format(d.format).channels)
         return (d.size,)
 
-    def _attach(self, session: Session, handle: Handle, mutex: KeyedMutex | None) -> None:
+    def _attach(self, holder: Holder, handle: Handle, mutex: KeyedMutex | None) -> None:
         if mutex is not None and not isinstance(mutex, ResourceMutex) and type(self).gpu_releasing is not Resource.gpu_releasing:
             mutex = ResourceMutex(mutex, self)
-        self._session, self.handle, self._mutex = session, handle, mutex
+        self._holder, self.handle, self._mutex = holder, handle, mutex
 
     def _check_open(self) -> None:
         if self._closed:
@@ -167,22 +176,22 @@ class Resource:
     def publish(self, name: str) -> None:
         """Publish this resource under `name` in its namespace (names are unique per namespace)."""
         self._check_open()
-        assert self._session is not None and self.handle is not None
-        self._session.publish(self.handle, name)
+        assert self._holder is not None and self.handle is not None
+        self._holder.publish(self.handle, name)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        session, handle, mutex = self._session, self.handle, self._mutex
-        self._session = self._mutex = None
+        holder, handle, mutex = self._holder, self.handle, self._mutex
+        self._holder = self._mutex = None
         try:
             if mutex is not None:
                 mutex.close()
             self._release()
         finally:
-            if session is not None and handle is not None:
-                session._drop(self, handle)
+            if holder is not None and handle is not None:
+                holder._drop(self, handle)
 
     def __enter__(self) -> "Resource":
         return self

@@ -9,25 +9,24 @@ Wire format on the SOCK_SEQPACKET socket, one request at a time: b"C" → b"C<ca
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import struct
 import sys
 
+if __package__:
+    from .._fdlimit import raise_fd_limit
+else:  # run by path as a bare script (see above): load that stdlib-only file by path, without the package
+    import importlib.util
+    from pathlib import Path
+
+    _spec = importlib.util.spec_from_file_location("_texbridge_fdlimit", Path(__file__).parents[1] / "_fdlimit.py")
+    assert _spec is not None and _spec.loader is not None
+    _fdlimit = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_fdlimit)
+    raise_fd_limit = _fdlimit.raise_fd_limit
+
 ID = struct.Struct("<q")
 RESERVE = 64  # fds a keeper keeps free for itself
-
-
-def raise_fd_limit(want: int = 1 << 20) -> int:
-    """Lift RLIMIT_NOFILE as far as allowed (the broker and each keeper hold one fd per resource)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for target in (max(want, hard), hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
-            return target
-        except (ValueError, OSError):
-            continue
-    return soft
 
 
 def serve(sock: socket.socket) -> None:

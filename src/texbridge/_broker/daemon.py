@@ -22,9 +22,10 @@ import socket
 import sys
 import time
 
+from .._fdlimit import raise_fd_limit
 from .._paths import ensure_runtime_dir, lock_path, namespace_name, runtime_dir, socket_path
 from .registry import Policy, Quotas, Registry
-from .server import BrokerServer, raise_fd_limit
+from .server import BrokerServer
 
 EXIT_READY, EXIT_LOST_RACE, EXIT_FAILED = 0, 3, 1
 DEFAULT_IDLE = 5.0

@@ -27,7 +27,6 @@ from .._fdinfo import inspect_fd, same_file
 from .._protocol import MAX_FRAME, Connection, Message, Op, State, peek_request_id
 from .._seqpacket import close_fds as _close_all
 from .._seqpacket import SPIN_SECONDS, recv_frame, send_frame
-from ._keeper import raise_fd_limit  # noqa: F401  (re-exported: the daemon and benchmarks use it from here)
 from .fdstore import FdStore, KeeperError, local_capacity
 from .registry import Effects, Registry, error_message
 

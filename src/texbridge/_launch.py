@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 
-from .._errors import AccessDenied, BrokerUnavailable
-from .._paths import ensure_runtime_dir, lock_path, namespace_name, socket_path
+from ._errors import AccessDenied, BrokerUnavailable
+from ._paths import ensure_runtime_dir, lock_path, namespace_name, socket_path
 
 _RETRYABLE = (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
 
