@@ -8,8 +8,8 @@ in the same namespace opens the handle and gets the same memory, zero-copy. A ke
         tex = s.create_texture(1920, 1080, "rgba8", name="camera", keyed_mutex=True)
         ...  # another process: texbridge.connect().open("camera")
 
-Layers (see docs/architecture.md): _protocol (pure) → _broker (registry pure, server thin) → _client → backends
-(memfd, vulkan, gl, cuda) → keyed_mutex → senders → _cli.
+Where each module sits, and what it may import: the layer table in docs/architecture.md (tests/test_architecture.py
+checks the code against it).
 """
 
 from ._client import Event as Event
