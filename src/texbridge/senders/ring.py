@@ -1,0 +1,420 @@
+"""The slot ring: a sender's control-buffer layout and the whole seqlock/pin handoff, over any writable buffer.
+
+Everything that touches the control words lives here, so the ordering rules can be read (and tested) in one
+place: `RingWriter` is the sender's side, `RingReader` a receiver's. Neither knows about brokers, resources or
+pixels: a slot is an index, and the caller owns whatever buffer each slot names (shared textures for a Sender,
+plain arrays in tests). A bytearray, an mmap or a NumPy array of CONTROL_SIZE bytes is enough to drive both sides.
+
+`FrameSink` / `FrameSource` are the seam for other transports (a VM shared-memory file, TCP): a Sender writes
+through a FrameSink, a Receiver reads through a FrameSource, and the memory ring is their first implementation.
+See docs/senders.md, "Adding a transport".
+
+Ordering (x86-64 TSO; see docs/senders.md): every control word is an aligned 8-byte load/store made by its own C
+call, large copies end with glibc's sfence, and `_fence()` (a full barrier from the C core) separates a store from
+a later load where the Dekker pair needs it: reader `pin; fence; read seq`, writer `seq odd; fence; re-read pins`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from .. import _synccore as _core
+from .._errors import ClosedError, InvalidArgument
+
+# -- control buffer layout: u64 words ---------------------------------------------------------------------------------
+CONTROL_SIZE = 4096
+MAGIC = 0x54425344_52303031  # "TBSDR001"
+MAX_SLOTS = 15
+MAX_READERS = 64
+_MAGIC, _VERSION, _HSEQ, _GEN, _WIDTH, _HEIGHT, _NSLOTS, _LATEST = range(8)
+_CLOSED, _FPS, _SYNC, _ACK, _PID, _SENT_NS, _MIRROR_GEN, _FMT = range(8, 16)
+_HANDLES, _SEQ, _SLOT_FRAME, _MIRROR = 16, 32, 48, 64
+_READERS, _READER_WORDS = 128, 4  # per reader: pid, pin mask, consumed frame, flags
+_R_PID, _R_PIN, _R_CONSUMED, _R_FLAGS = range(4)
+_WANT_COPY = 1
+SLOT_BITS = 4  # latest = frame << 4 | slot; the futex waits on its low 32 bits, which change every frame
+_SLOT_MASK = (1 << SLOT_BITS) - 1  # slot value a closing sender parks `latest` on (no ring slot has it)
+READ_ATTEMPTS = 1000  # a reader that loses this many races in a row gives up for now (returns None)
+
+T = TypeVar("T")
+
+
+def _fence() -> None:
+    """A full memory barrier, where a store must be visible before a later load (pin, then check the slot; mark
+    the slot, then check the pins)."""
+    _core.fence()
+
+
+# -- the transport seam -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Read(Generic[T]):
+    """One frame a FrameSource read without tearing: `data` is what the copy callback returned for `slot`, and
+    `seq` the slot's sequence it was verified against (for still_valid() on zero-copy views)."""
+
+    frame: int
+    slot: int
+    seq: int
+    data: T
+
+
+class FrameSink(Protocol):
+    """The writing side of a frame transport. begin() picks the slot to fill (it never waits for readers), the
+    caller fills that slot's storage, then commit() publishes it as the newest frame (or abort() discards it)."""
+
+    @property
+    def frame(self) -> int: ...  # number of the last frame committed (0: none yet)
+
+    def begin(self) -> int: ...
+
+    def commit(self, slot: int) -> int: ...  # returns the new frame number
+
+    def abort(self, slot: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FrameSource(Protocol):
+    """The reading side of a frame transport. newest() is the newest complete frame's number (0: none yet);
+    read() calls `copy(slot)` and returns its result only if no write overlapped the copy; wait() sleeps until
+    the newest frame is no longer `seen`."""
+
+    def newest(self) -> int: ...
+
+    def read(self, copy: Callable[[int], T], *, nslots: int, generation: int, keep_pin: bool = False
+             ) -> "Read[T] | None | type[Stale]": ...
+
+    def release(self) -> None: ...
+
+    def wait(self, seen: int, timeout: float | None) -> None: ...
+
+
+class Stale:
+    """read() result: the ring was rebuilt (a resize) since the caller opened its slots; reopen and read again."""
+
+
+# -- the shared words ---------------------------------------------------------------------------------------------------
+class _Owner(Protocol):
+    closed: bool
+
+    def close(self) -> None: ...
+
+
+class ControlWords:
+    """Views on a control buffer's words (u64 and, for fps, f64), plus futex wait/wake on them.
+
+    `owner` (optional) is what holds the mapping, e.g. the broker resource: wait() refuses once it is closed, and
+    close() closes it. The views stay valid after close (they keep the mapping alive), so a thread still inside a
+    wait or a read cannot touch unmapped memory."""
+
+    def __init__(self, buffer: Any, owner: _Owner | None = None) -> None:
+        raw = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, np.uint8)
+        if raw.nbytes < CONTROL_SIZE or raw.dtype != np.uint8 or raw.ndim != 1:
+            raise InvalidArgument(f"a control buffer is {CONTROL_SIZE} bytes of uint8, got {raw.dtype} {raw.shape}")
+        raw = raw[:CONTROL_SIZE]
+        self.res = owner
+        self.raw = raw
+        self.u = raw.view(np.uint64)
+        self.f = raw.view(np.float64)
+        self.readers = self.u[_READERS:_READERS + MAX_READERS * _READER_WORDS].reshape(MAX_READERS, _READER_WORDS)
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or (self.res is not None and self.res.closed)
+
+    def wait(self, index: int, expected: int, timeout: float | None) -> None:
+        """Sleep while the low 32 bits of word `index` equal `expected` (they change with every update)."""
+        if self.closed:
+            raise ClosedError("the sender's control buffer is closed (sender or receiver closed while waiting)")
+        _core.wait_word(self.raw, index * 8, expected & 0xFFFFFFFF, timeout)
+
+    def wake(self, index: int) -> None:
+        _core.wake_word(self.raw, index * 8)
+
+    def close(self) -> None:
+        """Drop the owner; wait() refuses from now on."""
+        self._closed = True
+        if self.res is not None:
+            self.res.close()
+
+
+def _format_word(format: str) -> int:
+    return int.from_bytes(format.encode()[:8].ljust(8, b"\0"), "little")
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """What a reader needs to open the slots of one ring generation: their handles (and the copy-path twins')."""
+
+    generation: int
+    handles: list[int]
+    mirror: list[int]
+
+
+# -- writer ---------------------------------------------------------------------------------------------------------------
+class RingWriter:
+    """The sender's side of the memory ring (a FrameSink): picks slots, runs the seqlock, publishes `latest`."""
+
+    def __init__(self, ctl: ControlWords, nslots: int, *, pid: int, frame_sync: bool = False) -> None:
+        if not isinstance(nslots, int) or not 2 <= nslots <= MAX_SLOTS:
+            raise InvalidArgument(f"a ring has 2..{MAX_SLOTS} slots, got {nslots!r}")
+        self.ctl = ctl
+        self.nslots = nslots
+        self.frame = 0
+        self.overwrites = 0  # frames written into a slot a receiver had pinned (every slot was pinned)
+        self._last = -1  # slot of the latest frame (-1: none in this ring generation)
+        u = ctl.u
+        u[_MAGIC], u[_VERSION], u[_PID], u[_SYNC] = MAGIC, 1, pid, int(frame_sync)
+
+    # -- ring generations ---------------------------------------------------------------------------------------------
+    def publish_ring(self, width: int, height: int, format: str, handles: list[int]) -> None:
+        """Install a new ring generation (first ring or a resize). Every slot's sequence is bumped before and after,
+        so a reader mid-copy of an old slot retries; the header seqlock (HSEQ) lets readers snapshot the handles."""
+        if len(handles) != self.nslots:
+            raise InvalidArgument(f"{len(handles)} slot handles for a ring of {self.nslots}")
+        u, n = self.ctl.u, self.nslots
+        u[_SEQ:_SEQ + n] += 1  # odd: a receiver mid-copy of an old slot will retry
+        u[_HSEQ] += 1
+        for i, h in enumerate(handles):
+            u[_HANDLES + i] = h
+        u[_WIDTH], u[_HEIGHT], u[_NSLOTS] = width, height, n
+        u[_FMT] = _format_word(format)
+        u[_SLOT_FRAME:_SLOT_FRAME + MAX_SLOTS] = 0
+        u[_MIRROR_GEN] = 0
+        u[_GEN] += 1
+        u[_HSEQ] += 1
+        u[_SEQ:_SEQ + n] += 1
+        self._last = -1
+
+    def publish_mirror(self, handles: list[int]) -> None:
+        """Announce the copy-path twins of the current generation's slots."""
+        u = self.ctl.u
+        for i, h in enumerate(handles):
+            u[_MIRROR + i] = h
+        u[_MIRROR_GEN] = u[_GEN]
+
+    def copy_wanted(self) -> bool:
+        """Some receiver asked for the copy path (it cannot import the slots' memory)."""
+        return bool(self.ctl.readers[:, _R_FLAGS].any())
+
+    # -- the seqlock --------------------------------------------------------------------------------------------------
+    def _pins(self) -> int:
+        return int(np.bitwise_or.reduce(self.ctl.readers[:, _R_PIN]))
+
+    def begin(self) -> int:
+        """The slot to write next, its sequence made odd: the oldest slot that is neither the latest nor pinned by a
+        reader. Only when every slot is pinned is the oldest overwritten (counted in `overwrites`)."""
+        u, n, last = self.ctl.u, self.nslots, self._last
+        pinned = self._pins()
+        for k in range(1, n):
+            cand = (last + k) % n
+            if (pinned >> cand) & 1:
+                continue
+            u[_SEQ + cand] += 1  # odd: writing
+            _fence()
+            # Dekker with the reader (pin, fence, read seq): either it sees the odd seq, or we see its pin.
+            pinned = self._pins()
+            if not (pinned >> cand) & 1:
+                return cand
+            u[_SEQ + cand] -= 1  # pinned meanwhile: untouched, restore the exact even value it read
+        slot = (last + 1) % n  # every slot is pinned: overwrite the oldest; its readers see the seq move
+        self.overwrites += 1
+        u[_SEQ + slot] += 1
+        return slot
+
+    def commit(self, slot: int) -> int:
+        """Publish the slot begun last as the next frame: slot frame, sequence even, then `latest`, then wake."""
+        u = self.ctl.u
+        self.frame += 1
+        u[_SLOT_FRAME + slot] = self.frame
+        u[_SEQ + slot] += 1  # even: complete
+        u[_SENT_NS] = time.monotonic_ns()
+        u[_LATEST] = (self.frame << SLOT_BITS) | slot
+        self._last = slot
+        self.ctl.wake(_LATEST)
+        return self.frame
+
+    def abort(self, slot: int) -> None:
+        """The write failed: the slot holds no frame (and its sequence moved, so no reader keeps a half copy)."""
+        u = self.ctl.u
+        u[_SLOT_FRAME + slot] = 0
+        u[_SEQ + slot] += 1
+
+    def set_fps(self, fps: float) -> None:
+        self.ctl.f[_FPS] = fps
+
+    def close(self) -> None:
+        """Tell readers the sender is gone: the closed flag, then `latest` parked on a slot no ring has (its low 32
+        bits change, so a reader about to sleep on the old value cannot miss the wake), then the wakes."""
+        u = self.ctl.u
+        u[_CLOSED] = 1
+        u[_LATEST] = (self.frame << SLOT_BITS) | _SLOT_MASK
+        self.ctl.wake(_LATEST)
+        self.ctl.wake(_ACK)
+
+    # -- readers, seen from the writer ---------------------------------------------------------------------------------
+    @property
+    def readers(self) -> int:
+        """Readers attached now."""
+        return int(np.count_nonzero(self.ctl.readers[:, _R_PID]))
+
+    def ack(self) -> int:
+        """The ack word's value now: pass it to wait_ack() after checking the condition (no missed wake)."""
+        return int(self.ctl.u[_ACK])
+
+    def wait_ack(self, seen: int, timeout: float | None) -> None:
+        """Sleep until a reader attaches, detaches or consumes a frame (frame_sync), or `timeout`."""
+        self.ctl.wait(_ACK, seen, timeout)
+
+    def all_consumed(self) -> bool:
+        """Every attached reader has consumed the last frame committed (frame_sync)."""
+        r = self.ctl.readers
+        active = r[:, _R_PID] != 0
+        return not active.any() or bool((r[active, _R_CONSUMED] >= self.frame).all())
+
+    def drop_dead_readers(self, alive: Callable[[int], bool]) -> None:
+        """Free the rows of readers behind on the last frame whose process died without detaching."""
+        r = self.ctl.readers
+        for i in np.flatnonzero(r[:, _R_PID] != 0):
+            if r[i, _R_CONSUMED] < self.frame and not alive(int(r[i, _R_PID])):
+                r[i] = 0
+
+
+# -- reader ---------------------------------------------------------------------------------------------------------------
+class RingReader:
+    """A receiver's side of the memory ring (a FrameSource): one reader row, the pin, the seqlock-checked read."""
+
+    def __init__(self, ctl: ControlWords) -> None:
+        self.ctl = ctl
+        self.row = -1
+
+    # -- the header -----------------------------------------------------------------------------------------------------
+    @property
+    def valid(self) -> bool:
+        """The buffer holds a sender's control words (magic)."""
+        return int(self.ctl.u[_MAGIC]) == MAGIC
+
+    @property
+    def closed(self) -> bool:
+        """The sender closed (or is closing)."""
+        return bool(int(self.ctl.u[_CLOSED]))
+
+    @property
+    def generation(self) -> int:
+        return int(self.ctl.u[_GEN])
+
+    @property
+    def format(self) -> str:
+        return int(self.ctl.u[_FMT]).to_bytes(8, "little").rstrip(b"\0").decode()
+
+    @property
+    def fps(self) -> float:
+        return float(self.ctl.f[_FPS])
+
+    @property
+    def sent_ns(self) -> int:
+        return int(self.ctl.u[_SENT_NS])
+
+    def latest(self) -> int:
+        """The raw `latest` word (frame << 4 | slot): what wait() compares against."""
+        return int(self.ctl.u[_LATEST])
+
+    def newest(self) -> int:
+        """The newest complete frame's number (0: none yet)."""
+        return int(self.ctl.u[_LATEST]) >> SLOT_BITS
+
+    def layout(self) -> RingLayout | None:
+        """A consistent snapshot of the current generation's slot handles; None while the sender rebuilds it."""
+        u = self.ctl.u
+        h1 = int(u[_HSEQ])
+        if h1 & 1:
+            return None
+        gen, n = int(u[_GEN]), int(u[_NSLOTS])
+        handles = [int(x) for x in u[_HANDLES:_HANDLES + n]]
+        mirror = [int(x) for x in u[_MIRROR:_MIRROR + n]] if int(u[_MIRROR_GEN]) == gen else []
+        if int(u[_HSEQ]) != h1:
+            return None
+        return RingLayout(gen, handles, mirror)
+
+    # -- the reader row -------------------------------------------------------------------------------------------------
+    def attach(self, pid: int, alive: Callable[[int], bool]) -> bool:
+        """Claim a free reader row (rows of dead readers are reused); False when all MAX_READERS are taken. Callers
+        serialize attaches between processes (a Receiver holds the control buffer's keyed mutex)."""
+        ctl = self.ctl
+        r = ctl.readers
+        for i in range(MAX_READERS):
+            row_pid = int(r[i, _R_PID])
+            if row_pid == 0 or not alive(row_pid):
+                r[i, _R_PIN] = r[i, _R_FLAGS] = 0
+                r[i, _R_CONSUMED] = 0
+                r[i, _R_PID] = pid
+                ctl.u[_ACK] += 1
+                ctl.wake(_ACK)  # wait_for_receivers()
+                self.row = i
+                return True
+        return False
+
+    def detach(self) -> None:
+        """Free the row; a frame_sync sender waiting for this reader stops waiting."""
+        if self.row >= 0:
+            self.ctl.readers[self.row] = 0
+            self.ctl.wake(_ACK)
+            self.row = -1
+
+    def request_copy(self) -> None:
+        """Ask the sender for memfd twins of its slots (this reader cannot import their memory)."""
+        self.ctl.readers[self.row, _R_FLAGS] = _WANT_COPY
+
+    # -- reading -----------------------------------------------------------------------------------------------------------
+    def read(self, copy: Callable[[int], T], *, nslots: int, generation: int, keep_pin: bool = False
+             ) -> Read[T] | None | type[Stale]:
+        """The newest frame, copied by `copy(slot)` and kept only if no write overlapped the copy.
+
+        Pin the latest slot, fence, read its sequence (odd or holding another frame: retry), copy, re-read the
+        sequence: a move means the copy may be torn, so it is dropped and the (newer) latest is tried. keep_pin
+        leaves the slot pinned (a zero-copy view: release() unpins). Stale: the ring was rebuilt since
+        `generation` (whose `nslots` slots the caller opened). None: the sender is closing, or every attempt lost."""
+        u, rows = self.ctl.u, self.ctl.readers
+        for _ in range(READ_ATTEMPTS):
+            if int(u[_GEN]) != generation:
+                return Stale
+            latest = int(u[_LATEST])
+            frame, slot = latest >> SLOT_BITS, latest & _SLOT_MASK
+            if slot >= nslots:
+                return None  # the sender is closing (it parks `latest` on slot _SLOT_MASK)
+            rows[self.row, _R_PIN] = 1 << slot
+            _fence()  # the pin must be visible before we read the seq (see RingWriter.begin)
+            s1 = int(u[_SEQ + slot])
+            if s1 & 1 or int(u[_SLOT_FRAME + slot]) != frame:
+                continue
+            data = copy(slot)
+            if int(u[_SEQ + slot]) != s1 or int(u[_GEN]) != generation:
+                continue  # overwritten while we copied: the next attempt takes the (newer) latest
+            if not keep_pin:
+                rows[self.row, _R_PIN] = 0
+            rows[self.row, _R_CONSUMED] = frame
+            if int(u[_SYNC]):
+                u[_ACK] += 1
+                self.ctl.wake(_ACK)
+            return Read(frame, slot, s1, data)
+        return None
+
+    def still_valid(self, got: Read[Any], generation: int) -> bool:
+        """Whether the slot a kept-pin read returned still holds that frame (its sequence did not move)."""
+        return int(self.ctl.u[_SEQ + got.slot]) == got.seq and int(self.ctl.u[_GEN]) == generation
+
+    def release(self) -> None:
+        """Unpin: the sender may reuse the slot."""
+        self.ctl.readers[self.row, _R_PIN] = 0
+
+    def wait(self, seen: int, timeout: float | None) -> None:
+        """Sleep (futex) while `latest` still equals `seen` (a latest() value), or until `timeout`."""
+        self.ctl.wait(_LATEST, seen, timeout)
+
+    def wake(self) -> None:
+        """Wake this ring's waiters (wait_frame() threads), e.g. when the sender is known to be gone."""
+        self.ctl.wake(_LATEST)
