@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Protocol, TypeVar
+from typing import Any, Callable, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -50,6 +50,10 @@ def _fence() -> None:
 
 
 # -- the transport seam -------------------------------------------------------------------------------------------------
+class Stale:
+    """read() result: the ring was rebuilt (a resize) since the caller opened its slots; reopen and read again."""
+
+
 @dataclass(frozen=True)
 class Read(Generic[T]):
     """One frame a FrameSource read without tearing: `data` is what the copy callback returned for `slot`, and
@@ -61,6 +65,7 @@ class Read(Generic[T]):
     data: T
 
 
+@runtime_checkable
 class FrameSink(Protocol):
     """The writing side of a frame transport. begin() picks the slot to fill (it never waits for readers), the
     caller fills that slot's storage, then commit() publishes it as the newest frame (or abort() discards it)."""
@@ -77,23 +82,25 @@ class FrameSink(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
 class FrameSource(Protocol):
     """The reading side of a frame transport. newest() is the newest complete frame's number (0: none yet);
-    read() calls `copy(slot)` and returns its result only if no write overlapped the copy; wait() sleeps until
-    the newest frame is no longer `seen`."""
+    latest() a token that changes with every frame and at close, for wait(token, timeout) to sleep on; read()
+    calls `copy(slot)` for the newest frame and returns its result only if no write overlapped the copy (Stale:
+    the slots were rebuilt since `generation`, reopen them; None: closing, or no untorn copy now)."""
 
     def newest(self) -> int: ...
+
+    def latest(self) -> int: ...
 
     def read(self, copy: Callable[[int], T], *, nslots: int, generation: int, keep_pin: bool = False
              ) -> "Read[T] | None | type[Stale]": ...
 
+    def still_valid(self, got: "Read[Any]", generation: int) -> bool: ...
+
     def release(self) -> None: ...
 
     def wait(self, seen: int, timeout: float | None) -> None: ...
-
-
-class Stale:
-    """read() result: the ring was rebuilt (a resize) since the caller opened its slots; reopen and read again."""
 
 
 # -- the shared words ---------------------------------------------------------------------------------------------------
@@ -384,6 +391,8 @@ class RingReader:
                 return Stale
             latest = int(u[_LATEST])
             frame, slot = latest >> SLOT_BITS, latest & _SLOT_MASK
+            if frame == 0:
+                return None  # nothing sent yet
             if slot >= nslots:
                 return None  # the sender is closing (it parks `latest` on slot _SLOT_MASK)
             rows[self.row, _R_PIN] = 1 << slot

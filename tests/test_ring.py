@@ -1,0 +1,340 @@
+"""The slot ring (texbridge.senders.ring) over plain buffers: no broker, no resources.
+
+Writer and reader steps are driven by hand, so every interleaving below (a copy overlapped by a write, a pin that
+lands between the writer's "slot busy" mark and its re-check) happens exactly where the test puts it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from texbridge._errors import ClosedError, InvalidArgument
+from texbridge.senders import FrameSink, FrameSource
+from texbridge.senders import ring as rg
+from texbridge.senders.ring import (CONTROL_SIZE, MAX_READERS, ControlWords, Read, RingReader, RingWriter, Stale)
+
+SHAPE = (4, 4)
+
+
+class Ring:
+    """A ring over a bytearray with NumPy slots, as a Sender lays it out (the writer fills a slot with one value)."""
+
+    def __init__(self, nslots: int = 3, buffer: object = None, frame_sync: bool = False) -> None:
+        self.ctl = ControlWords(buffer if buffer is not None else bytearray(CONTROL_SIZE))
+        self.nslots = nslots
+        self.w = RingWriter(self.ctl, nslots, pid=os.getpid(), frame_sync=frame_sync)
+        self.slots = [np.zeros(SHAPE, np.uint8) for _ in range(nslots)]
+        self.w.publish_ring(SHAPE[1], SHAPE[0], "r8", list(range(100, 100 + nslots)))
+
+    def send(self, value: int) -> int:
+        slot = self.w.begin()
+        self.slots[slot][...] = value
+        self.w.commit(slot)
+        return slot
+
+    def reader(self, pid: int | None = None) -> RingReader:
+        r = RingReader(self.ctl)
+        assert r.attach(pid or os.getpid(), lambda p: True)
+        return r
+
+    def read(self, r: RingReader, keep_pin: bool = False, copy=None):  # type: ignore[no-untyped-def]
+        gen = r.layout().generation  # type: ignore[union-attr]
+        return r.read(copy or (lambda s: self.slots[s].copy()), nslots=self.nslots, generation=gen,
+                      keep_pin=keep_pin)
+
+
+def seq(ring: Ring, slot: int) -> int:
+    return int(ring.ctl.u[rg._SEQ + slot])
+
+
+def test_the_memory_ring_is_a_frame_sink_and_source() -> None:
+    ring = Ring()
+    assert isinstance(ring.w, FrameSink) and isinstance(ring.reader(), FrameSource)
+    assert not isinstance(ring.ctl, FrameSink) and not isinstance(ring.w, FrameSource)
+
+
+def test_a_reader_gets_the_newest_frame_and_nothing_before_the_first() -> None:
+    ring = Ring()
+    r = ring.reader()
+    assert r.newest() == 0 and r.valid and not r.closed
+    ring.send(7)
+    ring.send(8)
+    got = ring.read(r)
+    assert isinstance(got, Read)
+    assert got.frame == 2 and int(got.data.min()) == int(got.data.max()) == 8
+    assert int(ring.ctl.readers[r.row, rg._R_CONSUMED]) == 2
+    assert int(ring.ctl.readers[r.row, rg._R_PIN]) == 0, "a copying read leaves no pin behind"
+
+
+def test_the_writer_skips_the_latest_and_pinned_slots_and_overwrites_only_when_all_are_pinned() -> None:
+    ring = Ring(nslots=3)
+    a, b = ring.reader(), ring.reader()
+    s1 = ring.send(1)
+    got_a = ring.read(a, keep_pin=True)  # a pins s1
+    assert isinstance(got_a, Read) and got_a.slot == s1
+    s2 = ring.send(2)
+    assert s2 != s1
+    got_b = ring.read(b, keep_pin=True)  # b pins s2
+    assert isinstance(got_b, Read)
+    s3 = ring.send(3)
+    assert s3 not in (s1, s2) and ring.w.overwrites == 0
+    c = ring.reader()
+    assert isinstance(ring.read(c, keep_pin=True), Read)  # c pins s3: every slot is pinned now
+    s4 = ring.send(4)
+    assert s4 == (s3 + 1) % 3 == s1 and ring.w.overwrites == 1
+    gen = a.generation
+    assert not a.still_valid(got_a, gen) and b.still_valid(got_b, gen), "only the overwritten view is invalid"
+    a.release()
+    b.release()
+    s5 = ring.send(5)
+    assert s5 == s2 and ring.w.overwrites == 1, "a released slot is reused before any pinned one"
+
+
+def test_a_copy_overlapped_by_a_write_is_detected_and_retried_on_the_newer_frame() -> None:
+    """The torn read: reader B copies slot X while the writer, finding every slot pinned, rewrites X."""
+    ring = Ring(nslots=2)
+    a, b = ring.reader(), ring.reader()
+    ring.send(1)  # slot 0
+    assert isinstance(ring.read(a, keep_pin=True), Read)  # a pins slot 0
+    torn_slot = ring.send(2)  # slot 1: the one b is about to copy
+    calls: list[int] = []
+
+    def copy_interrupted(slot: int) -> np.ndarray:
+        calls.append(slot)
+        half = ring.slots[slot][:2].copy()  # first half of frame 2
+        if len(calls) == 1:
+            # The writer runs in the middle of b's copy: both slots are pinned (a: 0, b: 1), so it overwrites the
+            # oldest (slot 0) with frame 3, then, with every slot still pinned, starts rewriting slot 1.
+            assert ring.send(3) == 0
+            victim = ring.w.begin()
+            assert victim == torn_slot
+            ring.slots[victim][...] = 99  # frame 4 half written: the rest of b's copy sees it
+            return np.concatenate([half, ring.slots[slot][2:]])
+        return ring.slots[slot].copy()
+
+    got = ring.read(b, copy=copy_interrupted)
+    assert isinstance(got, Read)
+    assert calls[0] == torn_slot and len(calls) == 2, "the torn copy was not retried"
+    assert got.frame == 3 and got.slot == 0 and int(got.data.min()) == int(got.data.max()) == 3
+    assert ring.w.overwrites == 2
+
+
+def test_a_write_that_does_not_move_the_sequence_goes_unnoticed() -> None:
+    """Control for the test above: the same overlap without the writer's sequence bump hands the reader a torn
+    frame, so the detection above is the sequence check's doing (and the test can see a torn frame)."""
+    ring = Ring(nslots=2)
+    a, b = ring.reader(), ring.reader()
+    ring.send(1)
+    assert isinstance(ring.read(a, keep_pin=True), Read)
+    ring.send(2)
+
+    def copy_interrupted(slot: int) -> np.ndarray:
+        half = ring.slots[slot][:2].copy()
+        ring.slots[slot][2:] = 99
+        return np.concatenate([half, ring.slots[slot][2:]])  # the writer "forgot" to bump the sequence
+
+    got = ring.read(b, copy=copy_interrupted)
+    assert isinstance(got, Read) and int(got.data.min()) != int(got.data.max())
+
+
+def test_a_pin_landing_between_the_busy_mark_and_the_recheck_makes_the_writer_back_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Dekker pair: the writer marks a slot odd, fences, re-reads the pins. A reader that pinned that slot in
+    between keeps it: the writer restores the exact sequence it replaced and takes another slot."""
+    ring = Ring(nslots=3)
+    r = ring.reader()
+    ring.send(1)  # slot 0; the writer will try slot 1 next
+    before = seq(ring, 1)
+    fences = []
+
+    def fence_with_a_reader_in_between() -> None:
+        if not fences:
+            ring.ctl.readers[r.row, rg._R_PIN] = 1 << 1  # the reader pins slot 1 right now
+        fences.append(1)
+
+    monkeypatch.setattr(rg, "_fence", fence_with_a_reader_in_between)
+    slot = ring.w.begin()
+    assert slot == 2 and len(fences) == 2
+    assert seq(ring, 1) == before, "the backed-off slot's sequence must be restored exactly (even)"
+    assert seq(ring, 2) & 1 and ring.w.overwrites == 0
+
+
+def test_a_reader_skips_a_slot_being_written_and_one_holding_another_frame() -> None:
+    ring = Ring(nslots=3)
+    r = ring.reader()
+    assert ring.read(r) is None, "nothing sent yet"
+    slot = ring.send(1)
+    ring.ctl.u[rg._SEQ + slot] += 1  # the slot named by `latest` is being rewritten (all pinned case)
+    seen = []
+    assert ring.read(r, copy=lambda s: seen.append(s)) is None and not seen, "an odd slot is never copied"
+    ring.ctl.u[rg._SEQ + slot] += 1
+    ring.ctl.u[rg._SLOT_FRAME + slot] = 0  # even again but no longer frame 1 (an aborted write)
+    assert ring.read(r, copy=lambda s: seen.append(s)) is None and not seen
+
+
+def test_abort_leaves_no_frame_and_moves_the_sequence() -> None:
+    ring = Ring()
+    ring.send(1)
+    slot = ring.w.begin()
+    s = seq(ring, slot)
+    ring.w.abort(slot)
+    assert seq(ring, slot) == s + 1 and not seq(ring, slot) & 1
+    assert int(ring.ctl.u[rg._SLOT_FRAME + slot]) == 0 and ring.w.frame == 1
+
+
+def test_a_new_ring_generation_makes_reads_stale_and_the_layout_is_a_consistent_snapshot() -> None:
+    ring = Ring(nslots=3)
+    r = ring.reader()
+    ring.send(1)
+    old = r.layout()
+    assert old is not None and old.handles == [100, 101, 102] and old.mirror == []
+    ring.w.publish_ring(8, 8, "r8", [200, 201, 202])
+    assert r.read(lambda s: s, nslots=3, generation=old.generation) is Stale
+    new = r.layout()
+    assert new is not None and new.generation == old.generation + 1 and new.handles == [200, 201, 202]
+    ring.w.publish_mirror([300, 301, 302])
+    assert r.layout().mirror == [300, 301, 302]  # type: ignore[union-attr]
+    ring.ctl.u[rg._HSEQ] += 1  # the writer is mid-rebuild
+    assert r.layout() is None
+    ring.ctl.u[rg._HSEQ] += 1
+    assert r.newest() == 1 and ring.read(r) is None, "the new generation holds no frame yet"
+
+
+def test_close_parks_latest_so_readers_stop_and_waiters_wake() -> None:
+    ring = Ring()
+    r = ring.reader()
+    ring.send(1)
+    token = r.latest()
+    woke = threading.Event()
+    t = threading.Thread(target=lambda: (r.wait(token, 10), woke.set()))
+    t.start()
+    time.sleep(0.05)
+    ring.w.close()
+    assert woke.wait(5), "a waiter must wake when the writer closes"
+    t.join(5)
+    assert r.closed and r.newest() == 1 and r.latest() != token
+    assert ring.read(r) is None
+
+
+def test_wait_sleeps_until_a_frame_arrives() -> None:
+    ring = Ring()
+    r = ring.reader()
+    token = r.latest()
+    t0 = time.monotonic()
+    r.wait(token, 0.05)
+    assert time.monotonic() - t0 >= 0.04, "nothing changed: the wait runs to its timeout"
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (r.wait(token, 10), done.set()))
+    t.start()
+    time.sleep(0.05)
+    ring.send(1)
+    assert done.wait(5)
+    t.join(5)
+
+
+def test_attach_reuses_dead_rows_and_refuses_when_full() -> None:
+    ring = Ring()
+    readers = [RingReader(ring.ctl) for _ in range(MAX_READERS)]
+    for i, r in enumerate(readers):
+        assert r.attach(1000 + i, lambda p: True) and r.row == i
+    assert ring.w.readers == MAX_READERS
+    assert not RingReader(ring.ctl).attach(5, lambda p: True)
+    late = RingReader(ring.ctl)
+    assert late.attach(5, lambda p: p != 1003) and late.row == 3
+    readers[0].detach()
+    assert ring.w.readers == MAX_READERS - 1 and readers[0].row == -1
+
+
+def test_frame_sync_counts_consumption_and_drops_dead_readers() -> None:
+    ring = Ring(frame_sync=True)
+    r, dead = ring.reader(pid=111), ring.reader(pid=222)
+    assert ring.w.all_consumed()
+    ring.send(1)
+    ack = ring.w.ack()
+    assert not ring.w.all_consumed()
+    assert isinstance(ring.read(r), Read)
+    assert ring.w.ack() == ack + 1, "a frame_sync reader bumps the ack word"
+    assert not ring.w.all_consumed()
+    ring.w.drop_dead_readers(lambda pid: pid != 222)
+    assert ring.w.all_consumed() and ring.w.readers == 1
+    assert int(ring.ctl.readers[dead.row, rg._R_PID]) == 0 and int(ring.ctl.readers[r.row, rg._R_PID]) == 111
+
+
+def test_control_words_refuse_a_short_buffer_and_waits_after_close() -> None:
+    with pytest.raises(InvalidArgument):
+        ControlWords(bytearray(100))
+    ctl = ControlWords(bytearray(CONTROL_SIZE))
+    ctl.close()
+    with pytest.raises(ClosedError):
+        ctl.wait(rg._LATEST, 0, 0.01)
+    with pytest.raises(InvalidArgument):
+        RingWriter(ControlWords(bytearray(CONTROL_SIZE)), 1, pid=1)
+
+
+WRITER = """
+import mmap, os, sys
+import numpy as np
+from texbridge.senders.ring import CONTROL_SIZE, ControlWords, RingWriter
+fd, frames = int(sys.argv[1]), int(sys.argv[2])
+m = mmap.mmap(fd, 0)
+buf = np.frombuffer(m, np.uint8)
+ctl = ControlWords(buf[:CONTROL_SIZE])
+w = RingWriter(ctl, 3, pid=os.getpid())
+slots = [buf[CONTROL_SIZE + i * 65536:CONTROL_SIZE + (i + 1) * 65536] for i in range(3)]
+w.publish_ring(256, 256, "r8", [1, 2, 3])
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(frames):
+    slot = w.begin()
+    slots[slot][...] = (w.frame + 1) & 0xFF
+    w.commit(slot)
+w.close()
+"""
+
+
+def test_a_writer_process_and_a_reader_over_a_shared_memfd_never_hand_over_a_torn_frame() -> None:
+    """The algorithm across processes, over a plain mapped memfd: every frame the reader keeps is uniform (one
+    frame's value) and frame numbers only grow."""
+    size = CONTROL_SIZE + 3 * 65536
+    fd = os.memfd_create("ring-test")
+    try:
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size)
+        buf = np.frombuffer(m, np.uint8)
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(fd), "20000"],
+                                pass_fds=(fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+            ctl = ControlWords(buf[:CONTROL_SIZE])
+            r = RingReader(ctl)
+            assert r.valid and r.attach(os.getpid(), lambda p: True)
+            slots = [buf[CONTROL_SIZE + i * 65536:CONTROL_SIZE + (i + 1) * 65536] for i in range(3)]
+            gen = r.layout().generation  # type: ignore[union-attr]
+            proc.stdin.write("go\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+            last, kept = 0, 0
+            deadline = time.monotonic() + 60
+            while not r.closed and time.monotonic() < deadline:
+                got = r.read(lambda s: slots[s].copy(), nslots=3, generation=gen)
+                if isinstance(got, Read):
+                    assert got.frame >= last
+                    assert int(got.data.min()) == int(got.data.max()) == got.frame & 0xFF, \
+                        f"torn frame {got.frame}: values {np.unique(got.data)[:8]}"
+                    last, kept = got.frame, kept + 1
+            assert proc.wait(60) == 0
+            assert r.closed and kept > 0 and last <= 20000
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        os.close(fd)
