@@ -94,6 +94,27 @@ def test_bad_memory_is_refused_and_fd_returned_for_closing(facts, code):
     assert w.closed == [fd] and not w.reg.resources
 
 
+@pytest.mark.parametrize("memory, facts, refusal", [
+    ("memfd", FdFacts("anon", SIZE, detail="dmabuf"), "needs a memfd, got a anon"),  # host-mappable memory is a memfd
+    ("memfd", FdFacts("chardev", SIZE, detail="/dev/dri/renderD128", major=226), "needs a memfd"),
+    ("opaque_fd", FdFacts("anon", SIZE, detail="dmabuf"), None),  # what GPU drivers export
+    ("dma_buf", FdFacts("anon", SIZE, detail="dmabuf"), None),
+    ("cuda_vmm", FdFacts("chardev", 0, detail="/dev/nvidiactl", major=195), None),
+    ("opaque_fd", FdFacts("memfd", 0, 0), None),  # lavapipe exports unsealed memfds, which no importer maps
+])
+def test_memory_fd_kinds_follow_the_memory_type_table(memory, facts, refusal):
+    w = World()
+    w.connect(1)
+    desc = Descriptor(kind="buffer", size=SIZE, memory=memory, backend="vulkan").to_wire()
+    fd, r = w.register(1, facts, desc=desc)
+    if refusal:
+        w.err(r, "invalid_descriptor")
+        assert refusal in r.message.fields["message"]
+        assert w.closed == [fd] and not w.reg.resources
+    else:
+        assert w.ok(r)["handle"] and not w.closed
+
+
 def test_wrong_fd_count_and_bad_descriptor():
     w = World()
     w.connect(1)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ._errors import InvalidDescriptor, echo
 from ._formats import get_format
+from ._memory_types import MEMORY_TYPES as _MEMORY_TABLE, get_memory_type
 
 MAX_DIMENSION = 65536
 MAX_MIP_LEVELS = 17
@@ -24,7 +25,7 @@ MAX_PLANES = 4
 MAX_FDS = 4
 
 KINDS = ("texture2d", "buffer", "keyed_mutex")
-MEMORY_TYPES = ("memfd", "opaque_fd", "dma_buf", "cuda_vmm")
+MEMORY_TYPES = tuple(_MEMORY_TABLE)  # the names; what each one means is in _memory_types
 GPU_SYNC_TYPES = ("", "timeline_opaque_fd")
 KEYED_MUTEX_STATE_SIZE = 4096
 
@@ -90,7 +91,7 @@ class Descriptor:
 
     def validate(self) -> "Descriptor":
         _check(self.kind in KINDS, f"kind must be one of {KINDS}, not {echo(self.kind)}")
-        _check(self.memory in MEMORY_TYPES, f"memory must be one of {MEMORY_TYPES}, not {echo(self.memory)}")
+        get_memory_type(self.memory)  # InvalidDescriptor naming the known types
         _check(_is_int(self.size) and 0 < self.size <= MAX_BYTES, f"size must be 1..{MAX_BYTES}, not {echo(self.size)}")
         for name in ("width", "height", "mip_levels", "array_size", "usage"):
             _check(_is_int(getattr(self, name)), f"{name} must be an integer")
@@ -117,9 +118,9 @@ class Descriptor:
                 _check(0 <= off <= MAX_BYTES, f"plane offset {off} out of range")
                 _check(self.width * fmt.bytes_per_pixel <= pitch <= MAX_BYTES,
                        f"row pitch {pitch} is below width*bytes_per_pixel = {self.width * fmt.bytes_per_pixel}")
-            if self.memory == "memfd":
-                _check(len(self.planes) >= 1, "a memfd texture needs its plane layout")
-                _check(self.mip_levels == 1, "memfd textures have one mip level")
+            if get_memory_type(self.memory).host_mappable:
+                _check(len(self.planes) >= 1, f"a {self.memory} texture needs its plane layout")
+                _check(self.mip_levels == 1, f"{self.memory} textures have one mip level")
             _check(self.required_size() <= self.size,
                    f"layout needs {self.required_size()} bytes but size is {self.size}")
         elif self.kind == "buffer":

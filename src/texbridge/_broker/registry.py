@@ -32,6 +32,7 @@ from .._handle import Handle
 from .._errors import (MAX_MESSAGE, AccessDenied, InvalidDescriptor, NameInUse, NotFound, QuotaExceeded,
                        RemoteProtocolError, TexbridgeError, echo)
 from .._fdinfo import FdFacts
+from .._memory_types import get_memory_type
 from .._protocol import MAX_FRAME, MAX_NAME, Message, Op
 
 # Limits on what is stored, so that every reply and event built from it fits a frame (see docs/protocol.md):
@@ -452,10 +453,13 @@ class Registry:
 
     @staticmethod
     def _check_memory(desc: Descriptor, facts: FdFacts) -> None:
+        """The memory fd against its row in the memory-type table: an fd kind the type comes as and, for memory
+        importers map with the CPU, a size seal and enough bytes (a shrinkable mapping could SIGBUS them)."""
         Registry._check_not_plumbing(facts, "memory")
-        if desc.memory == "memfd":
-            if facts.kind != "memfd":
-                raise InvalidDescriptor(f"memory 'memfd' needs a memfd, got a {facts.kind}")
+        mt = get_memory_type(desc.memory)
+        if facts.kind not in mt.fd_kinds:
+            raise InvalidDescriptor(f"memory {desc.memory!r} needs a {' or '.join(mt.fd_kinds)}, got a {facts.kind}")
+        if mt.host_mappable:
             if not facts.size_sealed:
                 raise InvalidDescriptor("the memfd is not sealed against shrinking and growing "
                                         "(F_SEAL_SHRINK|F_SEAL_GROW): importers could take SIGBUS")

@@ -9,11 +9,18 @@ from __future__ import annotations
 import importlib
 
 from .._errors import BackendError
+from .._memory_types import MEMORY_TYPES
 from ._base import Backend
 
-BACKENDS = ("memfd", "vulkan", "gl", "cuda")
+# The one list of backend names (the CLI's choices and help read it), each with what it is for.
+BACKENDS: dict[str, str] = {
+    "memfd": "CPU shared memory (sealed memfd), seen from NumPy without a copy",
+    "vulkan": "Vulkan images and buffers (opaque fd or dma-buf), also imports memfd memory",
+    "gl": "OpenGL textures and buffers through EXT_memory_object_fd, backed by Vulkan memory",
+    "cuda": "CUDA arrays and device memory (CUDA VMM), also imports Vulkan opaque-fd memory",
+}
 # Which backend opens a descriptor when the caller does not say: NumPy-visible memory where possible.
-DEFAULT_IMPORTER = {"memfd": "memfd", "opaque_fd": "vulkan", "dma_buf": "vulkan", "cuda_vmm": "cuda"}
+DEFAULT_IMPORTER = {name: m.default_importer for name, m in MEMORY_TYPES.items()}
 
 _loaded: dict[str, Backend] = {}
 

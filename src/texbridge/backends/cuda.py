@@ -28,6 +28,7 @@ from .._d3d11 import d3d11_texture_desc
 from .._descriptor import Descriptor, Usage, align, check_texture_size, texture_layout
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
+from .._memory_types import check_importer
 from .._resources import Resource
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
@@ -749,8 +750,7 @@ class CUDABackend:
             d = descriptor
             if box[0] < 0:
                 raise InvalidDescriptor("import needs the memory fd")
-            if d.memory not in ("opaque_fd", "cuda_vmm"):
-                raise InvalidDescriptor(f"the cuda backend cannot import {d.memory!r} memory")
+            check_importer(d.memory, "cuda")
             if d.kind not in ("texture2d", "buffer"):
                 raise InvalidDescriptor(f"the cuda backend cannot import a {d.kind}")
             if len(d.device_uuid) != 16:

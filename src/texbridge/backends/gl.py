@@ -51,6 +51,7 @@ from OpenGL.raw.GL.VERSION import GL_1_5 as _gl15, GL_3_0 as _gl30  # noqa: E402
 from .._descriptor import Descriptor, Usage  # noqa: E402
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor, TexbridgeError  # noqa: E402
 from .._formats import Format, get_format  # noqa: E402
+from .._memory_types import check_importer  # noqa: E402
 from .._resources import Resource  # noqa: E402
 from . import _egl  # noqa: E402
 
@@ -751,11 +752,8 @@ class GLBackend:
                     os.close(fd)
 
     def _import(self, descriptor: Descriptor, fds: list[int], context: Any, producer: Resource | None) -> GLResource:
-        if descriptor.memory != "opaque_fd":
-            hint = ("dma_buf needs EGLImage import, which this backend does not do yet: create the resource with "
-                    "memory='opaque_fd'" if descriptor.memory == "dma_buf" else
-                    "open it with the backend that made it (memfd → memfd, cuda_vmm → cuda)")
-            raise InvalidDescriptor(f"the gl backend imports opaque_fd memory, not {descriptor.memory}: {hint}")
+        check_importer(descriptor.memory, "gl", "dma_buf needs EGLImage import, which this backend does not do yet: "
+                       "create the resource with memory='opaque_fd'" if descriptor.memory == "dma_buf" else "")
         if descriptor.kind not in ("texture2d", "buffer"):
             raise InvalidDescriptor(f"the gl backend imports textures and buffers, not {descriptor.kind}")
         ctx = resolve_context(context, descriptor.device_uuid)

@@ -13,6 +13,7 @@ from .._descriptor import Descriptor, Usage, check_buffer_size, texture_layout
 from .._errors import InvalidDescriptor
 from .._formats import get_format
 from .._fdinfo import inspect_fd
+from .._memory_types import check_importer
 from .._sharedmem import SharedMapping, create_sealed
 from .._resources import Resource
 
@@ -93,8 +94,7 @@ class MemfdBackend:
             os.close(extra)
         try:
             _no_options(options)
-            if descriptor.memory != "memfd":
-                raise InvalidDescriptor(f"the memfd backend cannot map {descriptor.memory} memory")
+            check_importer(descriptor.memory, "memfd")
             facts = inspect_fd(fd)
             if not facts.size_sealed or facts.size < descriptor.required_size():
                 raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")

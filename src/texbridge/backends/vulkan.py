@@ -26,6 +26,7 @@ from .._descriptor import Descriptor, Usage, align
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
 from .._fdinfo import inspect_fd
+from .._memory_types import check_importer
 from .._sharedmem import SharedMapping
 from .._resources import Resource
 from ._vk import (HANDLE_DMA_BUF, HANDLE_HOST, HANDLE_NAMES, HANDLE_OPAQUE_FD, TimelineSemaphore, VulkanDevice,
@@ -815,16 +816,14 @@ class VulkanBackend:
             dev = device or default_device()
             dev.check_open()
             d = descriptor
-            if d.memory == "memfd":
+            if check_importer(d.memory, "vulkan").host_mappable:
                 res = _import_memfd(dev, d, owned, host_import)
-            elif d.memory in ("opaque_fd", "dma_buf"):
+            else:
                 box = [owned]
                 try:
                     res = _import_fd(dev, d, box)
                 finally:
                     owned = box[0]  # -1 once vkAllocateMemory took it
-            else:
-                raise InvalidDescriptor(f"the vulkan backend cannot import {d.memory!r} memory")
             owned = -1
             if sem_fd >= 0:
                 try:
