@@ -12,11 +12,12 @@ Where each module sits, and what it may import: the layer table in docs/architec
 checks the code against it).
 """
 
+import types as _types
+
 from ._client import Event as Event
 from ._client import Session as Session
 from ._client import connect as connect
 from ._descriptor import Descriptor as Descriptor
-from ._handle import Handle as Handle
 from ._descriptor import Usage as Usage
 from ._errors import AccessDenied as AccessDenied
 from ._errors import BackendError as BackendError
@@ -44,18 +45,43 @@ from ._errors import TexbridgeError as TexbridgeError
 from ._errors import TexbridgeTimeout as TexbridgeTimeout
 from ._errors import WouldBlock as WouldBlock
 from ._formats import FORMATS as FORMATS
+from ._handle import Handle as Handle
 from ._resources import Resource as Resource
+from .keyed_mutex import KeyedMutex as KeyedMutex
+from .keyed_mutex import KeyedMutexStats as KeyedMutexStats
 from .senders import Receiver as Receiver
 from .senders import Sender as Sender
+from .senders import SenderEvent as SenderEvent
+from .senders import SenderInfo as SenderInfo
 from .senders import list_senders as list_senders
 from .senders import watch_senders as watch_senders
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccessDenied", "BackendError", "BrokenError", "BrokerBusy", "BrokerUnavailable", "ClosedError", "Descriptor", "Event",
-    "FORMATS", "Handle", "IncompatibleDevice", "InvalidArgument", "InvalidDescriptor", "KeyedMutexAbandoned", "KeyedMutexError",
-    "KeyedMutexTimeout", "LocalProtocolError", "NameInUse", "NoKeyedMutex", "NotASender", "NotFound",
-    "NotHostVisible", "ProtocolError", "QuotaExceeded", "RemoteProtocolError", "Resource", "SenderNotFound", "Session", "TexbridgeError", "TexbridgeTimeout", "Usage", "WouldBlock",
-    "connect", "Sender", "Receiver", "list_senders", "watch_senders",
+    # connecting and resources
+    "connect", "Session", "Event", "Resource", "Descriptor", "Usage", "Handle", "FORMATS",
+    # synchronisation
+    "KeyedMutex", "KeyedMutexStats",
+    # senders and receivers
+    "Sender", "Receiver", "SenderInfo", "SenderEvent", "list_senders", "watch_senders",
+    # errors
+    "TexbridgeError", "AccessDenied", "BackendError", "BrokenError", "BrokerBusy", "BrokerUnavailable", "ClosedError",
+    "IncompatibleDevice", "InvalidArgument", "InvalidDescriptor", "KeyedMutexAbandoned", "KeyedMutexError",
+    "KeyedMutexTimeout", "LocalProtocolError", "NameInUse", "NoKeyedMutex", "NotASender", "NotFound", "NotHostVisible",
+    "ProtocolError", "QuotaExceeded", "RemoteProtocolError", "SenderNotFound", "TexbridgeTimeout", "WouldBlock",
 ]
+
+
+def _fixup_module_metadata() -> None:
+    """Show public classes and functions as `texbridge.X`, where users meet them (tracebacks, reprs, help), not as
+    the private module that defines them (`texbridge._errors.NotFound`): trio does the same. Pickling still works,
+    as `texbridge.X` is the same object."""
+    namespace = globals()
+    for name in __all__:
+        obj = namespace[name]
+        if isinstance(obj, (type, _types.FunctionType)) and obj.__module__.startswith(__name__ + "."):
+            obj.__module__ = __name__
+
+
+_fixup_module_metadata()
