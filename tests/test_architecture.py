@@ -25,7 +25,6 @@ DOC = ROOT / "docs" / "architecture.md"
 # (importlib.import_module(f"{__name__}.{name}") for each key), or None and why no texbridge module is loaded.
 LOADERS: dict[str, str | tuple[None, str]] = {
     "texbridge.backends": "BACKENDS",
-    "texbridge._cli": (None, "loads benchmarks/<name>.py, which lives outside the package"),
     "texbridge.cli.bench": (None, "loads benchmarks/<name>.py, which lives outside the package"),
 }
 

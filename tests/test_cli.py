@@ -22,7 +22,7 @@ from conftest import wait_until
 
 
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "texbridge._cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "texbridge.cli", *args], capture_output=True, text=True,
                           timeout=timeout, **kw)
 
 
@@ -108,7 +108,7 @@ def test_ctrl_c_ends_a_long_demo_at_once_with_the_partial_summary(cli_env, to):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "texbridge._cli", "demo", "--frames", "10000000", "--size",
+    proc = subprocess.Popen([sys.executable, "-m", "texbridge.cli", "demo", "--frames", "10000000", "--size",
                              "64x48"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -169,7 +169,7 @@ def test_ls_without_a_broker_starts_none(cli_env):
 
 def test_ls_watch_follows_events(cli_env):
     with texbridge.connect() as s:
-        watcher = subprocess.Popen([sys.executable, "-m", "texbridge._cli", "ls", "--watch"], stdout=subprocess.PIPE,
+        watcher = subprocess.Popen([sys.executable, "-m", "texbridge.cli", "ls", "--watch"], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         try:
             seen = []
@@ -296,7 +296,7 @@ def test_doctor_survives_a_missing_library(cli_env):
     code = textwrap.dedent("""
         import sys
         sys.modules["vulkan"] = None  # what a machine without the package looks like to `import vulkan`
-        from texbridge._cli import main
+        from texbridge.cli import main
         main(["doctor"])
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -445,7 +445,7 @@ def test_broker_stop_force_makes_live_clients_reattach(runtime):
         buf = s.create_buffer(4096, name="kept-across-stop")
         buf.numpy()[:4] = 7
         old = s.broker_pid
-        stop = lambda *a: subprocess.run([sys.executable, "-m", "texbridge._cli", "broker", "stop", *a],
+        stop = lambda *a: subprocess.run([sys.executable, "-m", "texbridge.cli", "broker", "stop", *a],
                                          capture_output=True, text=True, timeout=60)
         refused = stop()
         assert refused.returncode == 1 and "holder" in refused.stdout + refused.stderr
@@ -540,7 +540,7 @@ def test_ls_watch_follows_the_broker_across_a_restart(session):
     import subprocess
 
     session.create_buffer(4096, name="listed-again")
-    watcher = subprocess.Popen([sys.executable, "-m", "texbridge._cli", "ls", "--watch"], stdout=subprocess.PIPE,
+    watcher = subprocess.Popen([sys.executable, "-m", "texbridge.cli", "ls", "--watch"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
     watchdog = __import__("threading").Timer(30, watcher.kill)  # a missing line must fail the test, not hang it
     watchdog.start()

@@ -56,7 +56,7 @@ def display(tmp_path):
 def _view(display: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, DISPLAY=display)
     env.pop("PYOPENGL_PLATFORM", None)
-    return subprocess.run([sys.executable, "-m", "texbridge._cli", "view", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "texbridge.cli", "view", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

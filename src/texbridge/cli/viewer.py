@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._errors import BackendError, SenderNotFound, TexbridgeTimeout
+from .._errors import BackendError, SenderNotFound, TexbridgeTimeout
 
 # -- 5x7 bitmap font: 7 rows of 5 bits per glyph, MSB = leftmost column --------------------------------------------
 _GLYPHS = {
@@ -102,7 +102,7 @@ class TestPattern:
 def send_test(name: str, width: int, height: int, fps: float, frames: int | None, backend: str,
               on_frame: Any = None) -> int:
     """Publish the test pattern under `name` until Ctrl-C (or `frames`). Returns the frames sent."""
-    from .senders import Sender
+    from ..senders import Sender
 
     pattern = TestPattern(width, height, name)
     period = 1.0 / fps if fps > 0 else 0.0
@@ -149,7 +149,7 @@ class Viewer:
             from OpenGL import GL
         except ImportError as e:
             raise BackendError(f"the viewer needs glfw and PyOpenGL: {e}") from e
-        from .senders import Receiver
+        from ..senders import Receiver
 
         self.glfw, self.GL = glfw, GL
         self.receiver = Receiver(name, app_name="texbridge view")  # NotASender here: before any window exists
@@ -335,7 +335,7 @@ class Viewer:
         return 0
 
     def _live(self) -> str:
-        from .senders import list_senders
+        from ..senders import list_senders
 
         return ", ".join(repr(i.name) for i in list_senders(self.receiver._session)) or "none"
 

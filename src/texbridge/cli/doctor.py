@@ -1,4 +1,4 @@
-"""What this machine can share, gathered for `texbridge doctor`: one topic per backend plus the platform.
+"""`texbridge doctor`: what this machine can share, one topic per backend plus the platform and the keyed mutex.
 
 Each backend reports through its own `diagnostics()` (the backend knows its API best: Vulkan devices and their
 external-memory extensions, EGL/GL memory-object extensions, CUDA devices). This module only aggregates, and it must
@@ -13,13 +13,18 @@ import platform
 import sys
 from typing import Any
 
-from .backends import BACKENDS
+import click
+from rich.markup import escape
+from rich.tree import Tree
+
+from ..backends import BACKENDS
+from ._common import console
 
 
 def backend_report(name: str) -> dict[str, Any]:
     """One backend's diagnostics, or why it cannot give any."""
-    from ._errors import BackendError
-    from .backends import get_backend
+    from .._errors import BackendError
+    from ..backends import get_backend
 
     try:
         backend = get_backend(name)
@@ -39,18 +44,18 @@ def backend_report(name: str) -> dict[str, Any]:
 def keyed_mutex_report() -> dict[str, Any]:
     """Whether the compiled futex core of the keyed mutex is built and importable."""
     try:
-        from . import _synccore  # noqa: F401
+        from .. import _synccore  # noqa: F401
     except ImportError as e:
         return {"available": False, "detail": f"the compiled core is missing ({e}); run `pip install -e .`"}
     try:
-        from . import keyed_mutex  # noqa: F401
+        from .. import keyed_mutex  # noqa: F401
     except ImportError as e:
         return {"available": False, "detail": f"the compiled core is built but texbridge.keyed_mutex is missing: {e}"}
     return {"available": True, "detail": "C11 atomics + futex core built"}
 
 
 def platform_report() -> dict[str, Any]:
-    from ._paths import namespace_name, runtime_dir
+    from .._paths import namespace_name, runtime_dir
 
     try:
         namespace = namespace_name()
@@ -80,3 +85,39 @@ def collect() -> dict[str, dict[str, Any]]:
     for name in BACKENDS:
         topics[name] = backend_report(name)
     return topics
+
+
+def _tree_add(node: Tree, value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                _tree_add(node.add(f"[bold]{k}[/]"), v)
+            else:
+                node.add(f"[bold]{k}[/]: {escape(_scalar(v))}")
+    elif isinstance(value, list):
+        if all(not isinstance(v, (dict, list)) for v in value):
+            node.add(escape(", ".join(_scalar(v) for v in value)))
+        else:
+            for i, v in enumerate(value):
+                _tree_add(node.add(f"[{i}]"), v)
+    else:
+        node.add(escape(_scalar(value)))
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.hex() or "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+@click.command()
+def doctor() -> None:
+    """What this machine can share: memfd, Vulkan, EGL/GL, CUDA, and the keyed mutex core."""
+    for topic, report in collect().items():
+        ok = bool(report.get("available"))
+        mark = "[green]✔[/]" if ok else "[red]✘[/]"
+        tree = Tree(f"{mark} [bold]{topic}[/]: {escape(str(report.get('detail', '')))}")
+        _tree_add(tree, {k: v for k, v in report.items() if k not in ("available", "detail")})
+        console.print(tree, soft_wrap=True)

@@ -1,0 +1,29 @@
+"""The `texbridge` command. One module per command family; shared plumbing in `_common`:
+
+    resources  ls, info                     broker  broker start|stop|status
+    senders    send-test, senders, view     demo    demo (and the two processes it runs)
+    doctor     doctor (and what it gathers) bench   bench (runs benchmarks/)
+    viewer     the GLFW window and test pattern behind view and send-test
+
+Only the public Session API is used (plus the broker launcher and diagnostics), so the CLI exercises exactly what
+applications use. Commands that only look (ls, info, broker status/stop) never auto-start a broker.
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import bench, broker, demo, doctor, resources, senders
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="texbridge")
+def main() -> None:
+    """texbridge: DXGI-style shared textures and buffers between Linux processes."""
+
+
+for _command in (demo.demo, resources.ls, resources.info, broker.broker, doctor.doctor, bench.bench,
+                 senders.send_test, senders.senders, senders.view):
+    main.add_command(_command)
+
+__all__ = ["main"]
