@@ -27,7 +27,9 @@ WIDTH = None if sys.stdout.isatty() else max(200, int(os.environ.get("COLUMNS", 
 console = Console(highlight=False, width=WIDTH)
 err_console = Console(stderr=True, highlight=False, width=WIDTH)
 
-BACKEND_NAMES = list(BACKENDS)  # the one backend table's names, in its order
+# --backend's choices and help, from the one backend table
+BACKEND_NAMES = list(BACKENDS)
+BACKEND_HELP = "Where the memory lives: " + "; ".join(f"{name} ({what})" for name, what in BACKENDS.items()) + "."
 
 
 def _apply_namespace(_ctx: Any, _param: Any, value: str | None) -> None:

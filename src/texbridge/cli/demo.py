@@ -32,7 +32,8 @@ from rich.table import Table
 
 from .._errors import BackendError
 from ..backends import get_backend
-from ._common import BACKEND_NAMES, console, err_console, error_line, fail, friendly, namespace_option, parse_size
+from ._common import (BACKEND_HELP, BACKEND_NAMES, console, err_console, error_line, fail, friendly, namespace_option,
+                      parse_size)
 
 FORMAT = "rgba8"  # four bytes a pixel: one 32-bit pattern word per pixel
 HANDOFF_TIMEOUT = 10.0  # seconds one side waits for the other before calling the demo failed
@@ -398,7 +399,8 @@ def _error_text(msg: dict[str, Any] | None, role: str) -> str:
 @click.command()
 @click.option("--frames", default=600, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option("--size", default="1280x720", show_default=True, callback=parse_size, metavar="WxH")
-@click.option("--backend", default="memfd", show_default=True, type=click.Choice(BACKEND_NAMES))
+@click.option("--backend", default="memfd", show_default=True, type=click.Choice(BACKEND_NAMES),
+              help=BACKEND_HELP)
 @namespace_option
 @click.option("--corrupt-frame", type=int, default=-1, hidden=True,
               help="Self-test: the producer damages one pixel of this frame, and the demo must fail.")

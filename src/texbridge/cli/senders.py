@@ -17,7 +17,7 @@ import texbridge
 
 from .._errors import SenderNotFound, TexbridgeTimeout
 from ..senders import active_sender, watch_senders
-from ._common import BACKEND_NAMES, console, friendly, namespace_option, parse_size
+from ._common import BACKEND_HELP, console, friendly, namespace_option, parse_size
 
 
 def _info_row(info: Any, status: str = "live") -> tuple[str, ...]:
@@ -43,8 +43,7 @@ def _senders_table(rows: dict[str, tuple[str, ...]], active: str | None, title: 
 @click.option("--size", "-s", default="1280x720", callback=parse_size, show_default=True, help="WIDTHxHEIGHT.")
 @click.option("--fps", default=60.0, show_default=True, help="Frames per second (0: as fast as possible).")
 @click.option("--frames", default=None, type=int, help="Stop after this many frames (default: until Ctrl-C).")
-@click.option("--backend", default="memfd", show_default=True,
-              help=f"{', '.join(BACKEND_NAMES[:-1])} or {BACKEND_NAMES[-1]}.")
+@click.option("--backend", default="memfd", show_default=True, help=BACKEND_HELP)
 @namespace_option
 @friendly
 def send_test(name: str, size: tuple[int, int], fps: float, frames: int | None, backend: str) -> None:
