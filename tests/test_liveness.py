@@ -54,9 +54,11 @@ def test_a_different_start_time_is_a_reused_pid():
 def test_no_such_process_and_nonpositive_pids_are_dead():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()  # reaped: the pid names nothing (until reused)
-    for pid in (0, -1, -p.pid):
+    for pid in (0, -1, -p.pid, 2**31, 2**64 - 1):  # out of pid_t's range: a scribbled word, never an OverflowError
         assert not alive(pid)
-    assert start_time(0) == 0
+        assert start_time(pid) == 0
+        with watch(pid) as w:
+            assert not w.alive()
 
 
 def test_a_zombie_is_dead():

@@ -17,6 +17,7 @@ import select
 import time
 
 _DEAD_STATES = frozenset("ZXx")
+_PID_MAX = 2**31 - 1  # pid_t: a larger value (read from shared memory a peer can scribble on) names no process
 
 
 _UNREADABLE = ("?", 0)
@@ -47,7 +48,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
 def start_time(pid: int) -> int:
     """The process's start time (field 22 of /proc/<pid>/stat) to record now and pass to `alive()` later; 0 when
     unknown (no such process, or unreadable), which `alive()` then does not check."""
-    if pid <= 0:
+    if not 0 < pid <= _PID_MAX:
         return 0
     st = _stat(pid)
     return st[1] if st else 0
@@ -55,7 +56,7 @@ def start_time(pid: int) -> int:
 
 def alive(pid: int, start: int = 0) -> bool:
     """Exists, is not a zombie, and (when `start` is not 0) started at `start`: see the module docstring."""
-    if pid <= 0:
+    if not 0 < pid <= _PID_MAX:
         return False
     try:
         os.kill(pid, 0)
@@ -81,7 +82,7 @@ class Watch:
         self.pid = pid
         self._start = start_time(pid)
         self._fd = -1
-        if pid > 0 and hasattr(os, "pidfd_open"):
+        if 0 < pid <= _PID_MAX and hasattr(os, "pidfd_open"):
             try:
                 self._fd = os.pidfd_open(pid)
             except OSError:
