@@ -151,8 +151,8 @@ class BrokerServer:
                 self._next_keeper_check = now + _KEEPER_CHECK
                 self.store.check()
                 self._retire_lost()
-            if spinning:
-                continue
+            if spinning and events:  # an empty spin round still checks idleness: else a client that hangs up
+                continue                 # right after a request keeps an idle broker up until the next client
             if self.registry.idle and self.peers == {}:
                 if self.idle_timeout is not None and time.monotonic() - self._idle_since >= self.idle_timeout:
                     log.info("idle for %.1fs: exiting", self.idle_timeout)
