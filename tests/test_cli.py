@@ -16,7 +16,7 @@ import pytest
 
 import texbridge
 from texbridge._errors import BackendError
-from texbridge.backends import get_backend
+from texbridge.backends import BACKENDS, get_backend
 
 from conftest import wait_until
 
@@ -339,3 +339,38 @@ def texbridge_root():
     from pathlib import Path
 
     return Path(texbridge.__file__).resolve().parents[2]
+
+
+# -- plumbing every command shares ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["ls"], ["info", "x"], ["broker", "start"], ["broker", "stop"],
+                                     ["broker", "status"], ["demo", "--frames", "1", "--size", "8x8"],
+                                     ["send-test", "--frames", "1"], ["senders", "--once"],
+                                     ["view", "--timeout", "1"]])
+def test_every_command_reports_a_bad_namespace_in_one_line(cli_env, command):
+    """The one --namespace option and the one error wrapper: the same one-line error and exit status 1 from every
+    command, never a traceback."""
+    proc = cli(*command, "--namespace", "bad/ns")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: namespace 'bad/ns': use 1-64 of A-Z a-z 0-9 _ . - (not starting with . _ -)"], proc.stderr
+
+
+def test_the_namespace_option_reaches_what_a_command_opens(cli_env):
+    """--namespace wins over $TEXBRIDGE_NAMESPACE for the session commands and for the senders directory alike."""
+    ns = os.environ["TEXBRIDGE_NAMESPACE"] + "-n"
+    try:
+        senders = cli("senders", "--once", "--namespace", ns)
+        assert senders.returncode == 0, senders.stderr
+        assert f"senders in namespace {ns!r}" in senders.stdout
+        ls = cli("ls", "-n", ns)
+        assert ls.returncode == 0 and f"namespace {ns!r}: 0 resource(s)" in ls.stdout, ls.stdout
+    finally:
+        cli("broker", "stop", "--namespace", ns)
+
+
+def test_backend_choices_come_from_the_backend_table(cli_env):
+    proc = cli("demo", "--backend", "nope")
+    assert proc.returncode == 2
+    for name in BACKENDS:
+        assert repr(name) in proc.stderr, proc.stderr
+    assert all(name in cli("send-test", "--help").stdout for name in BACKENDS)

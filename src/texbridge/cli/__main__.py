@@ -2,5 +2,5 @@
 
 from . import main
 
-if __name__ == "__main__":  # the demo's spawned children import this module too: they must not run the CLI
+if __name__ == "__main__":
     main()
