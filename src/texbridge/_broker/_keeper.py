@@ -1,7 +1,8 @@
 """An fd keeper: holds fds for the broker past the broker's own RLIMIT_NOFILE room (see fdstore.py).
 
-Run as a script by path (`python -I .../_keeper.py SOCKFD`), never imported with the texbridge package: it uses the
-standard library only, so each keeper costs a bare interpreter (a few MB), not texbridge's imports.
+Run as a script by path (`python -I .../_keeper.py SOCKFD`), without the texbridge package (fdstore imports it only
+for its wire constants): it uses the standard library and `_fdlimit.py`, loaded by path, so each keeper costs a bare
+interpreter (a few MB), not texbridge's imports.
 Wire format on the SOCK_SEQPACKET socket, one request at a time: b"C" → b"C<capacity>"; b"P" + fd → 8-byte id
 (or b"E" when the fd did not arrive); b"G" + id → b"K" + the fd (or b"E"); b"D" + id → no reply.
 """
