@@ -29,9 +29,7 @@ LOADERS: dict[str, str | tuple[None, str]] = {
 }
 
 # Edges known to break the rules and being removed (issue 11); each must still exist, so a fixed one is struck here.
-KNOWN_BAD: dict[tuple[str, str], str] = {
-    ("texbridge.backends.gl", "texbridge.backends"): "gl loads the Vulkan backend through the package loader",
-}
+KNOWN_BAD: dict[tuple[str, str], str] = {}
 
 
 # -- the package's modules and their imports --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import msgpack
 
-from ._descriptor import Descriptor, Usage
+from ._descriptor import FD_MEMORY, FD_MUTEX, FD_SEMAPHORE, Descriptor, Usage
 from ._errors import (BrokenError, BrokerUnavailable, ClosedError, InvalidDescriptor, NameInUse, RemoteProtocolError,
                       TexbridgeError, error_from_code)
 from ._fdlimit import raise_fd_limit
@@ -41,6 +41,7 @@ from ._resources import Resource
 from ._seqpacket import close_fds as _close
 from ._seqpacket import recv_frame_spinning, send_frame
 from .backends import DEFAULT_IMPORTER, get_backend
+from .backends._fds import OwnedFds
 
 log = logging.getLogger("texbridge")
 
@@ -409,23 +410,23 @@ class Session:
             self._hold(handle.value, desc.to_wire(), _keep(fds))
         mutex = None
         try:
-            if desc.kind == "keyed_mutex" or desc.keyed_mutex:
-                from .keyed_mutex import KeyedMutex
+            # What nobody takes closes on leaving: the mutex's fd too (its mapping keeps the state alive, _held a dup).
+            with OwnedFds(fds, desc.fd_roles) as owned:
+                if FD_MUTEX in desc.fd_roles:
+                    from .keyed_mutex import KeyedMutex
 
-                mutex = KeyedMutex(fds[-1], session_id=self.session_id)
-            if desc.kind == "keyed_mutex":
-                res: Resource = _MutexResource(desc, mutex)
-            else:
-                memory_fds, fds = fds[: desc.backend_nfds], fds[desc.backend_nfds:]
-                chosen = get_backend(backend or DEFAULT_IMPORTER.get(desc.memory, "memfd"))
-                res = chosen.import_resource(desc, memory_fds, **options)  # owns memory_fds from here on
+                    mutex = KeyedMutex(owned.get(FD_MUTEX), session_id=self.session_id)
+                if desc.kind == "keyed_mutex":
+                    res: Resource = _MutexResource(desc, mutex)
+                else:
+                    chosen = get_backend(backend or DEFAULT_IMPORTER.get(desc.memory, "memfd"))
+                    # the backend owns the memory and semaphore fds from here on
+                    res = chosen.import_resource(desc, owned.take(FD_MEMORY, FD_SEMAPHORE), **options)
         except BaseException:
             if mutex is not None:
                 mutex.close()
-            _close(fds)
             self._release_handle(handle.value)
             raise
-        _close(fds)  # the mutex fd: the mapping keeps the state alive (and _held a dup)
         return self._track(res, handle, mutex)
 
     def info(self, handle_or_name: "Handle | str | int") -> dict[str, Any]:

@@ -28,6 +28,8 @@ KINDS = ("texture2d", "buffer", "keyed_mutex")
 MEMORY_TYPES = tuple(_MEMORY_TABLE)  # the names; what each one means is in _memory_types
 GPU_SYNC_TYPES = ("", "timeline_opaque_fd")
 KEYED_MUTEX_STATE_SIZE = 4096
+# What each fd travelling with a descriptor is (Descriptor.fd_roles gives their order).
+FD_MEMORY, FD_SEMAPHORE, FD_MUTEX = "memory", "semaphore", "mutex"
 
 
 class Usage(enum.IntFlag):
@@ -66,14 +68,16 @@ class Descriptor:
     driver_private: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def nfds(self) -> int:
-        """How many fds travel with this descriptor: the memory, a GPU semaphore if any, the keyed mutex state last."""
-        return 1 + int(bool(self.gpu_sync)) + int(self.keyed_mutex and self.kind != "keyed_mutex")
+    def fd_roles(self) -> tuple[str, ...]:
+        """The fds that travel with this descriptor, in order: the memory, the GPU semaphore (gpu_sync), the keyed
+        mutex state last (keyed_mutex). A keyed_mutex resource's memory is its state: one fd, FD_MUTEX."""
+        if self.kind == "keyed_mutex":
+            return (FD_MUTEX,)
+        return (FD_MEMORY,) + (FD_SEMAPHORE,) * bool(self.gpu_sync) + (FD_MUTEX,) * bool(self.keyed_mutex)
 
     @property
-    def backend_nfds(self) -> int:
-        """The leading fds the importing backend takes (memory and semaphore); the session keeps the mutex's."""
-        return self.nfds - int(self.keyed_mutex and self.kind != "keyed_mutex")
+    def nfds(self) -> int:
+        return len(self.fd_roles)
 
     @property
     def row_pitch(self) -> int:
@@ -127,6 +131,7 @@ class Descriptor:
             _check(not self.planes and not self.format, "a buffer has no format or planes")
         else:
             _check(self.size >= KEYED_MUTEX_STATE_SIZE, "keyed mutex state is one page")
+            _check(not self.gpu_sync, "a keyed mutex resource has no GPU semaphore: its state page is its one fd")
         return self
 
     # -- wire form ------------------------------------------------------------------------------------------------

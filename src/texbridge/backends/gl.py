@@ -48,12 +48,13 @@ from OpenGL.raw.GL.NV import timeline_semaphore as _tl  # noqa: E402
 from OpenGL.raw.GL.VERSION import GL_1_0 as _gl10, GL_1_1 as _gl11, GL_1_2 as _gl12  # noqa: E402
 from OpenGL.raw.GL.VERSION import GL_1_5 as _gl15, GL_3_0 as _gl30  # noqa: E402
 
-from .._descriptor import Descriptor, Usage  # noqa: E402
+from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage  # noqa: E402
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor, TexbridgeError  # noqa: E402
 from .._formats import Format, get_format  # noqa: E402
 from .._memory_types import check_importer  # noqa: E402
 from .._resources import Resource  # noqa: E402
 from . import _egl  # noqa: E402
+from ._fds import OwnedFds, close_on_error  # noqa: E402
 
 GL_HANDLE_TYPE_OPAQUE_FD_EXT = 0x9586
 GL_TEXTURE_TILING_EXT, GL_OPTIMAL_TILING_EXT, GL_LINEAR_TILING_EXT = 0x9580, 0x9584, 0x9585
@@ -495,15 +496,14 @@ class GLResource(Resource):
         """The exporter orders its GPU work with a timeline semaphore (fd; taken). With GL_NV_timeline_semaphore
         GL imports it and waits/signals values on the GPU. Without, it is imported into Vulkan and waited/signalled
         from the host: correct everywhere, at the cost of a CPU wait per handoff."""
-        try:
+        with close_on_error(self.close), OwnedFds([fd], [FD_SEMAPHORE]) as owned:  # both imports take the fd
             if self.context.caps.timeline_semaphore:
-                self._gl_semaphore = GLBackend().import_semaphore(fd, self.context, timeline=True)
+                self._gl_semaphore = GLBackend().import_semaphore(owned.take_one(FD_SEMAPHORE), self.context,
+                                                                  timeline=True)
             else:
-                from .vulkan import default_device
-                self._host_semaphore = default_device().import_timeline_semaphore(fd)
-        except BaseException:
-            self.close()
-            raise
+                from ._vk import default_device
+                dev = default_device()
+                self._host_semaphore = dev.import_timeline_semaphore(owned.take_one(FD_SEMAPHORE))
 
     @property
     def _timeline(self) -> Any:
@@ -734,24 +734,19 @@ class GLBackend:
     def import_resource(self, descriptor: Descriptor, fds: Sequence[int], context: Any = None,
                         **options: Any) -> GLResource:
         """Import Vulkan-exported memory (fds[0], OPAQUE_FD). Takes ownership of every fd in `fds`."""
-        fds = list(fds)
-        try:
+        with OwnedFds.for_import(descriptor, fds) as owned:  # closes what the import did not take
             if options:
                 raise TypeError(f"gl backend import takes no options: {', '.join(options)}")
-            if not fds:
+            if owned.get(FD_MEMORY) < 0:
                 raise InvalidDescriptor("no memory fd to import")
-            res = self._import(descriptor, fds, context, None)
-            fds[0] = -1  # GL owns it now
-            if descriptor.gpu_sync and len(fds) > 1:
-                sem_fd, fds[1] = fds[1], -1
+            res = self._import(descriptor, owned, context, None)
+            sem_fd = owned.take_one(FD_SEMAPHORE)
+            if sem_fd >= 0:
                 res._attach_timeline(sem_fd)
             return res
-        finally:
-            for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
 
-    def _import(self, descriptor: Descriptor, fds: list[int], context: Any, producer: Resource | None) -> GLResource:
+    def _import(self, descriptor: Descriptor, fds: OwnedFds, context: Any, producer: Resource | None) -> GLResource:
+        """Import the memory fd, taken from `fds` once GL owns it (a successful glImportMemoryFdEXT)."""
         check_importer(descriptor.memory, "gl", "dma_buf needs EGLImage import, which this backend does not do yet: "
                        "create the resource with memory='opaque_fd'" if descriptor.memory == "dma_buf" else "")
         if descriptor.kind not in ("texture2d", "buffer"):
@@ -773,13 +768,13 @@ class GLBackend:
             _mo.glCreateMemoryObjectsEXT(1, mem)
         memory = int(mem[0])
         tex = buf = 0
-        try:
+        with close_on_error(lambda: _delete_objects(tex, buf, memory)):
             if priv.get("dedicated"):
                 with _gl("glMemoryObjectParameterivEXT(GL_DEDICATED_MEMORY_OBJECT_EXT)"):
                     _mo.glMemoryObjectParameterivEXT(memory, GL_DEDICATED_MEMORY_OBJECT_EXT, (ctypes.c_int * 1)(1))
             with _gl("glImportMemoryFdEXT"):
-                _mofd.glImportMemoryFdEXT(memory, alloc_size, GL_HANDLE_TYPE_OPAQUE_FD_EXT, fds[0])
-            fds[0] = -1  # a successful import transfers the fd to GL
+                _mofd.glImportMemoryFdEXT(memory, alloc_size, GL_HANDLE_TYPE_OPAQUE_FD_EXT, fds.get(FD_MEMORY))
+            fds.take(FD_MEMORY)  # a successful import transfers the fd to GL
             if descriptor.kind == "buffer":
                 buf = int(GL.glGenBuffers(1))
                 gl_size = _gl_buffer_size(descriptor)
@@ -818,16 +813,13 @@ class GLBackend:
             if not ok:
                 raise BackendError(f"{caps.renderer} did not attach the imported memory (not memory this driver "
                                    "exported, or exported by another device)")
-        except BaseException:
-            _delete_objects(tex, buf, memory)
-            raise
         return GLResource(descriptor, ctx, memory_object=memory, texture=tex, buffer=buf, target=target,
                           producer=producer)
 
     def import_semaphore(self, fd: int, context: Any = None, *, timeline: bool = False) -> GLSemaphore:
         """Import a Vulkan semaphore (OPAQUE_FD) for GPU-side ordering; timeline=True for a timeline semaphore
         (needs GL_NV_timeline_semaphore). Takes ownership of `fd`."""
-        try:
+        with OwnedFds([fd], [FD_SEMAPHORE]) as owned:
             ctx = resolve_context(context)
             if not ctx.caps.semaphore_fd:
                 raise BackendError(f"GL_EXT_semaphore_fd is not supported by {ctx.caps.renderer}")
@@ -842,27 +834,20 @@ class GLBackend:
                                                  (ctypes.c_int * 1)(_tl.GL_SEMAPHORE_TYPE_TIMELINE_NV))
                 else:
                     _sem.glGenSemaphoresEXT(1, sem)
-            try:
-                with _gl("glImportSemaphoreFdEXT"):
-                    _semfd.glImportSemaphoreFdEXT(int(sem[0]), GL_HANDLE_TYPE_OPAQUE_FD_EXT, fd)
-            except BaseException:
-                _sem.glDeleteSemaphoresEXT(1, sem)
-                raise
-            fd = -1
+            with close_on_error(lambda: _sem.glDeleteSemaphoresEXT(1, sem)), _gl("glImportSemaphoreFdEXT"):
+                _semfd.glImportSemaphoreFdEXT(int(sem[0]), GL_HANDLE_TYPE_OPAQUE_FD_EXT, fd)
+            owned.take(FD_SEMAPHORE)  # a successful import transfers the fd to GL
             return GLSemaphore(ctx, int(sem[0]), timeline=timeline)
-        finally:
-            if fd >= 0:
-                os.close(fd)
 
     # -- GL as a producer (memory from Vulkan) ---------------------------------------------------------------------
     def _vulkan(self) -> Any:
-        from . import get_backend
-
+        """The Vulkan backend, imported directly (a sibling module; lazily: GL import alone does not need it)."""
         try:
-            return get_backend("vulkan")
-        except BackendError as e:
+            from . import vulkan
+        except ImportError as e:
             raise BackendError(f"GL cannot allocate shareable memory itself and the vulkan backend is "
-                               f"unavailable: {e}") from e
+                               f"unavailable: {e} (install texbridge[vulkan])") from e
+        return vulkan.BACKEND
 
     def _vulkan_device(self, caps: GLCaps) -> Any:
         """The Vulkan device GL can import from: the process's default one if its UUID is among the GL context's,
@@ -891,25 +876,16 @@ class GLBackend:
             raise BackendError(f"GL_EXT_memory_object_fd is not supported by {caps.renderer} ({caps.version})")
         vk_res = create(self._vulkan_device(caps))
         ctx.enter()  # creating a Vulkan device may have run other GL/EGL code on this thread
-        try:
+        with close_on_error(vk_res.close):
             desc = vk_res.descriptor.with_(backend="gl")
             if gl_buffer_size is not None:
                 desc = desc.with_(driver_private={**desc.driver_private, "gl_buffer_size": gl_buffer_size})
-            fds = vk_res.export_fds()
-            try:
-                res = self._import(desc, fds, ctx, vk_res)
-                fds[0] = -1
-                if desc.gpu_sync and len(fds) > 1 and caps.timeline_semaphore:
-                    sem_fd, fds[1] = fds[1], -1
-                    res._attach_timeline(sem_fd)  # GL itself waits/signals the resource's timeline on the GPU
+            with OwnedFds.for_import(desc, vk_res.export_fds()) as owned:
+                res = self._import(desc, owned, ctx, vk_res)
+                if caps.timeline_semaphore and owned.get(FD_SEMAPHORE) >= 0:
+                    # GL itself waits/signals the resource's timeline on the GPU
+                    res._attach_timeline(owned.take_one(FD_SEMAPHORE))
                 return res
-            finally:
-                for fd in fds:
-                    if fd >= 0:
-                        os.close(fd)
-        except BaseException:
-            vk_res.close()
-            raise
 
     def create_texture(self, width: int, height: int, format: str, *, usage: int = int(Usage.DEFAULT),
                        keyed_mutex: bool = False, context: Any = None, mip_levels: int = 1, array_size: int = 1,

@@ -9,13 +9,14 @@ import numpy as np
 
 from .._d3d11 import d3d11_texture_desc
 
-from .._descriptor import Descriptor, Usage, check_buffer_size, texture_layout
+from .._descriptor import FD_MEMORY, Descriptor, Usage, check_buffer_size, texture_layout
 from .._errors import InvalidDescriptor
 from .._formats import get_format
 from .._fdinfo import inspect_fd
 from .._memory_types import check_importer
 from .._sharedmem import SharedMapping, create_sealed
 from .._resources import Resource
+from ._fds import OwnedFds
 
 
 class MemfdResource(Resource):
@@ -87,21 +88,18 @@ class MemfdBackend:
     def import_resource(self, descriptor: Descriptor, fds: Sequence[int], **options: Any) -> MemfdResource:
         """Map fds[0]. Takes ownership of every fd: a GPU semaphore (gpu_sync) means nothing to CPU memory, which
         the keyed mutex alone orders, so it is closed at once."""
-        if not fds:
-            raise InvalidDescriptor("import needs the memory fd")
-        fd = fds[0]
-        for extra in fds[1:]:
-            os.close(extra)
-        try:
+        with OwnedFds.for_import(descriptor, fds) as owned:
+            fd = owned.get(FD_MEMORY)
+            if fd < 0:
+                raise InvalidDescriptor("import needs the memory fd")
             _no_options(options)
             check_importer(descriptor.memory, "memfd")
             facts = inspect_fd(fd)
             if not facts.size_sealed or facts.size < descriptor.required_size():
                 raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")
-            return MemfdResource(descriptor, fd)
-        except BaseException:
-            os.close(fd)
-            raise
+            res = MemfdResource(descriptor, fd)
+            owned.take(FD_MEMORY)  # the resource's now
+            return res
 
     def diagnostics(self) -> dict[str, Any]:
         try:

@@ -22,13 +22,14 @@ import numpy as np
 
 from . import _vk  # imports `vulkan`: an ImportError here makes the backend unavailable, not texbridge
 from .._d3d11 import d3d11_texture_desc
-from .._descriptor import Descriptor, Usage, align
+from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
 from .._fdinfo import inspect_fd
 from .._memory_types import check_importer
 from .._sharedmem import SharedMapping
 from .._resources import Resource
+from ._fds import OwnedFds, close_on_error
 from ._vk import (HANDLE_DMA_BUF, HANDLE_HOST, HANDLE_NAMES, HANDLE_OPAQUE_FD, TimelineSemaphore, VulkanDevice,
                   VulkanError, check, default_device, ffi, lib, live_objects, track, vk)
 
@@ -292,7 +293,7 @@ class _Staging:
     def __init__(self, dev: VulkanDevice, size: int) -> None:
         self.dev, self.size = dev, size
         self.buffer = self.memory = None
-        try:
+        with close_on_error(self.close):
             self.buffer = _create_buffer(dev, size, vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT |
                                          vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT, 0)
             rsize, _, bits, _ = _requirements(dev, buffer=self.buffer)
@@ -304,9 +305,6 @@ class _Staging:
             ptr = ffi.new("void**")
             check(lib.vkMapMemory(dev.device, self.memory, 0, size, 0, ptr), "vkMapMemory")
             self.array = np.frombuffer(ffi.buffer(ptr[0], size), np.uint8)
-        except BaseException:
-            self.close()
-            raise
 
     def close(self) -> None:
         self.array = None
@@ -407,11 +405,8 @@ class VulkanResource(Resource):
         check(self.device.vkGetMemoryFdKHR(self.device.device, info, out), "vkGetMemoryFdKHR")
         fds = [out[0]]
         if self.semaphore is not None:
-            try:
+            with close_on_error(functools.partial(os.close, fds[0])):
                 fds.append(self.semaphore.export_fd())
-            except BaseException:
-                os.close(fds[0])
-                raise
         return fds
 
     # -- keyed mutex ↔ GPU -------------------------------------------------------------------------------------------
@@ -706,7 +701,7 @@ class VulkanBackend:
         if not modifiers:
             _check_image_support(dev, p, handle_type, export=True)
         image = mem = None
-        try:
+        with close_on_error(lambda: _destroy(dev, image=image, memory=mem)):
             image = _create_image(dev, p, handle_type, modifiers=modifiers)
             size, _, bits, _ = _requirements(dev, image=image)
             type_index = dev.find_memory_type(bits, _DEVICE_LOCAL)
@@ -733,12 +728,9 @@ class VulkanBackend:
                 runtime_private=d3d11_texture_desc(width, height, format, mip_levels=mip_levels,
                                                    array_size=array_size, keyed_mutex=keyed_mutex),
                 driver_private=dp).validate()
-        except BaseException:
-            _destroy(dev, image=image, memory=mem)
-            raise
         res = VulkanResource(desc, dev, image=image, memory=mem, handle_type=handle_type, exportable=True,
                              layout=vk.VK_IMAGE_LAYOUT_GENERAL)
-        try:
+        with close_on_error(res.close):
             # Defined contents (zeros, like a memfd) and the shared GENERAL layout before anyone imports it.
             value, rng = _clear_value(get_format(format), 0), ffi.new("VkImageSubresourceRange*", {
                 "aspectMask": _COLOR, "levelCount": mip_levels, "layerCount": array_size})
@@ -751,9 +743,6 @@ class VulkanBackend:
 
             dev.one_shot(init)
             res._attach_semaphore()
-        except BaseException:
-            res.close()
-            raise
         return res
 
     def create_buffer(self, size: int, *, usage: int = int(Usage.DEFAULT), keyed_mutex: bool = False,
@@ -766,7 +755,7 @@ class VulkanBackend:
         vk_usage = vk_buffer_usage(usage)
         _check_buffer_support(dev, vk_usage, HANDLE_OPAQUE_FD, export=True)
         buf = mem = None
-        try:
+        with close_on_error(lambda: _destroy(dev, buffer=buf, memory=mem)):
             buf = _create_buffer(dev, size, vk_usage, HANDLE_OPAQUE_FD)
             alloc, _, bits, _ = _requirements(dev, buffer=buf)
             if alloc != size:  # make the buffer span its whole allocation, so size means one thing everywhere
@@ -784,16 +773,10 @@ class VulkanBackend:
                                 "memory_type_index": type_index, "memory_type_bits": bits,
                                 "memory_type_flags": dev.memory_types[type_index][0], "dedicated": True,
                                 "handle_type": "opaque_fd"}).validate()
-        except BaseException:
-            _destroy(dev, buffer=buf, memory=mem)
-            raise
         res = VulkanResource(desc, dev, buffer=buf, memory=mem, handle_type=HANDLE_OPAQUE_FD, exportable=True)
-        try:
+        with close_on_error(res.close):
             dev.one_shot(lambda cmd: (lib.vkCmdFillBuffer(cmd, buf, 0, WHOLE_SIZE, 0), _memory_barrier(cmd)))
             res._attach_semaphore()
-        except BaseException:
-            res.close()
-            raise
         return res
 
     # -- import ------------------------------------------------------------------------------------------------------
@@ -805,13 +788,8 @@ class VulkanBackend:
         memory. memfd: mapped and imported as host memory (zero copy) where VK_EXT_external_memory_host allows,
         else copied (see sync_to_image/sync_to_host); host_import=False forces the copy path.
         """
-        fds = list(fds)
-        owned = fds[0] if fds else -1
-        sem_fd = fds[1] if descriptor.gpu_sync and len(fds) > 1 else -1
-        for extra in fds[1 + (sem_fd >= 0):]:
-            os.close(extra)  # anything else is not ours to keep; never leak one handed to us
-        try:
-            if owned < 0:
+        with OwnedFds.for_import(descriptor, fds) as owned:  # closes what the import did not take
+            if owned.get(FD_MEMORY) < 0:
                 raise InvalidDescriptor("import needs the memory fd")
             dev = device or default_device()
             dev.check_open()
@@ -819,25 +797,12 @@ class VulkanBackend:
             if check_importer(d.memory, "vulkan").host_mappable:
                 res = _import_memfd(dev, d, owned, host_import)
             else:
-                box = [owned]
-                try:
-                    res = _import_fd(dev, d, box)
-                finally:
-                    owned = box[0]  # -1 once vkAllocateMemory took it
-            owned = -1
+                res = _import_fd(dev, d, owned)
+            sem_fd = owned.take_one(FD_SEMAPHORE)
             if sem_fd >= 0:
-                try:
-                    fd, sem_fd = sem_fd, -1
-                    res.semaphore = dev.import_timeline_semaphore(fd)  # takes the fd, success or failure
-                except BaseException:
-                    res.close()
-                    raise
+                with close_on_error(res.close):
+                    res.semaphore = dev.import_timeline_semaphore(sem_fd)  # takes the fd, success or failure
             return res
-        finally:
-            if owned >= 0:
-                os.close(owned)
-            if sem_fd >= 0:
-                os.close(sem_fd)
 
     def diagnostics(self) -> dict[str, Any]:
         try:
@@ -890,10 +855,10 @@ def _drm_layout(dev: VulkanDevice, image: Any) -> dict[str, Any]:
                                "array_pitch": lay.arrayPitch}]}
 
 
-def _import_fd(dev: VulkanDevice, d: Descriptor, box: list[int]) -> VulkanResource:
-    """OPAQUE_FD / DMA_BUF import of box[0]; sets box[0] = -1 once Vulkan owns the fd (the caller closes it
-    otherwise). Identity is checked first: nothing touches the fd before the UUIDs match."""
-    fd = box[0]
+def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResource:
+    """OPAQUE_FD / DMA_BUF import of the memory fd, taken from `fds` once Vulkan owns it (a successful
+    vkAllocateMemory). Identity is checked first: nothing touches the fd before the UUIDs match."""
+    fd = fds.get(FD_MEMORY)
     handle_type = HANDLE_OPAQUE_FD if d.memory == "opaque_fd" else HANDLE_DMA_BUF
     if handle_type == HANDLE_OPAQUE_FD:
         if len(d.driver_uuid) != 16 or len(d.device_uuid) != 16:
@@ -919,7 +884,7 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, box: list[int]) -> VulkanResour
         check(dev.vkGetMemoryFdPropertiesKHR(dev.device, handle_type, fd, fp), "vkGetMemoryFdPropertiesKHR")
         fd_type_bits = fp.memoryTypeBits
     image = buf = mem = None
-    try:
+    with close_on_error(lambda: _destroy(dev, image=image, buffer=buf, memory=mem)):
         if d.kind == "texture2d":
             tiling = dp.get("tiling", "optimal")
             if handle_type == HANDLE_DMA_BUF and tiling != "drm_modifier":
@@ -970,20 +935,18 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, box: list[int]) -> VulkanResour
             type_index = dev.find_memory_type(bits, 0, avoid=0) if not _has_type(dev, bits, _DEVICE_LOCAL) \
                 else dev.find_memory_type(bits, _DEVICE_LOCAL)
         mem = _allocate(dev, d.size, type_index, image=image, buffer=buf, import_fd=(handle_type, fd))
-        box[0] = -1  # a successful vkAllocateMemory owns the fd
+        fds.take(FD_MEMORY)  # a successful vkAllocateMemory owns the fd
         if image is not None:
             check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
         else:
             check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
-    except BaseException:
-        _destroy(dev, image=image, buffer=buf, memory=mem)
-        raise
     return VulkanResource(d, dev, image=image, buffer=buf, memory=mem, handle_type=handle_type,
                           layout=vk.VK_IMAGE_LAYOUT_GENERAL)
 
 
-def _import_memfd(dev: VulkanDevice, d: Descriptor, fd: int, host_import: bool | None) -> VulkanResource:
-    """memfd → Vulkan. On success the resource owns `fd` (kept for export_fds); on failure the caller closes it."""
+def _import_memfd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds, host_import: bool | None) -> VulkanResource:
+    """memfd → Vulkan. The resource takes the memory fd from `fds` once it exists (kept for export_fds)."""
+    fd = fds.get(FD_MEMORY)
     facts = inspect_fd(fd)
     if not facts.size_sealed or facts.size < d.required_size():
         raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")
@@ -993,13 +956,13 @@ def _import_memfd(dev: VulkanDevice, d: Descriptor, fd: int, host_import: bool |
         raise BackendError(f"{dev.name}: zero-copy memfd import needs VK_EXT_external_memory_host with "
                            f"minImportedHostPointerAlignment <= {PAGE_SIZE}")
     if host_import is False or not can_host:
-        return _import_memfd_staged(dev, d, fd)
+        return _import_memfd_staged(dev, d, fds)
     if d.kind == "texture2d":
         get_format(d.format)  # unknown formats are InvalidDescriptor before any Vulkan object exists
     length = align(d.size, align_to)
     host = _HostMapping(fd, length)
     buf = mem = image = None
-    try:
+    with close_on_error(lambda: _destroy(dev, image=image, buffer=buf, memory=mem), host.close):
         hp = ffi.new("VkMemoryHostPointerPropertiesEXT*",
                      {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_HOST_POINTER_PROPERTIES_EXT})
         check(dev.vkGetMemoryHostPointerPropertiesEXT(dev.device, HANDLE_HOST, host.pointer, hp),
@@ -1016,20 +979,13 @@ def _import_memfd(dev: VulkanDevice, d: Descriptor, fd: int, host_import: bool |
         check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
         if d.kind == "texture2d":
             image = _linear_alias(dev, d, mem, length, hp.memoryTypeBits)
-    except BaseException:
-        _destroy(dev, image=image, buffer=buf, memory=mem)
-        host.close()
-        raise
     res = VulkanResource(d, dev, image=image, buffer=buf, memory=mem, handle_type=HANDLE_HOST, fd=fd, host=host,
                          layout=vk.VK_IMAGE_LAYOUT_GENERAL)
+    fds.take(FD_MEMORY)  # the resource's now: its close() closes it
     if image is not None:
-        try:  # PREINITIALIZED → GENERAL keeps the bytes NumPy wrote
+        with close_on_error(res.close):  # PREINITIALIZED → GENERAL keeps the bytes NumPy wrote
             res.device.one_shot(lambda cmd: _barrier(cmd, image, vk.VK_IMAGE_LAYOUT_PREINITIALIZED,
                                                      vk.VK_IMAGE_LAYOUT_GENERAL, 1, d.array_size))
-        except BaseException:
-            res._fd = -1  # the caller closes fd on failure
-            res.close()
-            raise
     return res
 
 
@@ -1045,7 +1001,7 @@ def _linear_alias(dev: VulkanDevice, d: Descriptor, mem: Any, length: int, host_
     except BackendError:
         return None
     image = _create_image(dev, p, HANDLE_HOST, initial_layout=vk.VK_IMAGE_LAYOUT_PREINITIALIZED)
-    try:
+    with close_on_error(lambda: _destroy(dev, image=image)):
         sub = ffi.new("VkImageSubresource*", {"aspectMask": _COLOR})
         lay = ffi.new("VkSubresourceLayout*")
         lib.vkGetImageSubresourceLayout(dev.device, image, sub, lay)
@@ -1055,14 +1011,12 @@ def _linear_alias(dev: VulkanDevice, d: Descriptor, mem: Any, length: int, host_
             _destroy(dev, image=image)
             return None
         check(lib.vkBindImageMemory(dev.device, image, mem, d.offset), "vkBindImageMemory")
-    except BaseException:
-        _destroy(dev, image=image)
-        raise
     return image
 
 
-def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanResource:
+def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResource:
     """The copy path: an OPTIMAL device image plus the memfd mapping, synced explicitly."""
+    fd = fds.get(FD_MEMORY)
     if d.kind != "texture2d":
         raise BackendError(f"{dev.name}: memfd buffers need VK_EXT_external_memory_host to be seen by Vulkan")
     p = _image_params(d.width, d.height, d.format, d.usage, "optimal", 1, d.array_size)
@@ -1074,7 +1028,7 @@ def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanRes
     check(r, "vkGetPhysicalDeviceImageFormatProperties")
     host_map = SharedMapping(fd, d.size)
     image = mem = None
-    try:
+    with close_on_error(lambda: _destroy(dev, image=image, memory=mem), host_map.close):
         info = ffi.new("VkImageCreateInfo*", {
             "sType": vk.VK_STRUCTURE_TYPE_IMAGE_CREATE_INFO, "imageType": vk.VK_IMAGE_TYPE_2D,
             "format": p["vk_format"], "extent": {"width": d.width, "height": d.height, "depth": 1}, "mipLevels": 1,
@@ -1089,17 +1043,10 @@ def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fd: int) -> VulkanRes
         check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
         dev.one_shot(lambda cmd: _barrier(cmd, image, vk.VK_IMAGE_LAYOUT_UNDEFINED, vk.VK_IMAGE_LAYOUT_GENERAL,
                                           1, d.array_size))
-    except BaseException:
-        _destroy(dev, image=image, memory=mem)
-        host_map.close()
-        raise
     res = VulkanResource(d, dev, image=image, memory=mem, fd=fd, host_map=host_map, layout=vk.VK_IMAGE_LAYOUT_GENERAL)
-    try:
+    fds.take(FD_MEMORY)  # the resource's now: its close() closes it
+    with close_on_error(res.close):
         res.sync_to_image()
-    except BaseException:
-        res._fd = -1
-        res.close()
-        raise
     return res
 
 

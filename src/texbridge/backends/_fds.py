@@ -1,0 +1,74 @@
+"""fd ownership on import, in one place.
+
+The fds that come with a descriptor (its `fd_roles`: memory, GPU semaphore, keyed mutex state) belong to whoever
+received them until an API takes one: Vulkan, GL and CUDA take an fd only when their import succeeds, some imports
+never take it (cuMemImportFromShareableHandle), a memfd resource keeps it. `OwnedFds` holds them meanwhile: an
+importer `take()`s an fd at the moment ownership passes, and leaving the `with` block closes every fd not taken —
+on success and on failure alike, so no path can leak one or close one twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator, Sequence
+
+from .._descriptor import FD_MUTEX, Descriptor
+
+
+class OwnedFds:
+    """fds by role (`Descriptor.fd_roles` order); fds past the roles are owned too, and only ever closed."""
+
+    def __init__(self, fds: Sequence[int], roles: Sequence[str]) -> None:
+        self._fds = list(fds)
+        self._roles = tuple(roles)
+
+    @classmethod
+    def for_import(cls, descriptor: Descriptor, fds: Sequence[int]) -> "OwnedFds":
+        """What a backend's import_resource receives: the descriptor's fds up to the keyed mutex state, which the
+        session keeps for itself."""
+        return cls(fds, [r for r in descriptor.fd_roles if r != FD_MUTEX])
+
+    def get(self, role: str) -> int:
+        """The fd for `role`, still owned here; -1 when it did not come or was taken."""
+        i = self._roles.index(role) if role in self._roles else len(self._fds)
+        return self._fds[i] if i < len(self._fds) else -1
+
+    def take(self, *roles: str) -> list[int]:
+        """Hand over the fds for `roles` (those that came, in role order): the caller owns them from here on."""
+        taken = []
+        for i, role in enumerate(self._roles[:len(self._fds)]):
+            if role in roles and self._fds[i] >= 0:
+                taken.append(self._fds[i])
+                self._fds[i] = -1
+        return taken
+
+    def take_one(self, role: str) -> int:
+        """take() for one role: its fd, or -1 when it did not come."""
+        taken = self.take(role)
+        return taken[0] if taken else -1
+
+    def close(self) -> None:
+        """Close every fd not taken (idempotent)."""
+        fds, self._fds = self._fds, [-1] * len(self._fds)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> "OwnedFds":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def close_on_error(*cleanups: Callable[[], object]) -> Iterator[None]:
+    """Run `cleanups` in order if the block raises (anything, KeyboardInterrupt included), then re-raise; nothing on
+    success. For what is half-built: the block's objects belong to the caller only once it completes."""
+    try:
+        yield
+    except BaseException:
+        for cleanup in cleanups:
+            cleanup()
+        raise
