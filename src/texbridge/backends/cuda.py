@@ -16,6 +16,7 @@ primary context (the one torch and CuPy use), pushed around each call so the cal
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from typing import Any, Sequence
@@ -25,11 +26,12 @@ from cuda.bindings import driver as cu  # an ImportError here makes the backend 
 
 from .._d3d11 import d3d11_texture_desc
 
-from .._descriptor import Descriptor, Usage, align, check_texture_size, texture_layout
+from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align, check_texture_size, texture_layout
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
 from .._memory_types import check_importer
 from .._resources import Resource
+from ._fds import OwnedFds, close_on_error
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
 _POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
@@ -225,15 +227,12 @@ class CudaSemaphore:
     def __init__(self, device: CudaDevice, fd: int) -> None:
         """Takes ownership of `fd` (CUDA owns it after a successful import; closed here on failure)."""
         self.device, self.handle = device, None
-        try:
+        with close_on_error(functools.partial(os.close, fd)):
             desc = cu.CUDA_EXTERNAL_SEMAPHORE_HANDLE_DESC()
             desc.type = cu.CUexternalSemaphoreHandleType.CU_EXTERNAL_SEMAPHORE_HANDLE_TYPE_TIMELINE_SEMAPHORE_FD
             desc.handle.fd = fd
             with device:
                 self.handle = check(cu.cuImportExternalSemaphore(desc), "cuImportExternalSemaphore")
-        except BaseException:
-            os.close(fd)
-            raise
 
     def wait(self, value: int, stream: Any = None) -> None:
         """Work queued on `stream` after this waits (on the GPU) until the semaphore reaches `value`."""
@@ -619,20 +618,14 @@ class CUDAResource(Resource):
 def _map(dev: CudaDevice, handle: Any, size: int) -> int:
     """Reserve a VA range, map `handle` there and give this device read-write access. Current context needed."""
     ptr = int(check(cu.cuMemAddressReserve(size, dev.granularity, 0, 0), "cuMemAddressReserve"))
-    mapped = False
-    try:
+    with close_on_error(lambda: cu.cuMemAddressFree(ptr, size)):
         check(cu.cuMemMap(ptr, size, 0, handle, 0), "cuMemMap")
-        mapped = True
-        access = cu.CUmemAccessDesc()
-        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        access.location.id = dev.ordinal
-        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        check(cu.cuMemSetAccess(ptr, size, [access], 1), "cuMemSetAccess")
-    except BaseException:
-        if mapped:
-            cu.cuMemUnmap(ptr, size)
-        cu.cuMemAddressFree(ptr, size)
-        raise
+        with close_on_error(lambda: cu.cuMemUnmap(ptr, size)):
+            access = cu.CUmemAccessDesc()
+            access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            access.location.id = dev.ordinal
+            access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            check(cu.cuMemSetAccess(ptr, size, [access], 1), "cuMemSetAccess")
     return ptr
 
 
@@ -643,6 +636,12 @@ def _unmap(ptr: int, size: int, handle: Any) -> None:
             check(cu.cuMemAddressFree(ptr, size), "cuMemAddressFree")
     finally:
         check(cu.cuMemRelease(handle), "cuMemRelease")
+
+
+def _unmap_on(dev: CudaDevice, ptr: int, size: int, handle: Any) -> None:
+    """_unmap with `dev`'s context current (for cleanups that run outside one)."""
+    with dev:
+        _unmap(ptr, size, handle)
 
 
 def _private_int(dp: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -673,16 +672,10 @@ class CUDABackend:
         size = align(nbytes, dev.granularity)
         with dev:
             handle = check(cu.cuMemCreate(size, dev.alloc_prop(), 0), "cuMemCreate")
-            try:
+            with close_on_error(lambda: cu.cuMemRelease(handle)):
                 ptr = _map(dev, handle, size)
-            except BaseException:
-                cu.cuMemRelease(handle)
-                raise
-            try:
+            with close_on_error(lambda: _unmap(ptr, size, handle)):
                 check(cu.cuMemsetD8(ptr, 0, size), "cuMemsetD8")  # defined contents, like a memfd
-            except BaseException:
-                _unmap(ptr, size, handle)
-                raise
         return handle, ptr, size
 
     def create_texture(self, width: int, height: int, format: str, *, usage: int = int(Usage.DEFAULT),
@@ -693,16 +686,12 @@ class CUDABackend:
         check_texture_size(width, height)
         pitch, nbytes = texture_layout(width, height, fmt.name)
         handle, ptr, size = self._allocate(dev, nbytes)
-        try:
+        with close_on_error(functools.partial(_unmap_on, dev, ptr, size, handle)):
             desc = Descriptor(
                 kind="texture2d", size=size, width=width, height=height, format=fmt.name, planes=((0, pitch),),
                 memory="cuda_vmm", backend="cuda", device_uuid=dev.uuid, usage=int(usage), keyed_mutex=keyed_mutex,
                 runtime_private=d3d11_texture_desc(width, height, fmt.name, keyed_mutex=keyed_mutex),
                 driver_private={"granularity": dev.granularity, "allocation_size": size, "pitch": pitch}).validate()
-        except BaseException:
-            with dev:
-                _unmap(ptr, size, handle)
-            raise
         return CUDAResource(desc, dev, ptr=ptr, pitch=pitch, vmm_handle=handle, mapped_size=size, exportable=True)
 
     def create_buffer(self, size: int, *, usage: int = int(Usage.DEFAULT), keyed_mutex: bool = False,
@@ -712,66 +701,44 @@ class CUDABackend:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 1 << 40:
             raise InvalidDescriptor(f"size must be a positive integer, not {size!r}")
         handle, ptr, alloc = self._allocate(dev, size)
-        try:
+        with close_on_error(functools.partial(_unmap_on, dev, ptr, alloc, handle)):
             desc = Descriptor(kind="buffer", size=alloc, memory="cuda_vmm", backend="cuda", device_uuid=dev.uuid,
                               usage=int(usage), keyed_mutex=keyed_mutex,
                               driver_private={"granularity": dev.granularity, "allocation_size": alloc,
                                               "requested_size": size}).validate()
-        except BaseException:
-            with dev:
-                _unmap(ptr, alloc, handle)
-            raise
         return CUDAResource(desc, dev, ptr=ptr, vmm_handle=handle, mapped_size=alloc, exportable=True)
 
     def import_resource(self, descriptor: Descriptor, fds: Sequence[int], **options: Any) -> CUDAResource:
         """Map memory another process exported. Takes ownership of every fd, on success and failure alike."""
-        fds = list(fds)
-        box = [fds[0] if fds else -1]
-        sem_fd = fds[1] if descriptor.gpu_sync and len(fds) > 1 else -1
-        for extra in fds[1 + (sem_fd >= 0):]:
-            os.close(extra)
-        try:
-            res = self._import(descriptor, box, options)
-        except BaseException:
+        with OwnedFds.for_import(descriptor, fds) as owned:  # closes what the import did not take
+            res = self._import(descriptor, owned, options)
+            sem_fd = owned.take_one(FD_SEMAPHORE)
             if sem_fd >= 0:
-                os.close(sem_fd)
-            raise
-        if sem_fd >= 0:
-            try:
-                res.import_semaphore(sem_fd)  # the exporter's timeline: keyed-mutex handoffs order on the GPU
-            except BaseException:
-                res.close()
-                raise
-        return res
+                with close_on_error(res.close):
+                    res.import_semaphore(sem_fd)  # the exporter's timeline: keyed-mutex handoffs order on the GPU
+            return res
 
-    def _import(self, descriptor: Descriptor, box: list[int], options: dict[str, Any]) -> CUDAResource:
-        try:
-            device, device_uuid = _options(options)
-            d = descriptor
-            if box[0] < 0:
-                raise InvalidDescriptor("import needs the memory fd")
-            check_importer(d.memory, "cuda")
-            if d.kind not in ("texture2d", "buffer"):
-                raise InvalidDescriptor(f"the cuda backend cannot import a {d.kind}")
-            if len(d.device_uuid) != 16:
-                raise InvalidDescriptor(f"{d.memory} memory must name its device UUID")
-            if device_uuid is not None and device_uuid != d.device_uuid:
-                raise IncompatibleDevice("device_uuid= differs from the UUID of the device that exported the memory")
-            dev = get_device(device, d.device_uuid)  # IncompatibleDevice when no CUDA device has that UUID
-            if d.memory == "cuda_vmm":
-                return _import_vmm(dev, d, box)
-            return _import_opaque(dev, d, box)
-        finally:
-            if box[0] >= 0:
-                os.close(box[0])
+    def _import(self, descriptor: Descriptor, fds: OwnedFds, options: dict[str, Any]) -> CUDAResource:
+        device, device_uuid = _options(options)
+        d = descriptor
+        if fds.get(FD_MEMORY) < 0:
+            raise InvalidDescriptor("import needs the memory fd")
+        check_importer(d.memory, "cuda")
+        if d.kind not in ("texture2d", "buffer"):
+            raise InvalidDescriptor(f"the cuda backend cannot import a {d.kind}")
+        if len(d.device_uuid) != 16:
+            raise InvalidDescriptor(f"{d.memory} memory must name its device UUID")
+        if device_uuid is not None and device_uuid != d.device_uuid:
+            raise IncompatibleDevice("device_uuid= differs from the UUID of the device that exported the memory")
+        dev = get_device(device, d.device_uuid)  # IncompatibleDevice when no CUDA device has that UUID
+        if d.memory == "cuda_vmm":
+            return _import_vmm(dev, d, fds.get(FD_MEMORY))
+        return _import_opaque(dev, d, fds)
 
     def import_semaphore(self, fd: int, *, device: int | None = None) -> CudaSemaphore:
         """Import a Vulkan timeline semaphore (OPAQUE_FD). Takes ownership of `fd`."""
-        try:
+        with close_on_error(functools.partial(os.close, fd)):
             dev = get_device(device)
-        except BaseException:
-            os.close(fd)
-            raise
         return CudaSemaphore(dev, fd)
 
     def diagnostics(self) -> dict[str, Any]:
@@ -797,7 +764,7 @@ class CUDABackend:
             return {"available": False, "detail": f"{type(e).__name__}: {e}"}
 
 
-def _import_vmm(dev: CudaDevice, d: Descriptor, box: list[int]) -> CUDAResource:
+def _import_vmm(dev: CudaDevice, d: Descriptor, fd: int) -> CUDAResource:
     dp = d.driver_private
     size = _private_int(dp, "allocation_size", d.size)
     if size != d.size or size % dev.granularity:
@@ -810,17 +777,15 @@ def _import_vmm(dev: CudaDevice, d: Descriptor, box: list[int]) -> CUDAResource:
             raise InvalidDescriptor("a cuda_vmm texture is one pitch-linear plane at offset 0")
         pitch = d.row_pitch
     with dev:
-        handle = check(cu.cuMemImportFromShareableHandle(box[0], _POSIX_FD), "cuMemImportFromShareableHandle")
-        # The import does not take the fd: the allocation now lives in `handle`; the finally closes box[0].
-        try:
+        handle = check(cu.cuMemImportFromShareableHandle(fd, _POSIX_FD), "cuMemImportFromShareableHandle")
+        # The import does not take the fd: the allocation now lives in `handle`; the caller's OwnedFds closes fd.
+        with close_on_error(lambda: cu.cuMemRelease(handle)):
             ptr = _map(dev, handle, size)
-        except BaseException:
-            cu.cuMemRelease(handle)
-            raise
     return CUDAResource(d, dev, ptr=ptr, pitch=pitch, vmm_handle=handle, mapped_size=size, exportable=True)
 
 
-def _import_opaque(dev: CudaDevice, d: Descriptor, box: list[int]) -> CUDAResource:
+def _import_opaque(dev: CudaDevice, d: Descriptor, fds: OwnedFds) -> CUDAResource:
+    """OPAQUE_FD import of the memory fd, taken from `fds` once CUDA owns it (a successful cuImportExternalMemory)."""
     dp = d.driver_private
     alloc = _private_int(dp, "allocation_size", d.size)
     if alloc != d.size:
@@ -848,13 +813,13 @@ def _import_opaque(dev: CudaDevice, d: Descriptor, box: list[int]) -> CUDAResour
             raise InvalidDescriptor(f"the cuda backend cannot map {tiling!r} images (optimal or linear tiling only)")
     hd = cu.CUDA_EXTERNAL_MEMORY_HANDLE_DESC()
     hd.type = cu.CUexternalMemoryHandleType.CU_EXTERNAL_MEMORY_HANDLE_TYPE_OPAQUE_FD
-    hd.handle.fd = box[0]
+    hd.handle.fd = fds.get(FD_MEMORY)
     hd.size = alloc
     hd.flags = cu.CUDA_EXTERNAL_MEMORY_DEDICATED if dp.get("dedicated") else 0
     with dev:
         ext = check(cu.cuImportExternalMemory(hd), "cuImportExternalMemory")
-        box[0] = -1  # CUDA owns the fd now
-        try:
+        fds.take(FD_MEMORY)  # CUDA owns the fd now
+        with close_on_error(lambda: cu.cuDestroyExternalMemory(ext)):
             if tiling == "optimal":
                 md = cu.CUDA_EXTERNAL_MEMORY_MIPMAPPED_ARRAY_DESC()
                 md.offset = 0
@@ -871,19 +836,13 @@ def _import_opaque(dev: CudaDevice, d: Descriptor, box: list[int]) -> CUDAResour
                 md.numLevels = d.mip_levels
                 mipmap = check(cu.cuExternalMemoryGetMappedMipmappedArray(ext, md),
                                "cuExternalMemoryGetMappedMipmappedArray")
-                try:
+                with close_on_error(lambda: cu.cuMipmappedArrayDestroy(mipmap)):
                     array = check(cu.cuMipmappedArrayGetLevel(mipmap, 0), "cuMipmappedArrayGetLevel")
-                except BaseException:
-                    cu.cuMipmappedArrayDestroy(mipmap)
-                    raise
                 return CUDAResource(d, dev, array=array, mipmap=mipmap, ext_mem=ext)
             bd = cu.CUDA_EXTERNAL_MEMORY_BUFFER_DESC()
             bd.offset, bd.size = offset, (alloc - offset)
             ptr = int(check(cu.cuExternalMemoryGetMappedBuffer(ext, bd), "cuExternalMemoryGetMappedBuffer"))
             return CUDAResource(d, dev, ptr=ptr, pitch=pitch, ext_mem=ext)
-        except BaseException:
-            cu.cuDestroyExternalMemory(ext)
-            raise
 
 
 BACKEND = CUDABackend()
