@@ -96,9 +96,9 @@ class Descriptor:
     def validate(self) -> "Descriptor":
         _check(self.kind in KINDS, f"kind must be one of {KINDS}, not {echo(self.kind)}")
         get_memory_type(self.memory)  # InvalidDescriptor naming the known types
-        _check(_is_int(self.size) and 0 < self.size <= MAX_BYTES, f"size must be 1..{MAX_BYTES}, not {echo(self.size)}")
+        _check(is_int(self.size) and 0 < self.size <= MAX_BYTES, f"size must be 1..{MAX_BYTES}, not {echo(self.size)}")
         for name in ("width", "height", "mip_levels", "array_size", "usage"):
-            _check(_is_int(getattr(self, name)), f"{name} must be an integer")
+            _check(is_int(getattr(self, name)), f"{name} must be an integer")
         _check(isinstance(self.backend, str) and len(self.backend) <= 32, "backend must be a short string")
         for name in ("driver_uuid", "device_uuid"):
             v = getattr(self, name)
@@ -116,7 +116,7 @@ class Descriptor:
                 _check(1 <= v <= hi, f"{name} must be 1..{hi}, not {v}")
             _check(len(self.planes) <= MAX_PLANES, f"at most {MAX_PLANES} planes")
             for plane in self.planes:
-                _check(isinstance(plane, tuple) and len(plane) == 2 and all(_is_int(x) for x in plane),
+                _check(isinstance(plane, tuple) and len(plane) == 2 and all(is_int(x) for x in plane),
                        "each plane is (offset, row_pitch)")
                 off, pitch = plane
                 _check(0 <= off <= MAX_BYTES, f"plane offset {off} out of range")
@@ -164,8 +164,18 @@ class Descriptor:
         return replace(self, **changes)
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
+    """An int on the wire: exactly int (True == 1 == 1.0 in Python, but a bool or a float is not a count)."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def private_int(dp: dict[str, Any], key: str, default: int | None = None) -> int:
+    """driver_private[key] (or `default`) as a non-negative int, else InvalidDescriptor: backends read the
+    exporter's import details through this, so a blob from another process never reaches an API as a bad value."""
+    v = dp.get(key, default)
+    if not is_int(v) or v < 0:
+        raise InvalidDescriptor(f"driver_private[{key!r}] must be a non-negative integer, not {v!r}")
+    return v
 
 
 def _check(ok: bool, message: str) -> None:
@@ -180,12 +190,12 @@ def align(n: int, a: int) -> int:
 def check_texture_size(width: Any, height: Any) -> None:
     """The one check of user-given texture dimensions, before any arithmetic or packing sees them."""
     for name, v in (("width", width), ("height", height)):
-        if not _is_int(v) or not 1 <= v <= MAX_DIMENSION:
+        if not is_int(v) or not 1 <= v <= MAX_DIMENSION:
             raise InvalidDescriptor(f"{name} must be an integer in 1..{MAX_DIMENSION}, not {v!r}")
 
 
 def check_buffer_size(size: Any) -> None:
-    if not _is_int(size) or not 1 <= size <= MAX_BYTES:
+    if not is_int(size) or not 1 <= size <= MAX_BYTES:
         raise InvalidDescriptor(f"a buffer size must be an integer in 1..{MAX_BYTES}, not {size!r}")
 
 

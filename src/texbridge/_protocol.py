@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from ._descriptor import MAX_FDS
+from ._descriptor import MAX_FDS, is_int
 from ._errors import LocalProtocolError, RemoteProtocolError, echo
 
 VERSION = 1
@@ -122,16 +122,16 @@ def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
     if not (isinstance(obj, list) and len(obj) == 5):
         raise RemoteProtocolError("a frame is [version, request_id, op, fields, nfds]")
     version, request_id, op_name, fields, declared = obj
-    if not (_is_int(version) and version == VERSION):  # exact types: True == 1 == 1.0 in Python, not on the wire
+    if not (is_int(version) and version == VERSION):  # exact types: True == 1 == 1.0 in Python, not on the wire
         raise RemoteProtocolError(f"protocol version {echo(version)} is not supported (this side speaks {VERSION})")
-    if not (_is_int(request_id) and 0 <= request_id <= MAX_REQUEST_ID):
+    if not (is_int(request_id) and 0 <= request_id <= MAX_REQUEST_ID):
         raise RemoteProtocolError(f"bad request id {echo(request_id)}")
     op = _OPS.get(op_name) if isinstance(op_name, str) else None
     if op is None:
         raise RemoteProtocolError(f"unknown op {echo(op_name)}")
     if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
         raise RemoteProtocolError("fields must be a map with string keys")
-    if not (_is_int(declared) and declared == nfds):
+    if not (is_int(declared) and declared == nfds):
         raise RemoteProtocolError(f"{op.value} declares {echo(declared)} fds but {nfds} arrived")
     lo, hi = FD_LIMITS.get(op, (0, 0))
     if not lo <= nfds <= hi:
@@ -145,7 +145,7 @@ def peek_request_id(data: bytes) -> int:
     try:
         obj = msgpack.unpackb(data, raw=False, max_array_len=8, max_map_len=1024)
         rid = obj[1]
-        return rid if _is_int(rid) and 0 <= rid <= MAX_REQUEST_ID else 0
+        return rid if is_int(rid) and 0 <= rid <= MAX_REQUEST_ID else 0
     except Exception:
         return 0
 
@@ -170,10 +170,6 @@ def _check_schema(op: Op, fields: dict[str, Any]) -> None:
         raise RemoteProtocolError(f"{op.value}: missing field(s) {', '.join(missing)}")
     if op in (Op.OPEN, Op.INFO) and ("handle" in fields) == ("name" in fields):
         raise RemoteProtocolError(f"{op.value}: give exactly one of handle or name")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _shallow(obj: object, limit: int) -> bool:

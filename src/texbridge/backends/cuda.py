@@ -15,7 +15,6 @@ primary context (the one torch and CuPy use), pushed around each call so the cal
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import threading
@@ -26,11 +25,13 @@ from cuda.bindings import driver as cu  # an ImportError here makes the backend 
 
 from .._d3d11 import d3d11_texture_desc
 
-from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align, check_texture_size, texture_layout
+from .._descriptor import (FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align, check_texture_size, private_int,
+                           texture_layout)
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
 from .._memory_types import check_importer
 from .._resources import Resource
+from ._dlpack import KDLCUDA, dlpack_capsule
 from ._fds import OwnedFds, close_on_error
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
@@ -38,7 +39,6 @@ _POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTO
 _HOST, _DEVICE, _ARRAY = (cu.CUmemorytype.CU_MEMORYTYPE_HOST, cu.CUmemorytype.CU_MEMORYTYPE_DEVICE,
                           cu.CUmemorytype.CU_MEMORYTYPE_ARRAY)
 _VK_COLOR_ATTACHMENT, _VK_STORAGE = 0x10, 0x08  # VkImageUsageFlagBits, as recorded in driver_private["vk_usage"]
-KDLCUDA = 2  # DLPack device type
 
 
 # -- errors: the one CUresult → exception mapping ----------------------------------------------------------------------
@@ -257,84 +257,6 @@ class CudaSemaphore:
                 check(cu.cuDestroyExternalSemaphore(h), "cuDestroyExternalSemaphore")
 
 
-# -- DLPack, by hand (ctypes): no dependency on torch or CuPy to export ------------------------------------------------
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
-class _DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
-                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
-                ("byte_offset", ctypes.c_uint64)]
-
-
-_Deleter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-
-
-class _DLManagedTensor(ctypes.Structure):
-    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter)]
-
-
-class _DLManagedTensorVersioned(ctypes.Structure):
-    _fields_ = [("version_major", ctypes.c_uint32), ("version_minor", ctypes.c_uint32),
-                ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter), ("flags", ctypes.c_uint64),
-                ("dl_tensor", _DLTensor)]
-
-
-_CAPSULE_NAMES = (b"dltensor", b"dltensor_versioned")  # module constants: capsules keep pointers to them
-_py = ctypes.PyDLL(None)  # our own function objects: argtypes set here cannot clash with other libraries'
-_py.PyCapsule_New.restype = ctypes.py_object
-_py.PyCapsule_New.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
-_py.PyCapsule_IsValid.restype = ctypes.c_int
-_py.PyCapsule_IsValid.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
-_py.PyCapsule_GetPointer.restype = ctypes.c_void_p
-_py.PyCapsule_GetPointer.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
-_dl_live: dict[int, tuple[Any, ...]] = {}  # struct address → (struct, shape, strides, resource)
-_DL_CODES = {"u": 1, "i": 0, "f": 2}
-
-
-def _dl_delete(address: int) -> None:
-    entry = _dl_live.pop(address, None)
-    if entry is not None:
-        entry[-1]._view_released()
-
-
-_DL_DELETER = _Deleter(_dl_delete)
-
-
-@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-def _capsule_destructor(capsule: int) -> None:
-    """An unconsumed capsule dies with its tensor; a consumed one was renamed and the consumer calls the deleter."""
-    for name in _CAPSULE_NAMES:
-        if _py.PyCapsule_IsValid(capsule, name):
-            _dl_delete(_py.PyCapsule_GetPointer(capsule, name))
-
-
-def _dlpack_capsule(res: "CUDAResource", versioned: bool) -> Any:
-    ptr, shape, byte_strides, dtype = res._view_layout()
-    item = dtype.itemsize
-    if any(s % item for s in byte_strides):
-        raise BufferError(f"row pitch is not a multiple of the {dtype} item size: no DLPack view")
-    c_shape = (ctypes.c_int64 * len(shape))(*shape)
-    c_strides = (ctypes.c_int64 * len(shape))(*(s // item for s in byte_strides))
-    managed = (_DLManagedTensorVersioned if versioned else _DLManagedTensor)()
-    t = managed.dl_tensor
-    t.data, t.ndim, t.shape, t.strides, t.byte_offset = ptr, len(shape), c_shape, c_strides, 0
-    t.device.device_type, t.device.device_id = KDLCUDA, res.device.ordinal
-    t.dtype.code, t.dtype.bits, t.dtype.lanes = _DL_CODES[dtype.kind], item * 8, 1
-    managed.deleter = _DL_DELETER
-    if versioned:
-        managed.version_major, managed.version_minor = 1, 0
-    address = ctypes.addressof(managed)
-    _dl_live[address] = (managed, c_shape, c_strides, res)
-    res._views += 1
-    return _py.PyCapsule_New(address, _CAPSULE_NAMES[versioned], ctypes.cast(_capsule_destructor, ctypes.c_void_p))
-
-
 # -- the resource --------------------------------------------------------------------------------------------------------
 class CUDAResource(Resource):
     """A texture or buffer visible to CUDA in this process.
@@ -412,7 +334,7 @@ class CUDAResource(Resource):
         self._check_open()
         if self._stream is not None:
             self.synchronize()
-        return _dlpack_capsule(self, bool(max_version and max_version[0] >= 1))
+        return dlpack_capsule(self, bool(max_version and max_version[0] >= 1))
 
     def _view_released(self) -> None:
         self._views -= 1
@@ -644,13 +566,6 @@ def _unmap_on(dev: CudaDevice, ptr: int, size: int, handle: Any) -> None:
         _unmap(ptr, size, handle)
 
 
-def _private_int(dp: dict[str, Any], key: str, default: int | None = None) -> int:
-    v = dp.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise InvalidDescriptor(f"driver_private[{key!r}] must be a non-negative integer, not {v!r}")
-    return v
-
-
 def _options(options: dict[str, Any]) -> tuple[int | None, bytes | None]:
     device, device_uuid = options.pop("device", None), options.pop("device_uuid", None)
     if options:
@@ -766,7 +681,7 @@ class CUDABackend:
 
 def _import_vmm(dev: CudaDevice, d: Descriptor, fd: int) -> CUDAResource:
     dp = d.driver_private
-    size = _private_int(dp, "allocation_size", d.size)
+    size = private_int(dp, "allocation_size", d.size)
     if size != d.size or size % dev.granularity:
         raise InvalidDescriptor(f"cuda_vmm size {d.size} (allocation {size}) is not a whole number of "
                                 f"{dev.granularity}-byte granules")
@@ -787,7 +702,7 @@ def _import_vmm(dev: CudaDevice, d: Descriptor, fd: int) -> CUDAResource:
 def _import_opaque(dev: CudaDevice, d: Descriptor, fds: OwnedFds) -> CUDAResource:
     """OPAQUE_FD import of the memory fd, taken from `fds` once CUDA owns it (a successful cuImportExternalMemory)."""
     dp = d.driver_private
-    alloc = _private_int(dp, "allocation_size", d.size)
+    alloc = private_int(dp, "allocation_size", d.size)
     if alloc != d.size:
         raise InvalidDescriptor(f"allocation_size {alloc} differs from the descriptor size {d.size}")
     tiling = dp.get("tiling", "optimal") if d.kind == "texture2d" else None
@@ -797,9 +712,9 @@ def _import_opaque(dev: CudaDevice, d: Descriptor, fds: OwnedFds) -> CUDAResourc
         if tiling == "linear":
             layouts = dp.get("plane_layouts")
             if isinstance(layouts, list) and layouts and isinstance(layouts[0], dict):
-                offset, pitch = _private_int(layouts[0], "offset", 0), _private_int(layouts[0], "row_pitch")
+                offset, pitch = private_int(layouts[0], "offset", 0), private_int(layouts[0], "row_pitch")
             elif "row_pitch" in dp:
-                offset, pitch = _private_int(dp, "offset", 0), _private_int(dp, "row_pitch")
+                offset, pitch = private_int(dp, "offset", 0), private_int(dp, "row_pitch")
             elif d.planes:
                 offset, pitch = d.offset, d.row_pitch
             else:
@@ -826,7 +741,7 @@ def _import_opaque(dev: CudaDevice, d: Descriptor, fds: OwnedFds) -> CUDAResourc
                 a = md.arrayDesc
                 a.Width, a.Height, a.Depth = d.width, d.height, d.array_size if d.array_size > 1 else 0
                 a.Format, a.NumChannels = cu_format, channels
-                vk_usage = _private_int(dp, "vk_usage", 0)
+                vk_usage = private_int(dp, "vk_usage", 0)
                 flags = cu.CUDA_ARRAY3D_LAYERED if d.array_size > 1 else 0
                 if vk_usage & _VK_COLOR_ATTACHMENT:
                     flags |= cu.CUDA_ARRAY3D_COLOR_ATTACHMENT

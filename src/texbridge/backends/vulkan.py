@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _vk  # imports `vulkan`: an ImportError here makes the backend unavailable, not texbridge
 from .._d3d11 import d3d11_texture_desc
-from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align
+from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align, private_int
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
 from .._fdinfo import inspect_fd
@@ -653,13 +653,6 @@ def _image_params(width: int, height: int, format: str, usage: int, tiling: str,
             "vk_usage": vk_image_usage(usage) if vk_usage is None else vk_usage, "vk_flags": vk_flags}
 
 
-def _private_int(dp: dict[str, Any], key: str, default: int | None = None) -> int:
-    v = dp.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise InvalidDescriptor(f"driver_private[{key!r}] must be a non-negative integer, not {v!r}")
-    return v
-
-
 class VulkanBackend:
     """Creates exportable Vulkan memory and imports what others exported (see module docstring)."""
 
@@ -875,7 +868,7 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
         # Some drivers (lavapipe) export OPAQUE_FD as a memfd: a short one would SIGBUS on first touch.
         raise InvalidDescriptor(f"the memory fd holds {facts.size} bytes but the descriptor needs {d.size}")
     dp = d.driver_private
-    alloc = _private_int(dp, "allocation_size", d.size)
+    alloc = private_int(dp, "allocation_size", d.size)
     if alloc != d.size:
         raise InvalidDescriptor(f"allocation_size {alloc} differs from the descriptor size {d.size}")
     fd_type_bits = ~0
@@ -890,19 +883,19 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
             if handle_type == HANDLE_DMA_BUF and tiling != "drm_modifier":
                 raise InvalidDescriptor("a dma_buf image descriptor needs tiling 'drm_modifier' and its modifier")
             p = _image_params(d.width, d.height, d.format, d.usage, tiling, d.mip_levels, d.array_size,
-                              vk_usage=_private_int(dp, "vk_usage", vk_image_usage(d.usage)),
-                              vk_flags=_private_int(dp, "vk_flags", 0))
-            if p["vk_format"] != _private_int(dp, "vk_format", p["vk_format"]):
+                              vk_usage=private_int(dp, "vk_usage", vk_image_usage(d.usage)),
+                              vk_flags=private_int(dp, "vk_flags", 0))
+            if p["vk_format"] != private_int(dp, "vk_format", p["vk_format"]):
                 raise InvalidDescriptor(f"driver_private vk_format {dp['vk_format']} does not match format {d.format}")
             explicit = None
             if tiling == "drm_modifier":
                 layouts = dp.get("plane_layouts")
                 if not (isinstance(layouts, list) and len(layouts) == 1 and isinstance(layouts[0], dict)):
                     raise InvalidDescriptor("a dma_buf descriptor needs one plane layout")
-                explicit = {"modifier": _private_int(dp, "drm_modifier"),
-                            "offset": _private_int(layouts[0], "offset"),
-                            "row_pitch": _private_int(layouts[0], "row_pitch"),
-                            "array_pitch": _private_int(layouts[0], "array_pitch", 0)}
+                explicit = {"modifier": private_int(dp, "drm_modifier"),
+                            "offset": private_int(layouts[0], "offset"),
+                            "row_pitch": private_int(layouts[0], "row_pitch"),
+                            "array_pitch": private_int(layouts[0], "array_pitch", 0)}
             _check_image_support(dev, p, handle_type, export=False,
                                  modifier=explicit["modifier"] if explicit else None)
             image = _create_image(dev, p, handle_type, explicit=explicit)
@@ -915,11 +908,11 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
                         "as a buffer and read rows at the descriptor's planes instead")
             need, _, bits, _ = _requirements(dev, image=image)
         elif d.kind == "buffer":
-            vk_usage = _private_int(dp, "vk_usage", vk_buffer_usage(d.usage))
+            vk_usage = private_int(dp, "vk_usage", vk_buffer_usage(d.usage))
             if vk_usage & ~_ALLOWED_BUFFER_USAGE or not vk_usage:
                 raise InvalidDescriptor(f"buffer vk_usage 0x{vk_usage:x} is not one texbridge shares")
             _check_buffer_support(dev, vk_usage, handle_type, export=False)
-            if _private_int(dp, "buffer_size", d.size) != d.size:
+            if private_int(dp, "buffer_size", d.size) != d.size:
                 raise InvalidDescriptor("a Vulkan buffer spans its whole allocation: buffer_size must equal size")
             buf = _create_buffer(dev, d.size, vk_usage, handle_type)
             need, _, bits, _ = _requirements(dev, buffer=buf)
@@ -928,7 +921,7 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
         if need > d.size:
             raise InvalidDescriptor(f"the resource needs {need} bytes here but the exported allocation has {d.size}")
         bits &= fd_type_bits
-        want = _private_int(dp, "memory_type_index") if "memory_type_index" in dp else -1
+        want = private_int(dp, "memory_type_index") if "memory_type_index" in dp else -1
         if 0 <= want < 32 and bits >> want & 1:
             type_index = want  # same driver and device (UUIDs matched): use the exporter's memory type
         else:
