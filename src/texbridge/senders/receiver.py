@@ -24,7 +24,7 @@ from .._errors import (BackendError, ClosedError, InvalidDescriptor, KeyedMutexA
 from .._formats import get_format
 from .._resources import Resource
 from .directory import SenderEvent, SenderInfo, active_sender, is_sender, list_senders, watch_senders
-from .ring import CONTROL_SIZE, MAX_READERS, READ_ATTEMPTS, SLOT_BITS, ControlWords, Read, RingReader, Stale
+from .ring import CONTROL_SIZE, MAX_READERS, READ_ATTEMPTS, ControlWords, Read, RingReader, Stale
 
 
 @dataclass
@@ -352,14 +352,14 @@ class Receiver:
                 return out
             return view.copy() if view is not None else link.slots[slot].download()
 
-        for _ in range(READ_ATTEMPTS):
-            if link.generation != link.ring.generation and not self._open_slots(link):
-                return None
+        for _ in range(READ_ATTEMPTS):  # receive() opened the current generation's slots
             if out is not None and (out.shape != link.shape or out.dtype != link.dtype):
                 out = None  # the sender resized: a new array this time (check `frame is out`)
             got = link.ring.read(take, nslots=len(link.slots), generation=link.generation, keep_pin=not copy)
             if got is Stale:
-                continue  # the ring was rebuilt: reopen its slots and read again
+                if not self._open_slots(link):  # the ring was rebuilt: reopen its slots and read again
+                    return None
+                continue
             if got is None:
                 return None
             assert isinstance(got, Read)
@@ -401,7 +401,7 @@ class Receiver:
                 self._changed.wait(left)  # set by the watch thread when a sender is announced
                 continue
             latest = link.ring.latest()
-            newest = latest >> SLOT_BITS
+            newest = link.ring.frame_of(latest)
             if newest != self.frame_number and newest:
                 frame = self.receive(copy=copy, out=out)
                 if frame is not None and self.is_new:

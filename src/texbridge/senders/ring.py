@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -36,17 +36,16 @@ _HANDLES, _SEQ, _SLOT_FRAME, _MIRROR = 16, 32, 48, 64
 _READERS, _READER_WORDS = 128, 4  # per reader: pid, pin mask, consumed frame, flags
 _R_PID, _R_PIN, _R_CONSUMED, _R_FLAGS = range(4)
 _WANT_COPY = 1
-SLOT_BITS = 4  # latest = frame << 4 | slot; the futex waits on its low 32 bits, which change every frame
-_SLOT_MASK = (1 << SLOT_BITS) - 1  # slot value a closing sender parks `latest` on (no ring slot has it)
+_SLOT_BITS = 4  # latest = frame << 4 | slot; the futex waits on its low 32 bits, which change every frame
+_SLOT_MASK = (1 << _SLOT_BITS) - 1  # slot value a closing sender parks `latest` on (no ring slot has it)
 READ_ATTEMPTS = 1000  # a reader that loses this many races in a row gives up for now (returns None)
 
 T = TypeVar("T")
 
 
-def _fence() -> None:
-    """A full memory barrier, where a store must be visible before a later load (pin, then check the slot; mark
-    the slot, then check the pins)."""
-    _core.fence()
+# A full memory barrier, where a store must be visible before a later load (pin, then check the slot; mark the slot,
+# then check the pins). Bound directly (no Python wrapper): it is on every frame's path.
+_fence = _core.fence
 
 
 # -- the transport seam -------------------------------------------------------------------------------------------------
@@ -54,8 +53,7 @@ class Stale:
     """read() result: the ring was rebuilt (a resize) since the caller opened its slots; reopen and read again."""
 
 
-@dataclass(frozen=True)
-class Read(Generic[T]):
+class Read(NamedTuple, Generic[T]):
     """One frame a FrameSource read without tearing: `data` is what the copy callback returned for `slot`, and
     `seq` the slot's sequence it was verified against (for still_valid() on zero-copy views)."""
 
@@ -122,7 +120,7 @@ class ControlWords:
         if raw.nbytes < CONTROL_SIZE or raw.dtype != np.uint8 or raw.ndim != 1:
             raise InvalidArgument(f"a control buffer is {CONTROL_SIZE} bytes of uint8, got {raw.dtype} {raw.shape}")
         raw = raw[:CONTROL_SIZE]
-        self.res = owner
+        self.res: Any = owner  # the Sender's / Receiver's control resource (handle, mutex, publish) or None
         self.raw = raw
         self.u = raw.view(np.uint64)
         self.f = raw.view(np.float64)
@@ -170,6 +168,7 @@ class RingWriter:
         if not isinstance(nslots, int) or not 2 <= nslots <= MAX_SLOTS:
             raise InvalidArgument(f"a ring has 2..{MAX_SLOTS} slots, got {nslots!r}")
         self.ctl = ctl
+        self.u, self.rows = ctl.u, ctl.readers  # bound once: every frame reads them
         self.nslots = nslots
         self.frame = 0
         self.overwrites = 0  # frames written into a slot a receiver had pinned (every slot was pinned)
@@ -183,7 +182,7 @@ class RingWriter:
         so a reader mid-copy of an old slot retries; the header seqlock (HSEQ) lets readers snapshot the handles."""
         if len(handles) != self.nslots:
             raise InvalidArgument(f"{len(handles)} slot handles for a ring of {self.nslots}")
-        u, n = self.ctl.u, self.nslots
+        u, n = self.u, self.nslots
         u[_SEQ:_SEQ + n] += 1  # odd: a receiver mid-copy of an old slot will retry
         u[_HSEQ] += 1
         for i, h in enumerate(handles):
@@ -199,23 +198,23 @@ class RingWriter:
 
     def publish_mirror(self, handles: list[int]) -> None:
         """Announce the copy-path twins of the current generation's slots."""
-        u = self.ctl.u
+        u = self.u
         for i, h in enumerate(handles):
             u[_MIRROR + i] = h
         u[_MIRROR_GEN] = u[_GEN]
 
     def copy_wanted(self) -> bool:
         """Some receiver asked for the copy path (it cannot import the slots' memory)."""
-        return bool(self.ctl.readers[:, _R_FLAGS].any())
+        return bool(self.rows[:, _R_FLAGS].any())
 
     # -- the seqlock --------------------------------------------------------------------------------------------------
     def _pins(self) -> int:
-        return int(np.bitwise_or.reduce(self.ctl.readers[:, _R_PIN]))
+        return int(np.bitwise_or.reduce(self.rows[:, _R_PIN]))
 
     def begin(self) -> int:
         """The slot to write next, its sequence made odd: the oldest slot that is neither the latest nor pinned by a
         reader. Only when every slot is pinned is the oldest overwritten (counted in `overwrites`)."""
-        u, n, last = self.ctl.u, self.nslots, self._last
+        u, n, last = self.u, self.nslots, self._last
         pinned = self._pins()
         for k in range(1, n):
             cand = (last + k) % n
@@ -235,19 +234,19 @@ class RingWriter:
 
     def commit(self, slot: int) -> int:
         """Publish the slot begun last as the next frame: slot frame, sequence even, then `latest`, then wake."""
-        u = self.ctl.u
+        u = self.u
         self.frame += 1
         u[_SLOT_FRAME + slot] = self.frame
         u[_SEQ + slot] += 1  # even: complete
         u[_SENT_NS] = time.monotonic_ns()
-        u[_LATEST] = (self.frame << SLOT_BITS) | slot
+        u[_LATEST] = (self.frame << _SLOT_BITS) | slot
         self._last = slot
         self.ctl.wake(_LATEST)
         return self.frame
 
     def abort(self, slot: int) -> None:
         """The write failed: the slot holds no frame (and its sequence moved, so no reader keeps a half copy)."""
-        u = self.ctl.u
+        u = self.u
         u[_SLOT_FRAME + slot] = 0
         u[_SEQ + slot] += 1
 
@@ -257,9 +256,9 @@ class RingWriter:
     def close(self) -> None:
         """Tell readers the sender is gone: the closed flag, then `latest` parked on a slot no ring has (its low 32
         bits change, so a reader about to sleep on the old value cannot miss the wake), then the wakes."""
-        u = self.ctl.u
+        u = self.u
         u[_CLOSED] = 1
-        u[_LATEST] = (self.frame << SLOT_BITS) | _SLOT_MASK
+        u[_LATEST] = (self.frame << _SLOT_BITS) | _SLOT_MASK
         self.ctl.wake(_LATEST)
         self.ctl.wake(_ACK)
 
@@ -267,11 +266,11 @@ class RingWriter:
     @property
     def readers(self) -> int:
         """Readers attached now."""
-        return int(np.count_nonzero(self.ctl.readers[:, _R_PID]))
+        return int(np.count_nonzero(self.rows[:, _R_PID]))
 
     def ack(self) -> int:
         """The ack word's value now: pass it to wait_ack() after checking the condition (no missed wake)."""
-        return int(self.ctl.u[_ACK])
+        return int(self.u[_ACK])
 
     def wait_ack(self, seen: int, timeout: float | None) -> None:
         """Sleep until a reader attaches, detaches or consumes a frame (frame_sync), or `timeout`."""
@@ -279,13 +278,13 @@ class RingWriter:
 
     def all_consumed(self) -> bool:
         """Every attached reader has consumed the last frame committed (frame_sync)."""
-        r = self.ctl.readers
+        r = self.rows
         active = r[:, _R_PID] != 0
         return not active.any() or bool((r[active, _R_CONSUMED] >= self.frame).all())
 
     def drop_dead_readers(self, alive: Callable[[int], bool]) -> None:
         """Free the rows of readers behind on the last frame whose process died without detaching."""
-        r = self.ctl.readers
+        r = self.rows
         for i in np.flatnonzero(r[:, _R_PID] != 0):
             if r[i, _R_CONSUMED] < self.frame and not alive(int(r[i, _R_PID])):
                 r[i] = 0
@@ -297,26 +296,27 @@ class RingReader:
 
     def __init__(self, ctl: ControlWords) -> None:
         self.ctl = ctl
+        self.u, self.rows = ctl.u, ctl.readers  # bound once: every frame reads them
         self.row = -1
 
     # -- the header -----------------------------------------------------------------------------------------------------
     @property
     def valid(self) -> bool:
         """The buffer holds a sender's control words (magic)."""
-        return int(self.ctl.u[_MAGIC]) == MAGIC
+        return int(self.u[_MAGIC]) == MAGIC
 
     @property
     def closed(self) -> bool:
         """The sender closed (or is closing)."""
-        return bool(int(self.ctl.u[_CLOSED]))
+        return int(self.u[_CLOSED]) != 0
 
     @property
     def generation(self) -> int:
-        return int(self.ctl.u[_GEN])
+        return int(self.u[_GEN])
 
     @property
     def format(self) -> str:
-        return int(self.ctl.u[_FMT]).to_bytes(8, "little").rstrip(b"\0").decode()
+        return int(self.u[_FMT]).to_bytes(8, "little").rstrip(b"\0").decode()
 
     @property
     def fps(self) -> float:
@@ -324,15 +324,20 @@ class RingReader:
 
     @property
     def sent_ns(self) -> int:
-        return int(self.ctl.u[_SENT_NS])
+        return int(self.u[_SENT_NS])
 
     def latest(self) -> int:
         """The raw `latest` word (frame << 4 | slot): what wait() compares against."""
-        return int(self.ctl.u[_LATEST])
+        return int(self.u[_LATEST])
 
     def newest(self) -> int:
         """The newest complete frame's number (0: none yet)."""
-        return int(self.ctl.u[_LATEST]) >> SLOT_BITS
+        return self.frame_of(int(self.u[_LATEST]))
+
+    @staticmethod
+    def frame_of(latest: int) -> int:
+        """The frame number a latest() token names."""
+        return latest >> _SLOT_BITS
 
     def layout(self) -> RingLayout | None:
         """A consistent snapshot of the current generation's slot handles; None while the sender rebuilds it."""
@@ -368,13 +373,13 @@ class RingReader:
     def detach(self) -> None:
         """Free the row; a frame_sync sender waiting for this reader stops waiting."""
         if self.row >= 0:
-            self.ctl.readers[self.row] = 0
+            self.rows[self.row] = 0
             self.ctl.wake(_ACK)
             self.row = -1
 
     def request_copy(self) -> None:
         """Ask the sender for memfd twins of its slots (this reader cannot import their memory)."""
-        self.ctl.readers[self.row, _R_FLAGS] = _WANT_COPY
+        self.rows[self.row, _R_FLAGS] = _WANT_COPY
 
     # -- reading -----------------------------------------------------------------------------------------------------------
     def read(self, copy: Callable[[int], T], *, nslots: int, generation: int, keep_pin: bool = False
@@ -385,17 +390,17 @@ class RingReader:
         sequence: a move means the copy may be torn, so it is dropped and the (newer) latest is tried. keep_pin
         leaves the slot pinned (a zero-copy view: release() unpins). Stale: the ring was rebuilt since
         `generation` (whose `nslots` slots the caller opened). None: the sender is closing, or every attempt lost."""
-        u, rows = self.ctl.u, self.ctl.readers
+        u, rows, row = self.u, self.rows, self.row
         for _ in range(READ_ATTEMPTS):
             if int(u[_GEN]) != generation:
                 return Stale
             latest = int(u[_LATEST])
-            frame, slot = latest >> SLOT_BITS, latest & _SLOT_MASK
+            frame, slot = latest >> _SLOT_BITS, latest & _SLOT_MASK
             if frame == 0:
                 return None  # nothing sent yet
             if slot >= nslots:
                 return None  # the sender is closing (it parks `latest` on slot _SLOT_MASK)
-            rows[self.row, _R_PIN] = 1 << slot
+            rows[row, _R_PIN] = 1 << slot
             _fence()  # the pin must be visible before we read the seq (see RingWriter.begin)
             s1 = int(u[_SEQ + slot])
             if s1 & 1 or int(u[_SLOT_FRAME + slot]) != frame:
@@ -404,8 +409,8 @@ class RingReader:
             if int(u[_SEQ + slot]) != s1 or int(u[_GEN]) != generation:
                 continue  # overwritten while we copied: the next attempt takes the (newer) latest
             if not keep_pin:
-                rows[self.row, _R_PIN] = 0
-            rows[self.row, _R_CONSUMED] = frame
+                rows[row, _R_PIN] = 0
+            rows[row, _R_CONSUMED] = frame
             if int(u[_SYNC]):
                 u[_ACK] += 1
                 self.ctl.wake(_ACK)
@@ -414,11 +419,11 @@ class RingReader:
 
     def still_valid(self, got: Read[Any], generation: int) -> bool:
         """Whether the slot a kept-pin read returned still holds that frame (its sequence did not move)."""
-        return int(self.ctl.u[_SEQ + got.slot]) == got.seq and int(self.ctl.u[_GEN]) == generation
+        return int(self.u[_SEQ + got.slot]) == got.seq and int(self.u[_GEN]) == generation
 
     def release(self) -> None:
         """Unpin: the sender may reuse the slot."""
-        self.ctl.readers[self.row, _R_PIN] = 0
+        self.rows[self.row, _R_PIN] = 0
 
     def wait(self, seen: int, timeout: float | None) -> None:
         """Sleep (futex) while `latest` still equals `seen` (a latest() value), or until `timeout`."""
