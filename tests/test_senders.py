@@ -7,7 +7,10 @@ each frame it gets for uniformity (a torn frame mixes two values) and for the ri
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 
@@ -17,6 +20,7 @@ import pytest
 import texbridge
 from texbridge import senders as sd
 from texbridge._errors import ClosedError, InvalidArgument, InvalidDescriptor, NameInUse
+from texbridge._liveness import start_time
 
 from conftest import spawn_py, wait_until
 
@@ -373,3 +377,17 @@ def test_receive_into_a_gpu_api_resource(runtime):
             assert rx.receive(out=target) is target and _uniform(target.download(), 10)
     finally:
         target.close()
+
+
+def test_watch_resync_retires_only_senders_whose_process_is_gone(runtime):
+    """After a broker restart the watch re-lists; a known sender missing from the new list is retired only when its
+    process is gone, including a pid that a new process took over since (the start-time guard of _liveness)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, me = int(done.stdout), os.getpid()
+    with texbridge.connect() as s, sd.watch_senders(s) as w:
+        for name, handle, pid, start in (("gone", 9001, dead_pid, 0), ("reused", 9002, me, start_time(me) + 1),
+                                         ("alive", 9003, me, start_time(me))):
+            w._known[name] = handle
+            w._pids[handle] = (pid, start)
+        retired = {e.name for e in w._resync() if e.kind == "retired"}
+        assert retired == {"gone", "reused"} and "alive" in w._known
