@@ -391,3 +391,25 @@ def test_watch_resync_retires_only_senders_whose_process_is_gone(runtime):
             w._pids[handle] = (pid, start)
         retired = {e.name for e in w._resync() if e.kind == "retired"}
         assert retired == {"gone", "reused"} and "alive" in w._known
+
+
+def test_frame_sync_stops_waiting_for_a_receiver_whose_process_died(runtime):
+    """A receiver killed without detaching leaves its row behind; a frame_sync sender drops it while waiting rather
+    than sitting out sync_timeout for it."""
+    with texbridge.Sender("dies", 8, 8, frame_sync=True, sync_timeout=30.0) as s:
+        p = spawn_py("""
+import texbridge
+rx = texbridge.Receiver("dies")
+print("attached", flush=True)
+input()
+""")
+        try:
+            assert p.stdout.readline().strip() == "attached"
+            assert s.wait_for_receivers(1, 10) and s.receivers == 1
+        finally:
+            p.kill()
+            p.wait(10)
+        s.send(np.full(s.shape, 1, np.uint8))  # the first frame never waits
+        t = time.monotonic()
+        s.send(np.full(s.shape, 2, np.uint8))  # frame 1 was never consumed, by a receiver that is gone
+        assert time.monotonic() - t < 5 and s.sync_timeouts == 0 and s.receivers == 0
