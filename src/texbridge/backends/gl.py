@@ -5,12 +5,8 @@ the Vulkan device whose UUIDs match the GL context, imports that memory into GL 
 
 Context: by default texbridge creates its own headless EGL context (see _egl.py for how the display is chosen);
 pass ``context="current"`` to use whatever context is current on the calling thread (GLFW, pygame, Qt, moderngl),
-which is the common case for an application that draws in its own window.
-
-PYOPENGL_PLATFORM: PyOpenGL picks its platform once, at its first import. For a headless EGL context it has to be
-"egl", so this module sets PYOPENGL_PLATFORM=egl - but only when the variable is unset AND OpenGL has not been
-imported yet. An application that imported OpenGL first keeps its platform (GLX, say); with GLVND that still works
-for texbridge's EGL context, because libOpenGL dispatches to whichever context is current.
+which is the common case for an application that draws in its own window. Which context, its capabilities and
+the PYOPENGL_PLATFORM choice live in _glcontext.py.
 
 Sync: GL_EXT_semaphore_fd (NVIDIA) lets GL wait/signal a Vulkan semaphore with explicit image layouts; Mesa's
 llvmpipe has no semaphore import, so there GL work is completed with glFinish before the keyed mutex is released.
@@ -21,25 +17,15 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-
-def _choose_pyopengl_platform() -> None:
-    """EGL for PyOpenGL, unless the user chose a platform or OpenGL is already loaded (too late to change)."""
-    if "PYOPENGL_PLATFORM" not in os.environ and "OpenGL" not in sys.modules:
-        os.environ["PYOPENGL_PLATFORM"] = "egl"
-
-
-_choose_pyopengl_platform()
+from . import _glcontext  # noqa: F401  (first: it picks PyOpenGL's platform, which must precede importing OpenGL)
 
 import numpy as np  # noqa: E402
 from OpenGL import GL  # noqa: E402  (ImportError here is how a missing PyOpenGL shows: get_backend reports it)
-from OpenGL import error as _glerror  # noqa: E402
 from OpenGL.raw.GL.EXT import memory_object as _mo  # noqa: E402
 from OpenGL.raw.GL.EXT import memory_object_fd as _mofd  # noqa: E402
 from OpenGL.raw.GL.EXT import semaphore as _sem  # noqa: E402
@@ -54,12 +40,13 @@ from .._formats import Format, get_format  # noqa: E402
 from .._memory_types import check_importer  # noqa: E402
 from .._resources import Resource  # noqa: E402
 from . import _egl  # noqa: E402
+from ._glcontext import (GLCaps, GLContext, drain_errors, gl_errors, headless_context,  # noqa: E402
+                         resolve_context)
 from ._fds import OwnedFds, close_on_error  # noqa: E402
 
 GL_HANDLE_TYPE_OPAQUE_FD_EXT = 0x9586
 GL_TEXTURE_TILING_EXT, GL_OPTIMAL_TILING_EXT, GL_LINEAR_TILING_EXT = 0x9580, 0x9584, 0x9585
 GL_DEDICATED_MEMORY_OBJECT_EXT = 0x9581
-GL_NUM_DEVICE_UUIDS_EXT, GL_DEVICE_UUID_EXT, GL_DRIVER_UUID_EXT = 0x9596, 0x9597, 0x9598
 # VkImageLayout name -> GL_LAYOUT_*_EXT (the layout the other API leaves the image in / expects it in)
 LAYOUTS = {
     "undefined": 0,
@@ -79,217 +66,8 @@ _MODERNGL_DTYPE = {"u1": "f1", "<u2": "nu2", "<f2": "f2", "<f4": "f4"}
 _GLuint1 = ctypes.c_uint * 1
 
 
-@contextmanager
-def _gl(what: str) -> Iterator[None]:
-    """Turn PyOpenGL's GLError (and errors left in the queue) into BackendError, naming the operation."""
-    try:
-        yield
-    except _glerror.GLError as e:
-        raise BackendError(f"{what} failed: GL error {getattr(e, 'err', '?')!r} in "
-                           f"{getattr(getattr(e, 'baseOperation', None), '__name__', '?')}") from None
-    err = GL.glGetError()
-    if err:
-        raise BackendError(f"{what} failed: GL error {err:#x}")
-
-
-def _drain_errors() -> None:
-    """Clear errors left by earlier (user) calls so they are not blamed on texbridge."""
-    for _ in range(16):
-        if not GL.glGetError():
-            return
-
-
-# -- contexts -------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GLCaps:
-    """What one GL context offers; read once per context."""
-
-    api: str  # "gl" or "gles"
-    version: str
-    renderer: str
-    vendor: str
-    extensions: frozenset[str]
-    driver_uuid: bytes = b""
-    device_uuids: tuple[bytes, ...] = ()
-
-    @property
-    def memory_object_fd(self) -> bool:
-        return {"GL_EXT_memory_object", "GL_EXT_memory_object_fd"} <= self.extensions
-
-    @property
-    def semaphore_fd(self) -> bool:
-        return {"GL_EXT_semaphore", "GL_EXT_semaphore_fd"} <= self.extensions
-
-    @property
-    def timeline_semaphore(self) -> bool:
-        """GL can import a Vulkan *timeline* semaphore and wait/signal values on the GPU (NVIDIA)."""
-        return self.semaphore_fd and "GL_NV_timeline_semaphore" in self.extensions
-
-    @property
-    def software(self) -> bool:
-        return any(s in self.renderer.lower() for s in _egl.SOFTWARE_RENDERERS)
-
-
-def _gl_string(enum: int) -> str:
-    s = GL.glGetString(enum)
-    return s.decode(errors="replace") if s else ""
-
-
-def _read_caps() -> GLCaps:
-    """Query the current context. Must run with the context current."""
-    _drain_errors()
-    version = _gl_string(GL.GL_VERSION)
-    if not version:
-        raise BackendError("no GL context is current on this thread")
-    n = ctypes.c_int(0)
-    GL.glGetIntegerv(GL.GL_NUM_EXTENSIONS, ctypes.byref(n))
-    exts = frozenset(GL.glGetStringi(GL.GL_EXTENSIONS, i).decode() for i in range(n.value))
-    caps = GLCaps("gles" if version.startswith("OpenGL ES") else "gl", version, _gl_string(GL.GL_RENDERER),
-                  _gl_string(GL.GL_VENDOR), exts)
-    if "GL_EXT_memory_object" in exts or "GL_EXT_semaphore" in exts:
-        buf = (ctypes.c_ubyte * 16)()
-        _mo.glGetUnsignedBytevEXT(GL_DRIVER_UUID_EXT, buf)
-        caps.driver_uuid = bytes(buf)
-        GL.glGetIntegerv(GL_NUM_DEVICE_UUIDS_EXT, ctypes.byref(n))
-        uuids = []
-        for i in range(n.value):
-            _mo.glGetUnsignedBytei_vEXT(GL_DEVICE_UUID_EXT, i, buf)
-            uuids.append(bytes(buf))
-        caps.device_uuids = tuple(uuids)
-    _drain_errors()
-    return caps
-
-
-_glx_get_current: Any = None
-
-
-def _current_context_key() -> tuple[str, int]:
-    """Identify the context current on this thread: ("egl", handle) or ("glx", handle); ("", 0) if none."""
-    global _glx_get_current
-    cur = _egl.egl().GetCurrentContext()
-    if cur:
-        return ("egl", cur)
-    if _glx_get_current is None:
-        try:
-            lib = ctypes.CDLL("libGL.so.1")
-            _glx_get_current = lib.glXGetCurrentContext
-            _glx_get_current.restype = ctypes.c_void_p
-        except (OSError, AttributeError):
-            _glx_get_current = False
-    if _glx_get_current:
-        glx = _glx_get_current()
-        if glx:
-            return ("glx", glx)
-    return ("", 0)
-
-
-class GLContext:
-    """A GL context texbridge works in: its own headless EGL one, or the caller's current one."""
-
-    def __init__(self, caps: GLCaps, egl_ctx: _egl.EGLContext | None, key: tuple[str, int], user: Any = None):
-        self.caps = caps
-        self.egl = egl_ctx
-        self.key = key
-        self.user = user  # the object the caller passed (a moderngl.Context, say)
-
-    @property
-    def headless(self) -> bool:
-        return self.egl is not None
-
-    @property
-    def platform(self) -> str:
-        return f"egl:{self.egl.platform}" if self.egl else f"current ({self.key[0] or 'unknown'})"
-
-    def enter(self) -> None:
-        """Make sure this context is current on the calling thread."""
-        if self.egl is not None:
-            self.egl.make_current()
-        elif _current_context_key() != self.key:
-            raise BackendError("the GL context these objects belong to is not current on this thread")
-
-    def try_enter(self) -> bool:
-        try:
-            self.enter()
-            return True
-        except BackendError:
-            return False
-
-    def __repr__(self) -> str:
-        return f"<GLContext {self.platform} {self.caps.renderer!r} {self.caps.version!r}>"
-
-
-_lock = threading.Lock()
-_headless: GLContext | None = None
-_headless_by_uuid: dict[bytes, GLContext | None] = {}
-_current_caps: dict[tuple[str, int], GLCaps] = {}
+_vk_lock = threading.Lock()
 _vk_devices: dict[bytes, Any] = {}  # Vulkan devices picked by a GL context's device UUID (not the default one)
-
-
-def _pyopengl_platform() -> str:
-    import OpenGL.platform
-
-    return type(OpenGL.platform.PLATFORM).__name__.replace("Platform", "").lower()
-
-
-def headless_context() -> GLContext:
-    """texbridge's own headless context (created on first use, then current on the calling thread)."""
-    global _headless
-    with _lock:
-        if _headless is None:
-            if _pyopengl_platform() != "egl":
-                # PyOpenGL resolves GL>1.1 and extension entry points only while a context of ITS platform is
-                # current (glXGetCurrentContext for GLX), so an EGL context would see null functions.
-                raise BackendError(
-                    f"PyOpenGL was loaded for the {_pyopengl_platform()} platform before texbridge, so texbridge's "
-                    "headless EGL context cannot be used: set PYOPENGL_PLATFORM=egl before OpenGL is first "
-                    "imported, or pass context='current' with your own context current")
-            ectx = _egl.create_headless(_gl_string)
-            _headless = GLContext(_read_caps(), ectx, ("egl", ectx.context))
-        ctx = _headless
-    ctx.enter()
-    return ctx
-
-
-def _headless_for(device_uuid: bytes) -> GLContext:
-    """The headless context on the device with `device_uuid` if one exists, else the default headless context."""
-    default = headless_context()
-    if not device_uuid or device_uuid in default.caps.device_uuids:
-        return default
-    with _lock:
-        if device_uuid not in _headless_by_uuid:
-            found: GLContext | None = None
-            try:
-                ectx = _egl.create_headless(_gl_string, accept=lambda c: device_uuid in _read_caps().device_uuids)
-                found = GLContext(_read_caps(), ectx, ("egl", ectx.context))
-            except BackendError:
-                found = None
-            _headless_by_uuid[device_uuid] = found
-        ctx = _headless_by_uuid[device_uuid] or default
-    ctx.enter()
-    return ctx
-
-
-def resolve_context(context: Any = None, device_uuid: bytes = b"") -> GLContext:
-    """None: headless (on the device with `device_uuid` when there is one); "current" or a moderngl.Context: the
-    context current on this thread; a GLContext: itself."""
-    if isinstance(context, GLContext):
-        context.enter()
-        return context
-    if context is None:
-        return _headless_for(device_uuid) if device_uuid else headless_context()
-    if context == "current" or hasattr(context, "external_texture"):
-        key = _current_context_key()
-        caps = _current_caps.get(key) if key[1] else None
-        if caps is None:
-            if not _gl_string(GL.GL_VERSION):
-                raise BackendError("context='current' but no GL context is current on this thread")
-            caps = _read_caps()
-            if key[1]:
-                _current_caps[key] = caps
-        return GLContext(caps, None, key, None if context == "current" else context)
-    raise TypeError(f"context must be None, 'current', a moderngl.Context or a GLContext, not {context!r}")
 
 
 # -- save and restore the bits of GL state texbridge touches --------------------------------------------------------
@@ -386,12 +164,12 @@ class GLSemaphore:
             raise ValueError("a timeline semaphore waits/signals a value; a binary one takes none")
         self.ctx.enter()
         if value is not None:
-            with _gl("glSemaphoreParameterui64vEXT"):
+            with gl_errors("glSemaphoreParameterui64vEXT"):
                 _sem.glSemaphoreParameterui64vEXT(self.name, _tl.GL_TIMELINE_SEMAPHORE_VALUE_NV,
                                                   (ctypes.c_uint64 * 1)(int(value)))
         bufs = [r.buffer for r in resources if r.buffer]
         texs = [r.texture for r in resources if r.texture]
-        with _gl(what):
+        with gl_errors(what):
             fn(self.name, len(bufs), (ctypes.c_uint * max(1, len(bufs)))(*bufs), len(texs),
                (ctypes.c_uint * max(1, len(texs)))(*texs),
                (ctypes.c_uint * max(1, len(texs)))(*([LAYOUTS[layout]] * len(texs))))
@@ -460,7 +238,7 @@ class GLResource(Resource):
         if self._fbo:
             return self._fbo
         self.context.enter()
-        with _gl("framebuffer"):
+        with gl_errors("framebuffer"):
             prev = _get_int(GL.GL_FRAMEBUFFER_BINDING)
             fbo = int(GL.glGenFramebuffers(1))
             GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, fbo)
@@ -570,7 +348,7 @@ class GLResource(Resource):
             return
         data = self._texture_array(array)
         d, fmt = self.descriptor, self.format
-        with _gl("glTexSubImage"), _pixel_store(), _bound_texture(self.target, self.texture):
+        with gl_errors("glTexSubImage"), _pixel_store(), _bound_texture(self.target, self.texture):
             if self.target == GL.GL_TEXTURE_2D:
                 _gl11.glTexSubImage2D(self.target, 0, 0, 0, d.width, d.height, fmt.gl_format, fmt.gl_type,
                                    data.ctypes.data_as(ctypes.c_void_p))
@@ -597,7 +375,7 @@ class GLResource(Resource):
         fmt = self.format
         shape = self.shape if d.array_size == 1 else (d.array_size, *self.shape)
         out = np.empty(shape, fmt.numpy_dtype)
-        with _gl("glGetTexImage"), _pixel_store():
+        with gl_errors("glGetTexImage"), _pixel_store():
             if caps.api == "gl":
                 with _bound_texture(self.target, self.texture):
                     _gl10.glGetTexImage(self.target, 0, fmt.gl_format, fmt.gl_type, out.ctypes.data_as(ctypes.c_void_p))
@@ -621,7 +399,7 @@ class GLResource(Resource):
     def _buffer_upload(self, data: np.ndarray) -> None:
         """Memory-object buffers are immutable with no DYNAMIC_STORAGE_BIT, so glBufferSubData is illegal: copy
         from a staging buffer on the GPU instead."""
-        with _gl("buffer upload"):
+        with gl_errors("buffer upload"):
             staging = int(GL.glGenBuffers(1))
             try:
                 with _bound_buffer(GL.GL_COPY_READ_BUFFER, staging), \
@@ -633,7 +411,7 @@ class GLResource(Resource):
                 GL.glDeleteBuffers(1, _GLuint1(staging))
 
     def _buffer_download(self, out: np.ndarray) -> None:
-        with _gl("buffer download"):
+        with gl_errors("buffer download"):
             if self.context.caps.api == "gl":
                 with _bound_buffer(GL.GL_COPY_READ_BUFFER, self.buffer):
                     _gl15.glGetBufferSubData(GL.GL_COPY_READ_BUFFER, 0, out.size, out.ctypes.data_as(ctypes.c_void_p))
@@ -762,24 +540,24 @@ class GLBackend:
         if descriptor.kind == "texture2d":
             fmt = get_format(descriptor.format)
             tiling = _tiling(descriptor)
-        _drain_errors()
+        drain_errors()
         mem = _GLuint1()
-        with _gl("glCreateMemoryObjectsEXT"):
+        with gl_errors("glCreateMemoryObjectsEXT"):
             _mo.glCreateMemoryObjectsEXT(1, mem)
         memory = int(mem[0])
         tex = buf = 0
         with close_on_error(lambda: _delete_objects(tex, buf, memory)):
             if priv.get("dedicated"):
-                with _gl("glMemoryObjectParameterivEXT(GL_DEDICATED_MEMORY_OBJECT_EXT)"):
+                with gl_errors("glMemoryObjectParameterivEXT(GL_DEDICATED_MEMORY_OBJECT_EXT)"):
                     _mo.glMemoryObjectParameterivEXT(memory, GL_DEDICATED_MEMORY_OBJECT_EXT, (ctypes.c_int * 1)(1))
-            with _gl("glImportMemoryFdEXT"):
+            with gl_errors("glImportMemoryFdEXT"):
                 _mofd.glImportMemoryFdEXT(memory, alloc_size, GL_HANDLE_TYPE_OPAQUE_FD_EXT, fds.get(FD_MEMORY))
             fds.take(FD_MEMORY)  # a successful import transfers the fd to GL
             if descriptor.kind == "buffer":
                 buf = int(GL.glGenBuffers(1))
                 gl_size = _gl_buffer_size(descriptor)
                 try:
-                    with _gl("glBufferStorageMemEXT"), _bound_buffer(GL.GL_COPY_WRITE_BUFFER, buf):
+                    with gl_errors("glBufferStorageMemEXT"), _bound_buffer(GL.GL_COPY_WRITE_BUFFER, buf):
                         _mo.glBufferStorageMemEXT(GL.GL_COPY_WRITE_BUFFER, gl_size, memory, offset)
                         # Mesa reports no error when the fd was not importable memory: verify the storage exists
                         ok = _get_buffer_int(GL.GL_COPY_WRITE_BUFFER, GL.GL_BUFFER_SIZE) == gl_size
@@ -794,7 +572,7 @@ class GLBackend:
             else:
                 target = GL.GL_TEXTURE_2D if descriptor.array_size == 1 else GL.GL_TEXTURE_2D_ARRAY
                 tex = int(GL.glGenTextures(1))
-                with _gl("glTexStorageMem2DEXT"), _bound_texture(target, tex):
+                with gl_errors("glTexStorageMem2DEXT"), _bound_texture(target, tex):
                     GL.glTexParameteri(target, GL_TEXTURE_TILING_EXT, tiling)
                     if target == GL.GL_TEXTURE_2D:
                         _mo.glTexStorageMem2DEXT(target, descriptor.mip_levels, fmt.gl_internal, descriptor.width,
@@ -825,16 +603,16 @@ class GLBackend:
                 raise BackendError(f"GL_EXT_semaphore_fd is not supported by {ctx.caps.renderer}")
             if timeline and not ctx.caps.timeline_semaphore:
                 raise BackendError(f"GL_NV_timeline_semaphore is not supported by {ctx.caps.renderer}")
-            _drain_errors()
+            drain_errors()
             sem = _GLuint1()
-            with _gl("glCreateSemaphoresNV" if timeline else "glGenSemaphoresEXT"):
+            with gl_errors("glCreateSemaphoresNV" if timeline else "glGenSemaphoresEXT"):
                 if timeline:  # the type must be set before the import, on a semaphore made by glCreateSemaphoresNV
                     _tl.glCreateSemaphoresNV(1, sem)
                     _tl.glSemaphoreParameterivNV(int(sem[0]), _tl.GL_SEMAPHORE_TYPE_NV,
                                                  (ctypes.c_int * 1)(_tl.GL_SEMAPHORE_TYPE_TIMELINE_NV))
                 else:
                     _sem.glGenSemaphoresEXT(1, sem)
-            with close_on_error(lambda: _sem.glDeleteSemaphoresEXT(1, sem)), _gl("glImportSemaphoreFdEXT"):
+            with close_on_error(lambda: _sem.glDeleteSemaphoresEXT(1, sem)), gl_errors("glImportSemaphoreFdEXT"):
                 _semfd.glImportSemaphoreFdEXT(int(sem[0]), GL_HANDLE_TYPE_OPAQUE_FD_EXT, fd)
             owned.take(FD_SEMAPHORE)  # a successful import transfers the fd to GL
             return GLSemaphore(ctx, int(sem[0]), timeline=timeline)
@@ -857,7 +635,7 @@ class GLBackend:
         default = _vk.default_device()
         if not caps.device_uuids or default.device_uuid in caps.device_uuids:
             return default
-        with _lock:
+        with _vk_lock:
             for uuid in caps.device_uuids:
                 dev = _vk_devices.get(uuid)
                 if dev is None or dev.closed:
