@@ -7,13 +7,15 @@ import it too. The choice is recorded in descriptor.memory and driver_private.
 
 Shared images live in VK_IMAGE_LAYOUT_GENERAL between operations (the layout both sides assume, since layouts are
 not shared across processes); every helper transitions out of and back into the resource's current layout.
+
+Where things are: _vk.py (instance, device, timeline semaphores, check), _vk_objects.py (creating, allocating,
+destroying images and buffers), _vk_host.py (memfd memory: host import and the staging copy), this module (the
+resource, the backend, OPAQUE_FD/DMA_BUF import).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import mmap
 import os
 import threading
 from typing import Any, Sequence
@@ -22,18 +24,23 @@ import numpy as np
 
 from . import _vk  # imports `vulkan`: an ImportError here makes the backend unavailable, not texbridge
 from .._d3d11 import d3d11_texture_desc
-from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align, private_int
+from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, private_int
 from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
 from .._formats import Format, get_format
 from .._fdinfo import inspect_fd
 from .._memory_types import check_importer
 from .._sharedmem import SharedMapping
 from .._resources import Resource
+from . import _vk_host
 from ._fds import OwnedFds, close_on_error
 from ._vk import (HANDLE_DMA_BUF, HANDLE_HOST, HANDLE_NAMES, HANDLE_OPAQUE_FD, TimelineSemaphore, VulkanDevice,
-                  VulkanError, check, default_device, ffi, lib, live_objects, track, vk)
+                  VulkanError, check, default_device, ffi, lib, live_objects, vk)
+from ._vk_host import HostMapping
+from ._vk_objects import (COLOR, DEVICE_LOCAL, HOST_VISIBLE, TILINGS, allocate, barrier, check_buffer_support,
+                          check_image_support, create_buffer, create_image, destroy, drm_layout, drm_modifiers,
+                          has_type, image_params, linear_layout, memory_barrier, requirements, vk_buffer_usage,
+                          vk_image_usage)
 
-PAGE_SIZE = mmap.PAGESIZE
 LAYOUTS = {
     "undefined": vk.VK_IMAGE_LAYOUT_UNDEFINED, "general": vk.VK_IMAGE_LAYOUT_GENERAL,
     "color_attachment_optimal": vk.VK_IMAGE_LAYOUT_COLOR_ATTACHMENT_OPTIMAL,
@@ -41,247 +48,11 @@ LAYOUTS = {
     "transfer_src_optimal": vk.VK_IMAGE_LAYOUT_TRANSFER_SRC_OPTIMAL,
     "transfer_dst_optimal": vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL,
 }
-TILINGS = {"optimal": vk.VK_IMAGE_TILING_OPTIMAL, "linear": vk.VK_IMAGE_TILING_LINEAR,
-           "drm_modifier": vk.VK_IMAGE_TILING_DRM_FORMAT_MODIFIER_EXT}
-_TRANSFER = vk.VK_IMAGE_USAGE_TRANSFER_SRC_BIT | vk.VK_IMAGE_USAGE_TRANSFER_DST_BIT
-_COLOR = vk.VK_IMAGE_ASPECT_COLOR_BIT
-_DEVICE_LOCAL = vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT
-_HOST_VISIBLE = vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT
-_ALLOWED_USAGE = (_TRANSFER | vk.VK_IMAGE_USAGE_SAMPLED_BIT | vk.VK_IMAGE_USAGE_STORAGE_BIT |
-                  vk.VK_IMAGE_USAGE_COLOR_ATTACHMENT_BIT | vk.VK_IMAGE_USAGE_INPUT_ATTACHMENT_BIT)
-# MUTABLE_FORMAT | EXTENDED_USAGE | ALIAS (numeric: the `vulkan` module spells the 1.1 aliases as strings)
-_ALLOWED_FLAGS = 0x8 | 0x100 | 0x400
 _ALLOWED_BUFFER_USAGE = (vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT |
                          vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT |
                          vk.VK_BUFFER_USAGE_UNIFORM_TEXEL_BUFFER_BIT | vk.VK_BUFFER_USAGE_STORAGE_TEXEL_BUFFER_BIT |
                          vk.VK_BUFFER_USAGE_VERTEX_BUFFER_BIT | vk.VK_BUFFER_USAGE_INDEX_BUFFER_BIT)
 WHOLE_SIZE = (1 << 64) - 1  # VK_WHOLE_SIZE (the Python module spells it as -1)
-
-
-def vk_image_usage(usage: int) -> int:
-    """texbridge Usage → VkImageUsageFlags. Transfer bits are always on: upload/download/clear need them."""
-    u = Usage(usage)
-    bits = _TRANSFER
-    if u & Usage.SHADER_READ:
-        bits |= vk.VK_IMAGE_USAGE_SAMPLED_BIT
-    if u & Usage.RENDER_TARGET:
-        bits |= vk.VK_IMAGE_USAGE_COLOR_ATTACHMENT_BIT
-    if u & Usage.STORAGE:
-        bits |= vk.VK_IMAGE_USAGE_STORAGE_BIT
-    return bits
-
-
-def vk_buffer_usage(usage: int) -> int:
-    bits = vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT
-    if Usage(usage) & (Usage.SHADER_READ | Usage.STORAGE):
-        bits |= vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT
-    return bits
-
-
-# -- format support ----------------------------------------------------------------------------------------------------
-def _check_image_support(dev: VulkanDevice, p: dict[str, Any], handle_type: int, *, export: bool,
-                         modifier: int | None = None) -> tuple[int, int]:
-    """Raise BackendError unless this device can create (export=True) or import an image with these exact parameters
-    as `handle_type` memory. Returns (externalMemoryFeatures, maxResourceSize)."""
-    keep = []
-    ext = ffi.new("VkPhysicalDeviceExternalImageFormatInfo*",
-                  {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_EXTERNAL_IMAGE_FORMAT_INFO, "handleType": handle_type})
-    keep.append(ext)
-    if modifier is not None:
-        mod = ffi.new("VkPhysicalDeviceImageDrmFormatModifierInfoEXT*",
-                      {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_IMAGE_DRM_FORMAT_MODIFIER_INFO_EXT,
-                       "drmFormatModifier": modifier, "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE})
-        ext.pNext = mod
-        keep.append(mod)
-    info = ffi.new("VkPhysicalDeviceImageFormatInfo2*", {
-        "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_IMAGE_FORMAT_INFO_2, "pNext": ext, "format": p["vk_format"],
-        "type": vk.VK_IMAGE_TYPE_2D, "tiling": p["vk_tiling"], "usage": p["vk_usage"], "flags": p["vk_flags"]})
-    eprops = ffi.new("VkExternalImageFormatProperties*", {"sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_IMAGE_FORMAT_PROPERTIES})
-    props = ffi.new("VkImageFormatProperties2*", {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_FORMAT_PROPERTIES_2,
-                                                  "pNext": eprops})
-    r = lib.vkGetPhysicalDeviceImageFormatProperties2(dev.physical_device, info, props)
-    what = (f"{p['format']} {p['width']}x{p['height']} tiling={p['tiling']} usage=0x{p['vk_usage']:x} "
-            f"as {HANDLE_NAMES.get(handle_type, handle_type)} on {dev.name}")
-    if r == vk.VK_ERROR_FORMAT_NOT_SUPPORTED:
-        raise BackendError(f"unsupported image: {what}")
-    check(r, "vkGetPhysicalDeviceImageFormatProperties2")
-    feats = eprops.externalMemoryProperties.externalMemoryFeatures
-    need = vk.VK_EXTERNAL_MEMORY_FEATURE_EXPORTABLE_BIT if export else vk.VK_EXTERNAL_MEMORY_FEATURE_IMPORTABLE_BIT
-    if not feats & need:
-        raise BackendError(f"not {'exportable' if export else 'importable'}: {what}")
-    fp = props.imageFormatProperties
-    if (p["width"] > fp.maxExtent.width or p["height"] > fp.maxExtent.height or p["mip_levels"] > fp.maxMipLevels
-            or p["array_size"] > fp.maxArrayLayers):
-        raise BackendError(f"too large (max {fp.maxExtent.width}x{fp.maxExtent.height}, {fp.maxMipLevels} mips, "
-                           f"{fp.maxArrayLayers} layers): {what}")
-    return feats, fp.maxResourceSize
-
-
-def _drm_modifiers(dev: VulkanDevice, p: dict[str, Any]) -> list[int]:
-    """Single-plane DRM modifiers this device can export an image with these parameters as (dma_buf)."""
-    lst = ffi.new("VkDrmFormatModifierPropertiesListEXT*",
-                  {"sType": vk.VK_STRUCTURE_TYPE_DRM_FORMAT_MODIFIER_PROPERTIES_LIST_EXT})
-    fp = ffi.new("VkFormatProperties2*", {"sType": vk.VK_STRUCTURE_TYPE_FORMAT_PROPERTIES_2, "pNext": lst})
-    lib.vkGetPhysicalDeviceFormatProperties2(dev.physical_device, p["vk_format"], fp)
-    n = lst.drmFormatModifierCount
-    if not n:
-        return []
-    arr = ffi.new("VkDrmFormatModifierPropertiesEXT[]", n)
-    lst.pDrmFormatModifierProperties = arr
-    lib.vkGetPhysicalDeviceFormatProperties2(dev.physical_device, p["vk_format"], fp)
-    need = vk.VK_FORMAT_FEATURE_TRANSFER_SRC_BIT | vk.VK_FORMAT_FEATURE_TRANSFER_DST_BIT
-    if p["vk_usage"] & vk.VK_IMAGE_USAGE_SAMPLED_BIT:
-        need |= vk.VK_FORMAT_FEATURE_SAMPLED_IMAGE_BIT
-    if p["vk_usage"] & vk.VK_IMAGE_USAGE_COLOR_ATTACHMENT_BIT:
-        need |= vk.VK_FORMAT_FEATURE_COLOR_ATTACHMENT_BIT
-    if p["vk_usage"] & vk.VK_IMAGE_USAGE_STORAGE_BIT:
-        need |= vk.VK_FORMAT_FEATURE_STORAGE_IMAGE_BIT
-    out = []
-    for i in range(lst.drmFormatModifierCount):
-        m = arr[i]
-        if m.drmFormatModifierPlaneCount != 1 or m.drmFormatModifierTilingFeatures & need != need:
-            continue
-        try:
-            _check_image_support(dev, p, HANDLE_DMA_BUF, export=True, modifier=m.drmFormatModifier)
-        except BackendError:
-            continue
-        out.append(int(m.drmFormatModifier))
-    return out
-
-
-# -- object creation (each helper tracks what it creates) --------------------------------------------------------------
-def _create_image(dev: VulkanDevice, p: dict[str, Any], handle_type: int, *, modifiers: Sequence[int] = (),
-                  explicit: dict[str, Any] | None = None, initial_layout: int = vk.VK_IMAGE_LAYOUT_UNDEFINED) -> Any:
-    ext = ffi.new("VkExternalMemoryImageCreateInfo*",
-                  {"sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_MEMORY_IMAGE_CREATE_INFO, "handleTypes": handle_type})
-    keep: list[Any] = [ext]
-    if modifiers:
-        mods = ffi.new("uint64_t[]", list(modifiers))
-        lst = ffi.new("VkImageDrmFormatModifierListCreateInfoEXT*",
-                      {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_DRM_FORMAT_MODIFIER_LIST_CREATE_INFO_EXT,
-                       "drmFormatModifierCount": len(mods), "pDrmFormatModifiers": mods})
-        ext.pNext = lst
-        keep += [mods, lst]
-    elif explicit is not None:
-        layout = ffi.new("VkSubresourceLayout*", {"offset": explicit["offset"], "size": 0,
-                                                  "rowPitch": explicit["row_pitch"],
-                                                  "arrayPitch": explicit.get("array_pitch", 0) if p["array_size"] > 1 else 0,
-                                                  "depthPitch": 0})
-        exp = ffi.new("VkImageDrmFormatModifierExplicitCreateInfoEXT*",
-                      {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_DRM_FORMAT_MODIFIER_EXPLICIT_CREATE_INFO_EXT,
-                       "drmFormatModifier": explicit["modifier"], "drmFormatModifierPlaneCount": 1,
-                       "pPlaneLayouts": layout})
-        ext.pNext = exp
-        keep += [layout, exp]
-    info = ffi.new("VkImageCreateInfo*", {
-        "sType": vk.VK_STRUCTURE_TYPE_IMAGE_CREATE_INFO, "pNext": ext, "flags": p["vk_flags"],
-        "imageType": vk.VK_IMAGE_TYPE_2D, "format": p["vk_format"],
-        "extent": {"width": p["width"], "height": p["height"], "depth": 1},
-        "mipLevels": p["mip_levels"], "arrayLayers": p["array_size"], "samples": vk.VK_SAMPLE_COUNT_1_BIT,
-        "tiling": p["vk_tiling"], "usage": p["vk_usage"], "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE,
-        "initialLayout": initial_layout})
-    out = ffi.new("VkImage*")
-    check(lib.vkCreateImage(dev.device, info, ffi.NULL, out), "vkCreateImage")
-    track("VkImage")
-    return out[0]
-
-
-def _create_buffer(dev: VulkanDevice, size: int, usage: int, handle_type: int) -> Any:
-    ext = ffi.new("VkExternalMemoryBufferCreateInfo*",
-                  {"sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_MEMORY_BUFFER_CREATE_INFO, "handleTypes": handle_type})
-    info = ffi.new("VkBufferCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO,
-                                           "pNext": ext if handle_type else ffi.NULL, "size": size, "usage": usage,
-                                           "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE})
-    out = ffi.new("VkBuffer*")
-    check(lib.vkCreateBuffer(dev.device, info, ffi.NULL, out), "vkCreateBuffer")
-    track("VkBuffer")
-    return out[0]
-
-
-def _requirements(dev: VulkanDevice, *, image: Any = None, buffer: Any = None) -> tuple[int, int, int, bool]:
-    """(size, alignment, memoryTypeBits, driver prefers/requires a dedicated allocation)."""
-    ded = ffi.new("VkMemoryDedicatedRequirements*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_DEDICATED_REQUIREMENTS})
-    req = ffi.new("VkMemoryRequirements2*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_REQUIREMENTS_2, "pNext": ded})
-    if image is not None:
-        info = ffi.new("VkImageMemoryRequirementsInfo2*",
-                       {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_MEMORY_REQUIREMENTS_INFO_2, "image": image})
-        lib.vkGetImageMemoryRequirements2(dev.device, info, req)
-    else:
-        info = ffi.new("VkBufferMemoryRequirementsInfo2*",
-                       {"sType": vk.VK_STRUCTURE_TYPE_BUFFER_MEMORY_REQUIREMENTS_INFO_2, "buffer": buffer})
-        lib.vkGetBufferMemoryRequirements2(dev.device, info, req)
-    r = req.memoryRequirements
-    return r.size, r.alignment, r.memoryTypeBits, bool(ded.prefersDedicatedAllocation or ded.requiresDedicatedAllocation)
-
-
-def _allocate(dev: VulkanDevice, size: int, type_index: int, *, image: Any = None, buffer: Any = None,
-              export: int = 0, import_fd: tuple[int, int] | None = None, host_ptr: Any = None) -> Any:
-    """vkAllocateMemory with the pNext chain for export, fd import or host-pointer import (+ dedicated)."""
-    chain: list[Any] = []
-    if image is not None or buffer is not None:
-        chain.append(ffi.new("VkMemoryDedicatedAllocateInfo*", {
-            "sType": vk.VK_STRUCTURE_TYPE_MEMORY_DEDICATED_ALLOCATE_INFO,
-            "image": image if image is not None else ffi.NULL, "buffer": buffer if buffer is not None else ffi.NULL}))
-    if export:
-        chain.append(ffi.new("VkExportMemoryAllocateInfo*",
-                             {"sType": vk.VK_STRUCTURE_TYPE_EXPORT_MEMORY_ALLOCATE_INFO, "handleTypes": export}))
-    if import_fd is not None:
-        chain.append(ffi.new("VkImportMemoryFdInfoKHR*", {"sType": vk.VK_STRUCTURE_TYPE_IMPORT_MEMORY_FD_INFO_KHR,
-                                                          "handleType": import_fd[0], "fd": import_fd[1]}))
-    if host_ptr is not None:
-        chain.append(ffi.new("VkImportMemoryHostPointerInfoEXT*", {
-            "sType": vk.VK_STRUCTURE_TYPE_IMPORT_MEMORY_HOST_POINTER_INFO_EXT, "handleType": HANDLE_HOST,
-            "pHostPointer": host_ptr}))
-    for a, b in zip(chain, chain[1:]):
-        a.pNext = b
-    info = ffi.new("VkMemoryAllocateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO,
-                                             "pNext": chain[0] if chain else ffi.NULL, "allocationSize": size,
-                                             "memoryTypeIndex": type_index})
-    out = ffi.new("VkDeviceMemory*")
-    check(lib.vkAllocateMemory(dev.device, info, ffi.NULL, out), "vkAllocateMemory")
-    track("VkDeviceMemory")
-    return out[0]
-
-
-def _destroy(dev: VulkanDevice, *, image: Any = None, buffer: Any = None, memory: Any = None) -> None:
-    if image is not None:
-        lib.vkDestroyImage(dev.device, image, ffi.NULL)
-        track("VkImage", -1)
-    if buffer is not None:
-        lib.vkDestroyBuffer(dev.device, buffer, ffi.NULL)
-        track("VkBuffer", -1)
-    if memory is not None:
-        lib.vkFreeMemory(dev.device, memory, ffi.NULL)
-        track("VkDeviceMemory", -1)
-
-
-class _HostMapping:
-    """A MAP_SHARED mapping of a memfd made with libc mmap, because Python's mmap refuses lengths past EOF and host
-    pointer import needs the length rounded up to minImportedHostPointerAlignment (bytes past EOF inside the last
-    page read as zero and are never written by us, so no SIGBUS)."""
-
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.mmap.restype = ctypes.c_void_p
-    _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-    _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-
-    def __init__(self, fd: int, length: int) -> None:
-        addr = self._libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            err = ctypes.get_errno()
-            raise BackendError(f"mmap of the memfd failed: {os.strerror(err)}")
-        self.address, self.length = addr, length
-        track("host_mapping")
-
-    @property
-    def pointer(self) -> Any:
-        return ffi.cast("void*", self.address)
-
-    def close(self) -> None:
-        if self.address:
-            self._libc.munmap(self.address, self.length)
-            self.address = 0
-            track("host_mapping", -1)
 
 
 class _Staging:
@@ -294,13 +65,13 @@ class _Staging:
         self.dev, self.size = dev, size
         self.buffer = self.memory = None
         with close_on_error(self.close):
-            self.buffer = _create_buffer(dev, size, vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT |
-                                         vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT, 0)
-            rsize, _, bits, _ = _requirements(dev, buffer=self.buffer)
-            t = dev.find_memory_type(bits, _HOST_VISIBLE | vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT) \
-                if _has_type(dev, bits, _HOST_VISIBLE | vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT) \
-                else dev.find_memory_type(bits, _HOST_VISIBLE)
-            self.memory = _allocate(dev, rsize, t)
+            self.buffer = create_buffer(dev, size, vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT |
+                                        vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT, 0)
+            rsize, _, bits, _ = requirements(dev, buffer=self.buffer)
+            t = dev.find_memory_type(bits, HOST_VISIBLE | vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT) \
+                if has_type(dev, bits, HOST_VISIBLE | vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT) \
+                else dev.find_memory_type(bits, HOST_VISIBLE)
+            self.memory = allocate(dev, rsize, t)
             check(lib.vkBindBufferMemory(dev.device, self.buffer, self.memory, 0), "vkBindBufferMemory")
             ptr = ffi.new("void**")
             check(lib.vkMapMemory(dev.device, self.memory, 0, size, 0, ptr), "vkMapMemory")
@@ -309,35 +80,7 @@ class _Staging:
     def close(self) -> None:
         self.array = None
         buf, mem, self.buffer, self.memory = self.buffer, self.memory, None, None
-        _destroy(self.dev, buffer=buf, memory=mem)  # freeing the memory unmaps it
-
-
-def _has_type(dev: VulkanDevice, bits: int, want: int) -> bool:
-    return any(bits >> i & 1 and f & want == want for i, (f, _) in enumerate(dev.memory_types))
-
-
-def _barrier(cmd: Any, image: Any, old: int, new: int, mips: int, layers: int) -> None:
-    """A full image barrier: all earlier work and host writes before, all later work and host reads after. Heavy
-    but always correct, and these helpers are for transfers, not hot render loops."""
-    b = ffi.new("VkImageMemoryBarrier*", {
-        "sType": vk.VK_STRUCTURE_TYPE_IMAGE_MEMORY_BARRIER, "srcAccessMask": vk.VK_ACCESS_MEMORY_WRITE_BIT,
-        "dstAccessMask": vk.VK_ACCESS_MEMORY_READ_BIT | vk.VK_ACCESS_MEMORY_WRITE_BIT | vk.VK_ACCESS_HOST_READ_BIT,
-        "oldLayout": old, "newLayout": new, "srcQueueFamilyIndex": vk.VK_QUEUE_FAMILY_IGNORED,
-        "dstQueueFamilyIndex": vk.VK_QUEUE_FAMILY_IGNORED, "image": image,
-        "subresourceRange": {"aspectMask": _COLOR, "baseMipLevel": 0, "levelCount": mips, "baseArrayLayer": 0,
-                             "layerCount": layers}})
-    lib.vkCmdPipelineBarrier(cmd, vk.VK_PIPELINE_STAGE_ALL_COMMANDS_BIT | vk.VK_PIPELINE_STAGE_HOST_BIT,
-                             vk.VK_PIPELINE_STAGE_ALL_COMMANDS_BIT | vk.VK_PIPELINE_STAGE_HOST_BIT, 0,
-                             0, ffi.NULL, 0, ffi.NULL, 1, b)
-
-
-def _memory_barrier(cmd: Any) -> None:
-    b = ffi.new("VkMemoryBarrier*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER,
-                                     "srcAccessMask": vk.VK_ACCESS_MEMORY_WRITE_BIT,
-                                     "dstAccessMask": vk.VK_ACCESS_MEMORY_READ_BIT | vk.VK_ACCESS_MEMORY_WRITE_BIT |
-                                     vk.VK_ACCESS_HOST_READ_BIT})
-    stages = vk.VK_PIPELINE_STAGE_ALL_COMMANDS_BIT | vk.VK_PIPELINE_STAGE_HOST_BIT
-    lib.vkCmdPipelineBarrier(cmd, stages, stages, 0, 1, b, 0, ffi.NULL, 0, ffi.NULL)
+        destroy(self.dev, buffer=buf, memory=mem)  # freeing the memory unmaps it
 
 
 def _clear_value(fmt: Format, color: Any) -> Any:
@@ -373,7 +116,7 @@ class VulkanResource(Resource):
 
     def __init__(self, descriptor: Descriptor, device: VulkanDevice, *, image: Any = None, buffer: Any = None,
                  memory: Any = None, handle_type: int = 0, exportable: bool = False, layout: int = 0,
-                 fd: int = -1, host: _HostMapping | None = None, host_map: SharedMapping | None = None,
+                 fd: int = -1, host: HostMapping | None = None, host_map: SharedMapping | None = None,
                  extra_buffer: bool = False) -> None:
         super().__init__(descriptor)
         self._lock = threading.RLock()
@@ -448,17 +191,17 @@ class VulkanResource(Resource):
         d, img = self.descriptor, self.image
         region = ffi.new("VkBufferImageCopy*", {
             "bufferOffset": 0, "bufferRowLength": 0, "bufferImageHeight": 0,
-            "imageSubresource": {"aspectMask": _COLOR, "mipLevel": 0, "baseArrayLayer": layer, "layerCount": 1},
+            "imageSubresource": {"aspectMask": COLOR, "mipLevel": 0, "baseArrayLayer": layer, "layerCount": 1},
             "imageOffset": {"x": 0, "y": 0, "z": 0}, "imageExtent": {"width": d.width, "height": d.height, "depth": 1}})
         op_layout = vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL if to_image else vk.VK_IMAGE_LAYOUT_TRANSFER_SRC_OPTIMAL
 
         def record(cmd: Any) -> None:
-            _barrier(cmd, img, self.layout, op_layout, d.mip_levels, d.array_size)
+            barrier(cmd, img, self.layout, op_layout, d.mip_levels, d.array_size)
             if to_image:
                 lib.vkCmdCopyBufferToImage(cmd, staging.buffer, img, op_layout, 1, region)
             else:
                 lib.vkCmdCopyImageToBuffer(cmd, img, op_layout, staging.buffer, 1, region)
-            _barrier(cmd, img, op_layout, self.layout, d.mip_levels, d.array_size)
+            barrier(cmd, img, op_layout, self.layout, d.mip_levels, d.array_size)
 
         self.device.one_shot(record)
 
@@ -469,12 +212,12 @@ class VulkanResource(Resource):
             for ro, so, n in regions])
 
         def record(cmd: Any) -> None:
-            _memory_barrier(cmd)
+            memory_barrier(cmd)
             if to_buffer:
                 lib.vkCmdCopyBuffer(cmd, staging.buffer, self.buffer, len(regions), arr)
             else:
                 lib.vkCmdCopyBuffer(cmd, self.buffer, staging.buffer, len(regions), arr)
-            _memory_barrier(cmd)
+            memory_barrier(cmd)
 
         self.device.one_shot(record)
 
@@ -541,21 +284,21 @@ class VulkanResource(Resource):
             word = int(np.asarray(color).reshape(-1)[0]) & 0xFFFFFFFF
 
             def fill(cmd: Any) -> None:
-                _memory_barrier(cmd)
+                memory_barrier(cmd)
                 lib.vkCmdFillBuffer(cmd, self.buffer, 0, WHOLE_SIZE, word)
-                _memory_barrier(cmd)
+                memory_barrier(cmd)
 
             self.device.one_shot(fill)
             return
         value = _clear_value(get_format(d.format), color)
-        rng = ffi.new("VkImageSubresourceRange*", {"aspectMask": _COLOR, "baseMipLevel": 0, "levelCount": d.mip_levels,
+        rng = ffi.new("VkImageSubresourceRange*", {"aspectMask": COLOR, "baseMipLevel": 0, "levelCount": d.mip_levels,
                                                    "baseArrayLayer": 0, "layerCount": d.array_size})
         dst = vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL
 
         def record(cmd: Any) -> None:
-            _barrier(cmd, self.image, self.layout, dst, d.mip_levels, d.array_size)
+            barrier(cmd, self.image, self.layout, dst, d.mip_levels, d.array_size)
             lib.vkCmdClearColorImage(cmd, self.image, dst, value, 1, rng)
-            _barrier(cmd, self.image, dst, self.layout, d.mip_levels, d.array_size)
+            barrier(cmd, self.image, dst, self.layout, d.mip_levels, d.array_size)
 
         self.device.one_shot(record)
         if self._host_map is not None:
@@ -571,7 +314,7 @@ class VulkanResource(Resource):
             raise BackendError("a buffer has no image layout")
         d, old = self.descriptor, self.layout
         if new != old:
-            self.device.one_shot(lambda cmd: _barrier(cmd, self.image, old, new, d.mip_levels, d.array_size))
+            self.device.one_shot(lambda cmd: barrier(cmd, self.image, old, new, d.mip_levels, d.array_size))
             self.layout = new
 
     # -- memfd staging path ----------------------------------------------------------------------------------------
@@ -622,7 +365,7 @@ class VulkanResource(Resource):
                     staging.close()
                 if semaphore is not None:
                     semaphore.destroy()
-                _destroy(dev, image=image, buffer=buffer, memory=memory)
+                destroy(dev, image=image, buffer=buffer, memory=memory)
         finally:
             if host is not None:
                 host.close()  # after vkFreeMemory: the driver may touch imported pages until then
@@ -630,27 +373,6 @@ class VulkanResource(Resource):
                 host_map.close()
             if fd >= 0:
                 os.close(fd)
-
-
-# -- descriptor ↔ parameters -------------------------------------------------------------------------------------------
-def _image_params(width: int, height: int, format: str, usage: int, tiling: str, mip_levels: int,
-                  array_size: int, vk_usage: int | None = None, vk_flags: int = 0) -> dict[str, Any]:
-    fmt = get_format(format)
-    if tiling not in TILINGS:
-        raise InvalidDescriptor(f"tiling must be one of {', '.join(TILINGS)}, not {tiling!r}")
-    for name, v in (("width", width), ("height", height), ("mip_levels", mip_levels), ("array_size", array_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise InvalidDescriptor(f"{name} must be a positive integer, not {v!r}")
-    if mip_levels > max(width, height).bit_length():
-        raise InvalidDescriptor(f"a {width}x{height} image has at most {max(width, height).bit_length()} mip levels")
-    # Outside data must never reach vkCreateImage with bits whose valid usage we don't check (sparse, protected...).
-    if vk_usage is not None and vk_usage & ~_ALLOWED_USAGE:
-        raise InvalidDescriptor(f"vk_usage 0x{vk_usage:x} has bits texbridge does not share (allowed 0x{_ALLOWED_USAGE:x})")
-    if vk_flags & ~_ALLOWED_FLAGS:
-        raise InvalidDescriptor(f"vk_flags 0x{vk_flags:x} has bits texbridge does not share (allowed 0x{_ALLOWED_FLAGS:x})")
-    return {"format": format, "vk_format": fmt.vk, "width": width, "height": height, "mip_levels": mip_levels,
-            "array_size": array_size, "tiling": tiling, "vk_tiling": TILINGS[tiling],
-            "vk_usage": vk_image_usage(usage) if vk_usage is None else vk_usage, "vk_flags": vk_flags}
 
 
 class VulkanBackend:
@@ -668,14 +390,14 @@ class VulkanBackend:
         """
         dev = device or default_device()
         dev.check_open()
-        p = _image_params(width, height, format, usage, tiling, mip_levels, array_size)
+        p = image_params(width, height, format, usage, tiling, mip_levels, array_size)
         if memory not in ("auto", "opaque_fd", "dma_buf"):
             raise InvalidDescriptor(f"memory must be auto, opaque_fd or dma_buf, not {memory!r}")
         modifiers: list[int] = []
         if memory != "opaque_fd" and dev.dma_buf and tiling == "optimal" and mip_levels == 1 and array_size == 1 \
                 and get_format(format).drm_fourcc:
             dm = {**p, "tiling": "drm_modifier", "vk_tiling": TILINGS["drm_modifier"]}
-            modifiers = _drm_modifiers(dev, dm)
+            modifiers = drm_modifiers(dev, dm)
             if modifiers:
                 p = dm
         if memory == "auto" and modifiers:
@@ -692,13 +414,13 @@ class VulkanBackend:
                                f"(needs VK_EXT_external_memory_dma_buf and VK_EXT_image_drm_format_modifier)")
         handle_type = HANDLE_DMA_BUF if modifiers else HANDLE_OPAQUE_FD
         if not modifiers:
-            _check_image_support(dev, p, handle_type, export=True)
+            check_image_support(dev, p, handle_type, export=True)
         image = mem = None
-        with close_on_error(lambda: _destroy(dev, image=image, memory=mem)):
-            image = _create_image(dev, p, handle_type, modifiers=modifiers)
-            size, _, bits, _ = _requirements(dev, image=image)
-            type_index = dev.find_memory_type(bits, _DEVICE_LOCAL)
-            mem = _allocate(dev, size, type_index, image=image, export=handle_type)
+        with close_on_error(lambda: destroy(dev, image=image, memory=mem)):
+            image = create_image(dev, p, handle_type, modifiers=modifiers)
+            size, _, bits, _ = requirements(dev, image=image)
+            type_index = dev.find_memory_type(bits, DEVICE_LOCAL)
+            mem = allocate(dev, size, type_index, image=image, export=handle_type)
             check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
             dp: dict[str, Any] = {
                 "tiling": p["tiling"], "vk_format": p["vk_format"], "vk_usage": p["vk_usage"],
@@ -708,11 +430,11 @@ class VulkanBackend:
             }
             planes: tuple[tuple[int, int], ...] = ()
             if modifiers:
-                dp.update(_drm_layout(dev, image))
+                dp.update(drm_layout(dev, image))
                 dp["drm_fourcc"] = get_format(format).drm_fourcc
             elif p["tiling"] == "linear":
                 # A third party given only the descriptor and the fd must find the pixels: record the layout.
-                dp["plane_layouts"] = [_linear_layout(dev, image)]
+                dp["plane_layouts"] = [linear_layout(dev, image)]
                 planes = ((dp["plane_layouts"][0]["offset"], dp["plane_layouts"][0]["row_pitch"]),)
             desc = Descriptor(
                 kind="texture2d", size=size, width=width, height=height, format=format, mip_levels=mip_levels,
@@ -726,13 +448,13 @@ class VulkanBackend:
         with close_on_error(res.close):
             # Defined contents (zeros, like a memfd) and the shared GENERAL layout before anyone imports it.
             value, rng = _clear_value(get_format(format), 0), ffi.new("VkImageSubresourceRange*", {
-                "aspectMask": _COLOR, "levelCount": mip_levels, "layerCount": array_size})
+                "aspectMask": COLOR, "levelCount": mip_levels, "layerCount": array_size})
 
             def init(cmd: Any) -> None:
                 dst = vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL
-                _barrier(cmd, image, vk.VK_IMAGE_LAYOUT_UNDEFINED, dst, mip_levels, array_size)
+                barrier(cmd, image, vk.VK_IMAGE_LAYOUT_UNDEFINED, dst, mip_levels, array_size)
                 lib.vkCmdClearColorImage(cmd, image, dst, value, 1, rng)
-                _barrier(cmd, image, dst, vk.VK_IMAGE_LAYOUT_GENERAL, mip_levels, array_size)
+                barrier(cmd, image, dst, vk.VK_IMAGE_LAYOUT_GENERAL, mip_levels, array_size)
 
             dev.one_shot(init)
             res._attach_semaphore()
@@ -746,18 +468,18 @@ class VulkanBackend:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise InvalidDescriptor(f"size must be a positive integer, not {size!r}")
         vk_usage = vk_buffer_usage(usage)
-        _check_buffer_support(dev, vk_usage, HANDLE_OPAQUE_FD, export=True)
+        check_buffer_support(dev, vk_usage, HANDLE_OPAQUE_FD, export=True)
         buf = mem = None
-        with close_on_error(lambda: _destroy(dev, buffer=buf, memory=mem)):
-            buf = _create_buffer(dev, size, vk_usage, HANDLE_OPAQUE_FD)
-            alloc, _, bits, _ = _requirements(dev, buffer=buf)
+        with close_on_error(lambda: destroy(dev, buffer=buf, memory=mem)):
+            buf = create_buffer(dev, size, vk_usage, HANDLE_OPAQUE_FD)
+            alloc, _, bits, _ = requirements(dev, buffer=buf)
             if alloc != size:  # make the buffer span its whole allocation, so size means one thing everywhere
-                _destroy(dev, buffer=buf)
+                destroy(dev, buffer=buf)
                 buf = None
-                buf = _create_buffer(dev, alloc, vk_usage, HANDLE_OPAQUE_FD)
-                alloc, _, bits, _ = _requirements(dev, buffer=buf)
-            type_index = dev.find_memory_type(bits, _DEVICE_LOCAL)
-            mem = _allocate(dev, alloc, type_index, buffer=buf, export=HANDLE_OPAQUE_FD)
+                buf = create_buffer(dev, alloc, vk_usage, HANDLE_OPAQUE_FD)
+                alloc, _, bits, _ = requirements(dev, buffer=buf)
+            type_index = dev.find_memory_type(bits, DEVICE_LOCAL)
+            mem = allocate(dev, alloc, type_index, buffer=buf, export=HANDLE_OPAQUE_FD)
             check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
             desc = Descriptor(
                 kind="buffer", size=alloc, memory="opaque_fd", backend="vulkan", driver_uuid=dev.driver_uuid,
@@ -768,7 +490,7 @@ class VulkanBackend:
                                 "handle_type": "opaque_fd"}).validate()
         res = VulkanResource(desc, dev, buffer=buf, memory=mem, handle_type=HANDLE_OPAQUE_FD, exportable=True)
         with close_on_error(res.close):
-            dev.one_shot(lambda cmd: (lib.vkCmdFillBuffer(cmd, buf, 0, WHOLE_SIZE, 0), _memory_barrier(cmd)))
+            dev.one_shot(lambda cmd: (lib.vkCmdFillBuffer(cmd, buf, 0, WHOLE_SIZE, 0), memory_barrier(cmd)))
             res._attach_semaphore()
         return res
 
@@ -815,39 +537,6 @@ class VulkanBackend:
             return {"available": False, "detail": f"{type(e).__name__}: {e}"}
 
 
-def _check_buffer_support(dev: VulkanDevice, vk_usage: int, handle_type: int, *, export: bool) -> None:
-    info = ffi.new("VkPhysicalDeviceExternalBufferInfo*", {
-        "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_EXTERNAL_BUFFER_INFO, "usage": vk_usage, "handleType": handle_type})
-    out = ffi.new("VkExternalBufferProperties*", {"sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_BUFFER_PROPERTIES})
-    lib.vkGetPhysicalDeviceExternalBufferProperties(dev.physical_device, info, out)
-    need = vk.VK_EXTERNAL_MEMORY_FEATURE_EXPORTABLE_BIT if export else vk.VK_EXTERNAL_MEMORY_FEATURE_IMPORTABLE_BIT
-    if not out.externalMemoryProperties.externalMemoryFeatures & need:
-        raise BackendError(f"{dev.name}: buffers with usage 0x{vk_usage:x} are not "
-                           f"{'exportable' if export else 'importable'} as {HANDLE_NAMES.get(handle_type)}")
-
-
-def _linear_layout(dev: VulkanDevice, image: Any) -> dict[str, int]:
-    """Where mip 0 / layer 0 of a LINEAR image lives in its memory (vkGetImageSubresourceLayout)."""
-    sub = ffi.new("VkImageSubresource*", {"aspectMask": _COLOR, "mipLevel": 0, "arrayLayer": 0})
-    lay = ffi.new("VkSubresourceLayout*")
-    lib.vkGetImageSubresourceLayout(dev.device, image, sub, lay)
-    return {"offset": int(lay.offset), "size": int(lay.size), "row_pitch": int(lay.rowPitch),
-            "array_pitch": int(lay.arrayPitch)}
-
-
-def _drm_layout(dev: VulkanDevice, image: Any) -> dict[str, Any]:
-    props = ffi.new("VkImageDrmFormatModifierPropertiesEXT*",
-                    {"sType": vk.VK_STRUCTURE_TYPE_IMAGE_DRM_FORMAT_MODIFIER_PROPERTIES_EXT})
-    check(dev.vkGetImageDrmFormatModifierPropertiesEXT(dev.device, image, props),
-          "vkGetImageDrmFormatModifierPropertiesEXT")
-    sub = ffi.new("VkImageSubresource*", {"aspectMask": vk.VK_IMAGE_ASPECT_MEMORY_PLANE_0_BIT_EXT})
-    lay = ffi.new("VkSubresourceLayout*")
-    lib.vkGetImageSubresourceLayout(dev.device, image, sub, lay)
-    return {"drm_modifier": int(props.drmFormatModifier),
-            "plane_layouts": [{"offset": lay.offset, "size": lay.size, "row_pitch": lay.rowPitch,
-                               "array_pitch": lay.arrayPitch}]}
-
-
 def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResource:
     """OPAQUE_FD / DMA_BUF import of the memory fd, taken from `fds` once Vulkan owns it (a successful
     vkAllocateMemory). Identity is checked first: nothing touches the fd before the UUIDs match."""
@@ -877,14 +566,14 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
         check(dev.vkGetMemoryFdPropertiesKHR(dev.device, handle_type, fd, fp), "vkGetMemoryFdPropertiesKHR")
         fd_type_bits = fp.memoryTypeBits
     image = buf = mem = None
-    with close_on_error(lambda: _destroy(dev, image=image, buffer=buf, memory=mem)):
+    with close_on_error(lambda: destroy(dev, image=image, buffer=buf, memory=mem)):
         if d.kind == "texture2d":
             tiling = dp.get("tiling", "optimal")
             if handle_type == HANDLE_DMA_BUF and tiling != "drm_modifier":
                 raise InvalidDescriptor("a dma_buf image descriptor needs tiling 'drm_modifier' and its modifier")
-            p = _image_params(d.width, d.height, d.format, d.usage, tiling, d.mip_levels, d.array_size,
-                              vk_usage=private_int(dp, "vk_usage", vk_image_usage(d.usage)),
-                              vk_flags=private_int(dp, "vk_flags", 0))
+            p = image_params(d.width, d.height, d.format, d.usage, tiling, d.mip_levels, d.array_size,
+                             vk_usage=private_int(dp, "vk_usage", vk_image_usage(d.usage)),
+                             vk_flags=private_int(dp, "vk_flags", 0))
             if p["vk_format"] != private_int(dp, "vk_format", p["vk_format"]):
                 raise InvalidDescriptor(f"driver_private vk_format {dp['vk_format']} does not match format {d.format}")
             explicit = None
@@ -896,26 +585,26 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
                             "offset": private_int(layouts[0], "offset"),
                             "row_pitch": private_int(layouts[0], "row_pitch"),
                             "array_pitch": private_int(layouts[0], "array_pitch", 0)}
-            _check_image_support(dev, p, handle_type, export=False,
-                                 modifier=explicit["modifier"] if explicit else None)
-            image = _create_image(dev, p, handle_type, explicit=explicit)
+            check_image_support(dev, p, handle_type, export=False,
+                                modifier=explicit["modifier"] if explicit else None)
+            image = create_image(dev, p, handle_type, explicit=explicit)
             if tiling == "linear" and d.planes:
-                here = _linear_layout(dev, image)
+                here = linear_layout(dev, image)
                 if (here["offset"], here["row_pitch"]) != (d.offset, d.row_pitch):
                     raise IncompatibleDevice(
                         f"the exporter's linear layout (offset {d.offset}, row pitch {d.row_pitch}) differs from "
                         f"{dev.name}'s (offset {here['offset']}, row pitch {here['row_pitch']}): import the memory "
                         "as a buffer and read rows at the descriptor's planes instead")
-            need, _, bits, _ = _requirements(dev, image=image)
+            need, _, bits, _ = requirements(dev, image=image)
         elif d.kind == "buffer":
             vk_usage = private_int(dp, "vk_usage", vk_buffer_usage(d.usage))
             if vk_usage & ~_ALLOWED_BUFFER_USAGE or not vk_usage:
                 raise InvalidDescriptor(f"buffer vk_usage 0x{vk_usage:x} is not one texbridge shares")
-            _check_buffer_support(dev, vk_usage, handle_type, export=False)
+            check_buffer_support(dev, vk_usage, handle_type, export=False)
             if private_int(dp, "buffer_size", d.size) != d.size:
                 raise InvalidDescriptor("a Vulkan buffer spans its whole allocation: buffer_size must equal size")
-            buf = _create_buffer(dev, d.size, vk_usage, handle_type)
-            need, _, bits, _ = _requirements(dev, buffer=buf)
+            buf = create_buffer(dev, d.size, vk_usage, handle_type)
+            need, _, bits, _ = requirements(dev, buffer=buf)
         else:
             raise InvalidDescriptor(f"the vulkan backend cannot import a {d.kind}")
         if need > d.size:
@@ -925,9 +614,9 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
         if 0 <= want < 32 and bits >> want & 1:
             type_index = want  # same driver and device (UUIDs matched): use the exporter's memory type
         else:
-            type_index = dev.find_memory_type(bits, 0, avoid=0) if not _has_type(dev, bits, _DEVICE_LOCAL) \
-                else dev.find_memory_type(bits, _DEVICE_LOCAL)
-        mem = _allocate(dev, d.size, type_index, image=image, buffer=buf, import_fd=(handle_type, fd))
+            type_index = dev.find_memory_type(bits, 0, avoid=0) if not has_type(dev, bits, DEVICE_LOCAL) \
+                else dev.find_memory_type(bits, DEVICE_LOCAL)
+        mem = allocate(dev, d.size, type_index, image=image, buffer=buf, import_fd=(handle_type, fd))
         fds.take(FD_MEMORY)  # a successful vkAllocateMemory owns the fd
         if image is not None:
             check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
@@ -938,105 +627,20 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
 
 
 def _import_memfd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds, host_import: bool | None) -> VulkanResource:
-    """memfd → Vulkan. The resource takes the memory fd from `fds` once it exists (kept for export_fds)."""
+    """memfd → Vulkan, zero-copy where the device can, else through a copy (the objects: _vk_host). The resource
+    takes the memory fd from `fds` once it exists (kept for export_fds)."""
     fd = fds.get(FD_MEMORY)
-    facts = inspect_fd(fd)
-    if not facts.size_sealed or facts.size < d.required_size():
-        raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")
-    align_to = max(PAGE_SIZE, dev.info.min_host_pointer_alignment or PAGE_SIZE)
-    can_host = dev.external_memory_host and align_to == PAGE_SIZE
-    if host_import and not can_host:
-        raise BackendError(f"{dev.name}: zero-copy memfd import needs VK_EXT_external_memory_host with "
-                           f"minImportedHostPointerAlignment <= {PAGE_SIZE}")
-    if host_import is False or not can_host:
-        return _import_memfd_staged(dev, d, fds)
-    if d.kind == "texture2d":
-        get_format(d.format)  # unknown formats are InvalidDescriptor before any Vulkan object exists
-    length = align(d.size, align_to)
-    host = _HostMapping(fd, length)
-    buf = mem = image = None
-    with close_on_error(lambda: _destroy(dev, image=image, buffer=buf, memory=mem), host.close):
-        hp = ffi.new("VkMemoryHostPointerPropertiesEXT*",
-                     {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_HOST_POINTER_PROPERTIES_EXT})
-        check(dev.vkGetMemoryHostPointerPropertiesEXT(dev.device, HANDLE_HOST, host.pointer, hp),
-              "vkGetMemoryHostPointerPropertiesEXT")
-        usage = vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT | \
-            vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT
-        _check_buffer_support(dev, usage, HANDLE_HOST, export=False)
-        buf = _create_buffer(dev, d.size, usage, HANDLE_HOST)
-        _, _, bits, _ = _requirements(dev, buffer=buf)
-        bits &= hp.memoryTypeBits
-        if not bits:
-            raise BackendError(f"{dev.name}: no memory type can hold both this buffer and imported host memory")
-        mem = _allocate(dev, length, dev.find_memory_type(bits, 0), host_ptr=host.pointer)
-        check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
-        if d.kind == "texture2d":
-            image = _linear_alias(dev, d, mem, length, hp.memoryTypeBits)
-    res = VulkanResource(d, dev, image=image, buffer=buf, memory=mem, handle_type=HANDLE_HOST, fd=fd, host=host,
-                         layout=vk.VK_IMAGE_LAYOUT_GENERAL)
-    fds.take(FD_MEMORY)  # the resource's now: its close() closes it
-    if image is not None:
-        with close_on_error(res.close):  # PREINITIALIZED → GENERAL keeps the bytes NumPy wrote
-            res.device.one_shot(lambda cmd: _barrier(cmd, image, vk.VK_IMAGE_LAYOUT_PREINITIALIZED,
-                                                     vk.VK_IMAGE_LAYOUT_GENERAL, 1, d.array_size))
-    return res
-
-
-def _linear_alias(dev: VulkanDevice, d: Descriptor, mem: Any, length: int, host_bits: int) -> Any:
-    """A LINEAR VkImage on the imported memfd pages, if this driver's linear layout is exactly the memfd's row
-    pitch; None otherwise (the texture is then reachable as .buffer only)."""
-    if d.mip_levels != 1 or d.array_size != 1:
-        return None
-    p = _image_params(d.width, d.height, d.format, d.usage, "linear", 1, 1,
-                      vk_usage=_TRANSFER | vk.VK_IMAGE_USAGE_SAMPLED_BIT)
-    try:
-        _check_image_support(dev, p, HANDLE_HOST, export=False)
-    except BackendError:
-        return None
-    image = _create_image(dev, p, HANDLE_HOST, initial_layout=vk.VK_IMAGE_LAYOUT_PREINITIALIZED)
-    with close_on_error(lambda: _destroy(dev, image=image)):
-        sub = ffi.new("VkImageSubresource*", {"aspectMask": _COLOR})
-        lay = ffi.new("VkSubresourceLayout*")
-        lib.vkGetImageSubresourceLayout(dev.device, image, sub, lay)
-        size, alignment, bits, _ = _requirements(dev, image=image)
-        if (lay.offset != 0 or lay.rowPitch != d.row_pitch or not bits & host_bits or d.offset % alignment
-                or d.offset + size > length):
-            _destroy(dev, image=image)
-            return None
-        check(lib.vkBindImageMemory(dev.device, image, mem, d.offset), "vkBindImageMemory")
-    return image
-
-
-def _import_memfd_staged(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResource:
-    """The copy path: an OPTIMAL device image plus the memfd mapping, synced explicitly."""
-    fd = fds.get(FD_MEMORY)
-    if d.kind != "texture2d":
-        raise BackendError(f"{dev.name}: memfd buffers need VK_EXT_external_memory_host to be seen by Vulkan")
-    p = _image_params(d.width, d.height, d.format, d.usage, "optimal", 1, d.array_size)
-    fp = ffi.new("VkImageFormatProperties*")
-    r = lib.vkGetPhysicalDeviceImageFormatProperties(dev.physical_device, p["vk_format"], vk.VK_IMAGE_TYPE_2D,
-                                                     p["vk_tiling"], p["vk_usage"], 0, fp)
-    if r == vk.VK_ERROR_FORMAT_NOT_SUPPORTED:
-        raise BackendError(f"{dev.name} cannot hold a {d.format} image with usage 0x{p['vk_usage']:x}")
-    check(r, "vkGetPhysicalDeviceImageFormatProperties")
-    host_map = SharedMapping(fd, d.size)
-    image = mem = None
-    with close_on_error(lambda: _destroy(dev, image=image, memory=mem), host_map.close):
-        info = ffi.new("VkImageCreateInfo*", {
-            "sType": vk.VK_STRUCTURE_TYPE_IMAGE_CREATE_INFO, "imageType": vk.VK_IMAGE_TYPE_2D,
-            "format": p["vk_format"], "extent": {"width": d.width, "height": d.height, "depth": 1}, "mipLevels": 1,
-            "arrayLayers": d.array_size, "samples": vk.VK_SAMPLE_COUNT_1_BIT, "tiling": p["vk_tiling"],
-            "usage": p["vk_usage"], "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE})
-        out = ffi.new("VkImage*")
-        check(lib.vkCreateImage(dev.device, info, ffi.NULL, out), "vkCreateImage")
-        track("VkImage")
-        image = out[0]
-        size, _, bits, _ = _requirements(dev, image=image)
-        mem = _allocate(dev, size, dev.find_memory_type(bits, _DEVICE_LOCAL), image=image)
-        check(lib.vkBindImageMemory(dev.device, image, mem, 0), "vkBindImageMemory")
-        dev.one_shot(lambda cmd: _barrier(cmd, image, vk.VK_IMAGE_LAYOUT_UNDEFINED, vk.VK_IMAGE_LAYOUT_GENERAL,
-                                          1, d.array_size))
-    res = VulkanResource(d, dev, image=image, memory=mem, fd=fd, host_map=host_map, layout=vk.VK_IMAGE_LAYOUT_GENERAL)
+    if _vk_host.zero_copy(dev, d, fd, host_import):
+        res = VulkanResource(d, dev, handle_type=HANDLE_HOST, fd=fd, layout=vk.VK_IMAGE_LAYOUT_GENERAL,
+                             **_vk_host.host_objects(dev, d, fd))
+        fds.take(FD_MEMORY)  # the resource's now: its close() closes it
+        image = res.image
+        if image is not None:
+            with close_on_error(res.close):  # PREINITIALIZED → GENERAL keeps the bytes NumPy wrote
+                res.device.one_shot(lambda cmd: barrier(cmd, image, vk.VK_IMAGE_LAYOUT_PREINITIALIZED,
+                                                        vk.VK_IMAGE_LAYOUT_GENERAL, 1, d.array_size))
+        return res
+    res = VulkanResource(d, dev, fd=fd, layout=vk.VK_IMAGE_LAYOUT_GENERAL, **_vk_host.staged_objects(dev, d, fd))
     fds.take(FD_MEMORY)  # the resource's now: its close() closes it
     with close_on_error(res.close):
         res.sync_to_image()
