@@ -28,10 +28,6 @@ LOADERS: dict[str, str | tuple[None, str]] = {
     "texbridge.cli.bench": (None, "loads benchmarks/<name>.py, which lives outside the package"),
 }
 
-# Edges known to break the rules and being removed (issue 11); each must still exist, so a fixed one is struck here.
-KNOWN_BAD: dict[tuple[str, str], str] = {}
-
-
 # -- the package's modules and their imports --------------------------------------------------------------------------
 def package_modules(src: Path = SRC) -> dict[str, Path]:
     """Module name -> file, for every .py under src/texbridge, plus the C extensions (by their .c source)."""
@@ -274,26 +270,19 @@ def test_every_module_is_in_exactly_one_layer_of_the_doc_table(mods, table):
     assert not stale, f"docs/architecture.md's layer table names modules that do not exist: {stale}"
 
 
-def test_loaders_and_known_bad_edges_name_existing_modules(mods):
-    stale = [m for m in LOADERS if m not in mods] + [m for edge in KNOWN_BAD for m in edge if m not in mods]
+def test_loaders_name_existing_modules(mods):
+    stale = [m for m in LOADERS if m not in mods]
     assert not stale, f"tests/test_architecture.py names modules that do not exist: {stale}"
 
 
-def _without_known_bad(graph: dict[str, list[Edge]]) -> dict[str, list[Edge]]:
-    edges = {(e.source, e.target) for es in graph.values() for e in es}
-    fixed = [k for k in KNOWN_BAD if k not in edges]
-    assert not fixed, f"strike these from KNOWN_BAD in tests/test_architecture.py, they are fixed: {fixed}"
-    return {m: [e for e in es if (e.source, e.target) not in KNOWN_BAD] for m, es in graph.items()}
-
-
 def test_no_import_cycle(graph):
-    cycle = find_cycle(_without_known_bad(graph))
+    cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def test_no_import_from_a_higher_layer(mods, graph, table):
     layers, _ = layers_of(mods, table)
-    bad = layer_violations(_without_known_bad(graph), {m: layers.get(m, (0, "?")) for m in mods})
+    bad = layer_violations(graph, {m: layers.get(m, (0, "?")) for m in mods})
     assert not bad, "upward imports (see docs/architecture.md's layer table):\n" + "\n".join(bad)
 
 
