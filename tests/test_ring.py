@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from texbridge._errors import ClosedError, InvalidArgument
 from texbridge.senders import FrameSink, FrameSource
@@ -338,3 +340,70 @@ def test_a_writer_process_and_a_reader_over_a_shared_memfd_never_hand_over_a_tor
                 proc.wait()
     finally:
         os.close(fd)
+
+
+# -- any interleaving: a writer's steps run at arbitrary points of readers' copies -----------------------------------
+WRITER_STEP = st.sampled_from(["send", "start", "finish", "abort"])
+
+
+class _Driver:
+    """One writer that can leave a write half done; its steps run between and inside readers' copies."""
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring, self.open_slot = ring, -1
+
+    def step(self, what: str) -> None:
+        w = self.ring.w
+        if what == "send" and self.open_slot < 0:
+            self.ring.send((w.frame + 1) & 0xFF)
+        elif what == "start" and self.open_slot < 0:
+            self.open_slot = w.begin()
+            self.ring.slots[self.open_slot][:2] = (w.frame + 1) & 0xFF  # half the pixels of the next frame
+        elif what in ("finish", "abort") and self.open_slot >= 0:
+            slot, self.open_slot = self.open_slot, -1
+            if what == "finish":
+                self.ring.slots[slot][2:] = (w.frame + 1) & 0xFF
+                w.commit(slot)
+            else:
+                w.abort(slot)
+
+
+@settings(max_examples=300, deadline=None)
+@given(nslots=st.integers(2, 4), nreaders=st.integers(1, 3),
+       ops=st.lists(st.tuples(st.integers(0, 2), st.booleans(), st.booleans(), st.lists(WRITER_STEP, max_size=4),
+                              st.lists(WRITER_STEP, max_size=3)), max_size=30))
+def test_no_interleaving_hands_a_reader_a_torn_or_older_frame(nslots, nreaders, ops):  # type: ignore[no-untyped-def]
+    """Readers copy in two halves with writer steps (whole frames, half-done writes, their completion or abort)
+    before and between the halves. Every frame a reader keeps is whole (one frame's value), is the frame it claims,
+    and is never older than the one it kept before; a zero-copy view still_valid() says so holds its frame."""
+    ring = Ring(nslots)
+    drv = _Driver(ring)
+    readers = [ring.reader(pid=100 + i) for i in range(nreaders)]
+    kept: dict[int, tuple[int, Read | None]] = {i: (0, None) for i in range(nreaders)}
+    gen = readers[0].layout().generation  # type: ignore[union-attr]
+    for who, keep_pin, release, before, during in ops:
+        if who >= nreaders:
+            continue
+        r = readers[who]
+        for what in before:
+            drv.step(what)
+        pending = list(during)
+
+        def two_halves(slot: int) -> np.ndarray:
+            first = ring.slots[slot][:2].copy()
+            while pending:
+                drv.step(pending.pop(0))
+            return np.concatenate([first, ring.slots[slot][2:]])
+
+        got = r.read(two_halves, nslots=nslots, generation=gen, keep_pin=keep_pin)
+        if isinstance(got, Read):
+            values = np.unique(got.data)
+            assert len(values) == 1 and int(values[0]) == got.frame & 0xFF, f"torn or wrong frame {got}"
+            assert got.frame >= kept[who][0], "a reader went back in time"
+            kept[who] = (got.frame, got if keep_pin else None)
+        prev = kept[who][1]
+        if prev is not None and r.still_valid(prev, gen):
+            assert (ring.slots[prev.slot] == prev.frame & 0xFF).all(), "still_valid() on an overwritten slot"
+        if release:
+            r.release()
+            kept[who] = (kept[who][0], None)
