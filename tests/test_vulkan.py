@@ -428,6 +428,18 @@ def test_cpu_wait_path_is_recorded(dev):
     dev.submit_wait(1)
 
 
+def test_refused_semaphore_import_closes_the_fd(dev):
+    """import_timeline_semaphore takes the fd whatever happens: a refusal (no external semaphores here, or an fd
+    that is no semaphore) closes it, never leaks it."""
+    from texbridge._sharedmem import create_sealed
+
+    before = fd_count()
+    fd = create_sealed("texbridge:not-a-semaphore", 4096)
+    with pytest.raises(BackendError):
+        dev.import_timeline_semaphore(fd)
+    assert fd_count() == before
+
+
 # -- through the Session API -------------------------------------------------------------------------------------------
 def test_session_create_and_open_in_another_process(session, dev):
     tex = session.create_texture(96, 64, "rgba8", backend="vulkan", name="vk-tex")

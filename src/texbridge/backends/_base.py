@@ -13,7 +13,8 @@ class Backend(Protocol):
 
     create_* return an unregistered Resource whose export_fds() the session hands to the broker. import_resource
     takes ownership of `fds` (it closes them, or hands them to an API that takes ownership, on success and on
-    failure alike): the caller must not touch them afterwards.
+    failure alike): the caller must not touch them afterwards. Implementations hold them in `_fds.OwnedFds` and
+    take() each one only when the API owns it.
     """
 
     name: str

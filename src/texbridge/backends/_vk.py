@@ -20,7 +20,9 @@ try:
 except OSError as _e:  # the package is there but libvulkan.so.1 is not: same meaning for the loader
     raise ImportError(f"the Vulkan loader (libvulkan.so.1) cannot be loaded: {_e}") from _e
 
+from .._descriptor import FD_SEMAPHORE
 from .._errors import BackendError, InvalidDescriptor
+from ._fds import OwnedFds, close_on_error
 
 ffi, lib = _vkmod.ffi, _vkmod.lib
 vk = _vkmod  # constants
@@ -304,7 +306,7 @@ class VulkanDevice:
         self._pool = self._fence = self._cmd = None
         self._sync_semaphore: TimelineSemaphore | None = None
         self._pending_waits: list[tuple[TimelineSemaphore, int]] = []
-        try:
+        with close_on_error(self._destroy):
             if physical_device is not None:
                 pd = _as_handle("VkPhysicalDevice", physical_device)
                 self.info = describe_physical_device(self.instance, pd, -1)
@@ -334,9 +336,6 @@ class VulkanDevice:
                                  for i in range(mp.memoryTypeCount)]
             self.gpu_sync = "timeline_semaphore" if self._timeline_exportable() else "cpu_wait"
             self._closed = False
-        except BaseException:
-            self._destroy()
-            raise
 
     # -- construction --------------------------------------------------------------------------------------------
     def _pick_queue_family(self) -> int:
@@ -676,7 +675,7 @@ class TimelineSemaphore:
     def __init__(self, device: VulkanDevice, *, initial: int = 0, fd: int | None = None) -> None:
         self.device = device
         self.semaphore = None
-        try:
+        with OwnedFds([] if fd is None else [fd], [FD_SEMAPHORE]) as owned, close_on_error(self.destroy):
             device.check_open()
             if device.gpu_sync != "timeline_semaphore":
                 raise BackendError(f"{device.name}: exportable timeline semaphores need {EXT_SEMAPHORE_FD} and "
@@ -697,12 +696,7 @@ class TimelineSemaphore:
                               {"sType": vk.VK_STRUCTURE_TYPE_IMPORT_SEMAPHORE_FD_INFO_KHR,
                                "semaphore": self.semaphore, "handleType": SEM_OPAQUE_FD, "fd": fd})
                 check(device.vkImportSemaphoreFdKHR(device.device, imp), "vkImportSemaphoreFdKHR")
-                fd = None  # Vulkan owns it now
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            self.destroy()
-            raise
+                owned.take(FD_SEMAPHORE)  # Vulkan owns it now
 
     def export_fd(self) -> int:
         """A new fd referring to this semaphore (the caller owns it)."""
