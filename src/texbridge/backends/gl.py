@@ -19,7 +19,7 @@ import ctypes
 import os
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Iterator, Sequence
 
 from . import _glcontext  # noqa: F401  (first: it picks PyOpenGL's platform, which must precede importing OpenGL)
@@ -92,27 +92,25 @@ def _get_buffer_int(target: int, pname: int) -> int:
 
 
 @contextmanager
-def _bound_texture(target: int, name: int) -> Iterator[None]:
+def _bound(bind: Any, target: int, binding: int, name: int) -> Iterator[None]:
     """Bind `name` for the duration and restore the caller's binding: the user's context state is not ours."""
-    binding = GL.GL_TEXTURE_BINDING_2D if target == GL.GL_TEXTURE_2D else GL.GL_TEXTURE_BINDING_2D_ARRAY
     prev = _get_int(binding)
-    GL.glBindTexture(target, name)
+    bind(target, name)
     try:
         yield
     finally:
-        GL.glBindTexture(target, prev)
+        bind(target, prev)
 
 
-@contextmanager
-def _bound_buffer(target: int, name: int) -> Iterator[None]:
+def _bound_texture(target: int, name: int) -> AbstractContextManager[None]:
+    binding = GL.GL_TEXTURE_BINDING_2D if target == GL.GL_TEXTURE_2D else GL.GL_TEXTURE_BINDING_2D_ARRAY
+    return _bound(GL.glBindTexture, target, binding, name)
+
+
+def _bound_buffer(target: int, name: int) -> AbstractContextManager[None]:
     binding = {GL.GL_COPY_WRITE_BUFFER: GL.GL_COPY_WRITE_BUFFER_BINDING,
                GL.GL_COPY_READ_BUFFER: GL.GL_COPY_READ_BUFFER_BINDING}[target]
-    prev = _get_int(binding)
-    GL.glBindBuffer(target, name)
-    try:
-        yield
-    finally:
-        GL.glBindBuffer(target, prev)
+    return _bound(GL.glBindBuffer, target, binding, name)
 
 
 @contextmanager
