@@ -68,3 +68,19 @@ def test_close_on_error_cleans_up_in_order_only_on_error():
         with close_on_error(lambda: calls.append(1), lambda: calls.append(2)):
             raise ValueError
     assert calls == [1, 2]
+
+
+def test_a_file_is_never_handed_to_a_driver_as_a_semaphore():
+    """check_semaphore_fd refuses what can never be a semaphore export before Vulkan, GL or CUDA sees it; what a
+    driver might export passes. The caller keeps its fd either way."""
+    from texbridge._errors import BackendError
+    from texbridge._sharedmem import create_sealed
+    from texbridge.backends._fds import check_semaphore_fd
+
+    for fd in (create_sealed("not-a-semaphore", 4096), os.eventfd(0)):
+        try:
+            with pytest.raises(BackendError, match="not a semaphore export"):
+                check_semaphore_fd(fd, "test")
+            os.fstat(fd)  # still open: the caller owns it
+        finally:
+            os.close(fd)

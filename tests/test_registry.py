@@ -450,3 +450,24 @@ def test_default_resource_quota_is_enforced():
         w.reg.handle(1, Message(Op.REGISTER, 1, {"descriptor": buf}, 1), [(next(w.fd), facts)])
     assert len(w.reg.clients[1].refs) == limit
     w.err(w.register(1, facts, desc=buf)[1], "quota_exceeded")
+
+
+@pytest.mark.parametrize("sem_facts, refused", [
+    (FdFacts("memfd", 4096, SEALED), True),  # a file is never a semaphore export (NVIDIA's device broke on one)
+    (FdFacts("anon", detail="eventfd"), True),
+    (FdFacts("regular", 10), True),
+    (FdFacts("chardev", detail="/dev/nvidiactl", major=195), False),  # NVIDIA's semaphore export
+    (FdFacts("anon", detail="syncobj"), False),  # Mesa's
+])
+def test_gpu_semaphore_fd_must_be_able_to_be_one(sem_facts, refused):
+    w = World()
+    w.connect(1)
+    desc = Descriptor(kind="buffer", size=SIZE, memory="opaque_fd", backend="vulkan",
+                      gpu_sync="timeline_opaque_fd").to_wire()
+    mem = FdFacts("chardev", detail="/dev/nvidiactl", major=195)
+    r = w.call(1, Op.REGISTER, [(next(w.fd), mem), (next(w.fd), sem_facts)], descriptor=desc)
+    if refused:
+        w.err(r, "invalid_descriptor")
+        assert "GPU semaphore" in r.message.fields["message"]
+    else:
+        assert w.ok(r)["handle"]

@@ -88,3 +88,26 @@ def _fd_link(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")[:200]
     except OSError:
         return ""
+
+
+# Fds that can never be GPU memory or a GPU semaphore, however they are labelled: anon-inode kinds (the name
+# /proc/self/fd shows) and character-device majors (mem: /dev/null, /dev/zero...; ttys; misc: kvm, fuse, tun...).
+# Refusal is by known-bad kind: drivers export memory as memfds (lavapipe), dma-bufs or device fds (NVIDIA), and
+# semaphores as syncobj/sync-file anon inodes (Mesa) or device fds (NVIDIA) — never as a file.
+NEVER_GPU_ANON = frozenset({"eventfd", "eventpoll", "pidfd", "signalfd", "timerfd", "inotify", "fanotify",
+                            "userfaultfd", "io_uring", "perf_event", "bpf-map", "bpf-prog", "bpf_link", "fscontext",
+                            "memfd_secret"})
+NEVER_GPU_CHAR_MAJORS = frozenset({1, 4, 5, 7, 10, 13} | set(range(136, 144)))
+
+
+def never_gpu(facts: FdFacts, *, semaphore: bool = False) -> str | None:
+    """Why this fd can never be a GPU export (memory; with semaphore=True a semaphore, which is never a file
+    either), or None when it may be one. One rule for the broker (REGISTER) and for every backend's semaphore
+    import: a driver handed a wrong fd may poison its device (NVIDIA answered every later vkAllocateMemory with
+    VK_ERROR_OUT_OF_DEVICE_MEMORY after a memfd was imported as a semaphore)."""
+    if facts.kind in ("socket", "directory", "fifo", "other", "regular") or (semaphore and facts.kind == "memfd"):
+        return f"a {facts.kind}"
+    if (facts.kind == "anon" and facts.detail in NEVER_GPU_ANON) or (
+            facts.kind == "chardev" and facts.major in NEVER_GPU_CHAR_MAJORS):
+        return f"a {facts.kind} ({facts.detail}), which no GPU API exports"
+    return None

@@ -31,7 +31,7 @@ from .._descriptor import Descriptor
 from .._handle import Handle
 from .._errors import (MAX_MESSAGE, AccessDenied, InvalidDescriptor, NameInUse, NotFound, QuotaExceeded,
                        RemoteProtocolError, TexbridgeError, echo)
-from .._fdinfo import FdFacts
+from .._fdinfo import FdFacts, never_gpu
 from .._memory_types import get_memory_type
 from .._protocol import MAX_FRAME, MAX_NAME, Message, Op
 
@@ -45,12 +45,6 @@ MAX_DESCRIPTOR = 16 * 1024  # bytes of a packed descriptor (driver_private is a 
 MAX_NAMES = 16  # names one resource may be published under
 LAST_ERRORS = 8  # error replies remembered for STATS (`broker status`)
 
-# Fds that can never be GPU memory or a GPU semaphore, however they are labelled: anon-inode kinds (the name
-# /proc/self/fd shows) and character-device majors (mem: /dev/null, /dev/zero...; ttys; misc: kvm, fuse, tun...).
-# Refusal is by known-bad kind: drivers export memory as memfds (lavapipe), dma-bufs, or device fds (NVIDIA).
-BAD_ANON = frozenset({"eventfd", "eventpoll", "pidfd", "signalfd", "timerfd", "inotify", "fanotify", "userfaultfd",
-                      "io_uring", "perf_event", "bpf-map", "bpf-prog", "bpf_link", "fscontext", "memfd_secret"})
-BAD_CHAR_MAJORS = frozenset({1, 4, 5, 7, 10, 13} | set(range(136, 144)))
 
 
 @dataclass(frozen=True)
@@ -261,7 +255,7 @@ class Registry:
         if desc.keyed_mutex or desc.kind == "keyed_mutex":  # the broker maps it to abandon a dead owner's mutex
             self._check_mutex_state(fds[-1][1])
         if desc.gpu_sync:
-            self._check_not_plumbing(fds[1][1], "GPU semaphore")
+            self._check_not_plumbing(fds[1][1], "GPU semaphore", semaphore=True)
         name = msg.fields.get("name")
         if name is not None:
             self._check_name(client, name)
@@ -467,12 +461,10 @@ class Registry:
                 raise InvalidDescriptor(f"the memfd has {facts.size} bytes; the descriptor needs {desc.size}")
 
     @staticmethod
-    def _check_not_plumbing(facts: FdFacts, what: str) -> None:
-        if facts.kind in ("socket", "directory", "fifo", "other", "regular"):
-            raise InvalidDescriptor(f"the {what} fd is a {facts.kind}")
-        if (facts.kind == "anon" and facts.detail in BAD_ANON) or (
-                facts.kind == "chardev" and facts.major in BAD_CHAR_MAJORS):
-            raise InvalidDescriptor(f"the {what} fd is a {facts.kind} ({facts.detail}), which no GPU API exports")
+    def _check_not_plumbing(facts: FdFacts, what: str, *, semaphore: bool = False) -> None:
+        reason = never_gpu(facts, semaphore=semaphore)
+        if reason:
+            raise InvalidDescriptor(f"the {what} fd is {reason}")
 
     @staticmethod
     def _check_mutex_state(facts: FdFacts) -> None:

@@ -14,6 +14,8 @@ import os
 from typing import Callable, Iterator, Sequence
 
 from .._descriptor import FD_MUTEX, Descriptor
+from .._errors import BackendError
+from .._fdinfo import inspect_fd, never_gpu
 
 
 class OwnedFds:
@@ -72,3 +74,11 @@ def close_on_error(*cleanups: Callable[[], object]) -> Iterator[None]:
         for cleanup in cleanups:
             cleanup()
         raise
+
+
+def check_semaphore_fd(fd: int, api: str) -> None:
+    """BackendError unless `fd` may be a GPU semaphore export, checked before any driver sees it: a driver handed
+    a file as a semaphore may poison its whole device (see _fdinfo.never_gpu). The caller still owns `fd`."""
+    reason = never_gpu(inspect_fd(fd), semaphore=True)
+    if reason:
+        raise BackendError(f"{api}: fd {fd} is {reason}, not a semaphore export")

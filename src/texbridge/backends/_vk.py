@@ -22,7 +22,7 @@ except OSError as _e:  # the package is there but libvulkan.so.1 is not: same me
 
 from .._descriptor import FD_SEMAPHORE
 from .._errors import BackendError, InvalidDescriptor
-from ._fds import OwnedFds, close_on_error
+from ._fds import OwnedFds, check_semaphore_fd, close_on_error
 
 ffi, lib = _vkmod.ffi, _vkmod.lib
 vk = _vkmod  # constants
@@ -677,6 +677,8 @@ class TimelineSemaphore:
         self.semaphore = None
         with OwnedFds([] if fd is None else [fd], [FD_SEMAPHORE]) as owned, close_on_error(self.destroy):
             device.check_open()
+            if fd is not None:
+                check_semaphore_fd(fd, device.name)
             if device.gpu_sync != "timeline_semaphore":
                 raise BackendError(f"{device.name}: exportable timeline semaphores need {EXT_SEMAPHORE_FD} and "
                                    f"{EXT_TIMELINE} (gpu_sync is {device.gpu_sync!r})")

@@ -32,7 +32,7 @@ from .._formats import Format, get_format
 from .._memory_types import check_importer
 from .._resources import Resource
 from ._dlpack import KDLCUDA, dlpack_capsule
-from ._fds import OwnedFds, close_on_error
+from ._fds import OwnedFds, check_semaphore_fd, close_on_error
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
 _POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
@@ -228,6 +228,7 @@ class CudaSemaphore:
         """Takes ownership of `fd` (CUDA owns it after a successful import; closed here on failure)."""
         self.device, self.handle = device, None
         with close_on_error(functools.partial(os.close, fd)):
+            check_semaphore_fd(fd, "cuImportExternalSemaphore")
             desc = cu.CUDA_EXTERNAL_SEMAPHORE_HANDLE_DESC()
             desc.type = cu.CUexternalSemaphoreHandleType.CU_EXTERNAL_SEMAPHORE_HANDLE_TYPE_TIMELINE_SEMAPHORE_FD
             desc.handle.fd = fd

@@ -42,7 +42,7 @@ from .._resources import Resource  # noqa: E402
 from . import _egl  # noqa: E402
 from ._glcontext import (GLCaps, GLContext, drain_errors, gl_errors, headless_context,  # noqa: E402
                          resolve_context)
-from ._fds import OwnedFds, close_on_error  # noqa: E402
+from ._fds import OwnedFds, check_semaphore_fd, close_on_error  # noqa: E402
 
 GL_HANDLE_TYPE_OPAQUE_FD_EXT = 0x9586
 GL_TEXTURE_TILING_EXT, GL_OPTIMAL_TILING_EXT, GL_LINEAR_TILING_EXT = 0x9580, 0x9584, 0x9585
@@ -601,6 +601,7 @@ class GLBackend:
                 raise BackendError(f"GL_EXT_semaphore_fd is not supported by {ctx.caps.renderer}")
             if timeline and not ctx.caps.timeline_semaphore:
                 raise BackendError(f"GL_NV_timeline_semaphore is not supported by {ctx.caps.renderer}")
+            check_semaphore_fd(fd, "glImportSemaphoreFdEXT")
             drain_errors()
             sem = _GLuint1()
             with gl_errors("glCreateSemaphoresNV" if timeline else "glGenSemaphoresEXT"):
