@@ -355,6 +355,14 @@ def test_every_command_reports_a_bad_namespace_in_one_line(cli_env, command):
         "error: namespace 'bad/ns': use 1-64 of A-Z a-z 0-9 _ . - (not starting with . _ -)"], proc.stderr
 
 
+def test_a_bad_namespace_is_said_before_the_viewer_needs_glfw(cli_env, tmp_path):
+    """Seen on a machine without glfw: `view --namespace bad/ns` blamed glfw. The namespace is checked first."""
+    (tmp_path / "glfw.py").write_text("raise ImportError('no glfw on this machine')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = cli("view", "--timeout", "1", "--namespace", "bad/ns", env=env)
+    assert proc.returncode == 1 and "namespace 'bad/ns'" in proc.stderr, proc.stderr
+
+
 def test_the_namespace_option_reaches_what_a_command_opens(cli_env):
     """--namespace wins over $TEXBRIDGE_NAMESPACE for the session commands and for the senders directory alike."""
     ns = os.environ["TEXBRIDGE_NAMESPACE"] + "-n"

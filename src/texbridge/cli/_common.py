@@ -65,6 +65,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            namespace()  # a bad --namespace is the first thing said, before a command loads anything (the viewer)
             return fn(*args, **kwargs)
         except TexbridgeError as e:
             fail(f"{e} [{type(e).__name__}]")
