@@ -376,13 +376,19 @@ class Session:
         return Handle(fields["handle"])
 
     def _hold(self, handle: int, wire: dict[str, Any], kept: list[int], names: set[str] = set()) -> None:
+        if self._add_ref(handle, names):
+            _close(kept)  # the first reference's fds do
+        else:
+            self._held[handle] = _Held(wire, kept, names=set(names))
+
+    def _add_ref(self, handle: int, names: set[str] = set()) -> bool:
+        """Count one more reference to a handle this session already keeps; False when it keeps none yet."""
         held = self._held.get(handle)
         if held is None:
-            self._held[handle] = _Held(wire, kept, names=set(names))
-        else:
-            held.count += 1
-            held.names |= names
-            _close(kept)  # the first reference's fds do
+            return False
+        held.count += 1
+        held.names |= names
+        return True
 
     def _track(self, res: Resource, handle: Handle, mutex=None) -> Resource:
         res._attach(self, handle, mutex if mutex is not None else res._mutex)
@@ -407,7 +413,8 @@ class Session:
                 self._close_handle(fields.get("handle"))
                 raise
             handle = Handle(fields["handle"])
-            self._hold(handle.value, desc.to_wire(), _keep(fds))
+            if not self._add_ref(handle.value):  # dup and keep the fds only for the first reference
+                self._held[handle.value] = _Held(desc.to_wire(), _keep(fds))
         mutex = None
         try:
             # What nobody takes closes on leaving: the mutex's fd too (its mapping keeps the state alive, _held a dup).
