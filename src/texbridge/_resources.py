@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
 
 import numpy as np
 
 from ._descriptor import Descriptor
 from ._errors import ClosedError, InvalidArgument, NoKeyedMutex, NotHostVisible
+from ._formats import get_format
 from ._handle import Handle
 
 if TYPE_CHECKING:
@@ -129,9 +130,7 @@ class Resource:
         """The one upload check for textures, shared by every backend and by Sender.send: exactly the texture's
         dtype, and its shape, a single-channel (H, W), or a flat array of exactly its element count (row-major
         pixels). Never a cast or a reshape that could scramble pixels (a (W, H, C) array into an (H, W, C) texture)."""
-        from ._formats import get_format
-
-        return check_frame(array, shape or self.shape, get_format(self.descriptor.format).numpy_dtype, repr(self))
+        return check_frame(array, shape or self.shape, get_format(self.descriptor.format).numpy_dtype, self.__repr__)
 
     def _check_bytes(self, array: Any, capacity: int | None = None) -> np.ndarray:
         """The upload check for buffers: the raw bytes of any numeric array, C order, at most the buffer's size (a
@@ -157,8 +156,6 @@ class Resource:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        from ._formats import get_format
-
         d = self.descriptor
         if d.kind == "texture2d":
             return (d.height, d.width, get_format(d.format).channels)
@@ -213,18 +210,19 @@ class Resource:
         return f"<{type(self).__name__} {self.handle or 'unregistered'} {d.kind} {geo} #{self._uid}>"
 
 
-def check_frame(array: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
-    """`array` as an ndarray of `shape` (see Resource._check_frame for what is accepted), or InvalidArgument."""
+def check_frame(array: Any, shape: tuple[int, ...], dtype: np.dtype, what: Callable[[], str]) -> np.ndarray:
+    """`array` as an ndarray of `shape` (see Resource._check_frame for what is accepted), or InvalidArgument.
+    `what` names the destination in the error; a callable, because uploads and sends call this per frame."""
     arr = np.asarray(array)
     if arr.dtype != dtype:
-        raise InvalidArgument(f"{what} takes {dtype} data, got {arr.dtype}: convert it first (e.g. "
+        raise InvalidArgument(f"{what()} takes {dtype} data, got {arr.dtype}: convert it first (e.g. "
                               f"array.astype(np.{dtype.name})); texbridge never casts pixels silently")
     if arr.shape == shape:
         return arr
     n = int(np.prod(shape))
     if arr.ndim == 1 and arr.size == n or (shape[-1] == 1 and arr.shape == shape[:-1]):
         return arr.reshape(shape)
-    raise InvalidArgument(f"{what} takes arrays of shape {shape} (height, width, channels), got {arr.shape}"
+    raise InvalidArgument(f"{what()} takes arrays of shape {shape} (height, width, channels), got {arr.shape}"
                           + (": is it transposed? (width, height) order scrambles rows" if arr.size == n else ""))
 
 

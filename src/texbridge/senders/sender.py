@@ -223,7 +223,7 @@ class Sender:
                 return frame
             frame = frame.get() if hasattr(frame, "get") else frame.cpu().numpy()  # CuPy / torch to the host
         return check_frame(frame, self._shape, get_format(self._format).numpy_dtype,
-                           f"sender {self.name!r} ({self._width}x{self._height} {self._format})")
+                           lambda: f"sender {self.name!r} ({self._width}x{self._height} {self._format})")
 
     def send(self, frame: Any) -> int:
         """Publish `frame`: a NumPy array of the sender's shape, a texbridge Resource (GL texture, Vulkan image,
