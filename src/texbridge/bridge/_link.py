@@ -1,0 +1,153 @@
+"""The seam between the bridge engine and a transport: what one end of a bridge link offers.
+
+A *link* joins two bridge ends (two namespaces, a VM guest and its host, two hosts). It carries two things:
+control messages (small msgpack-able dicts, reliable and in order: announce, retire, keyed-mutex traffic) and
+frames of numbered *streams* (newest frame wins; a reader may skip frames, never sees a torn one). The engine
+(`_engine.py`) knows senders, receivers and keyed mutexes and nothing of bytes on a wire; a transport
+(`_shmfile.py`: a shared file QEMU maps into a guest; `_tcp.py`: sockets) knows bytes and nothing of senders.
+
+Everything a transport reads from its peer is untrusted: a transport checks every offset, length, count and
+dimension before use and turns a malformed peer into `BridgePeerError` (the link is then dead; the engine drops
+that peer's mirrors and the transport may reconnect). No peer input may crash, hang or grow memory unbounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+
+from .._errors import InvalidArgument, TexbridgeError
+from .._formats import get_format
+
+T = TypeVar("T")
+
+MAX_MESSAGE = 64 * 1024  # bytes of one encoded control message
+MAX_STREAMS = 64  # streams one peer may have open at once (per direction)
+MAX_DAMAGE = 64  # damage rectangles per frame (Looking Glass's KVMFR limit); more = whole frame
+MAX_USER_DATA = 4096  # bytes of per-frame user data
+MAX_DIMENSION = 16384  # widest/tallest frame a peer may announce
+HEARTBEAT_S = 0.25  # each end shows it is alive at least this often
+PEER_TIMEOUT_S = 1.0  # silent this long = dead
+
+
+class BridgeError(TexbridgeError):
+    """A bridge link could not be made or used (no peer, file too small, wrong secret, link down)."""
+
+    code = "bridge"
+
+
+class BridgePeerError(BridgeError):
+    """The peer broke the bridge protocol (bad offset, length, count, dimension, magic...): its session ends."""
+
+    code = "bridge_peer"
+
+
+class BridgeAuthError(BridgeError):
+    """The peer did not prove it knows the shared secret (or we could not prove it to the peer)."""
+
+    code = "bridge_auth"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFormat:
+    """Geometry of one stream's frames: packed rows of `width * bytes_per_pixel` bytes, `height` rows."""
+
+    width: int
+    height: int
+    format: str
+
+    def __post_init__(self) -> None:
+        get_format(self.format)  # raises InvalidArgument for an unknown format
+        if not (0 < self.width <= MAX_DIMENSION and 0 < self.height <= MAX_DIMENSION):
+            raise InvalidArgument(f"stream size {self.width}x{self.height} outside 1..{MAX_DIMENSION}")
+
+    @property
+    def row_bytes(self) -> int:
+        return self.width * get_format(self.format).bytes_per_pixel
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_bytes * self.height
+
+
+@dataclass(frozen=True, slots=True)
+class FrameMeta:
+    """What travels with a frame besides its pixels. damage: (x, y, w, h) rectangles changed since the stream's
+    previous frame, () = the whole frame. Timestamps are the sender's clocks (the peer's clock differs)."""
+
+    frame: int
+    timestamp_ns: int = 0
+    damage: tuple[tuple[int, int, int, int], ...] = ()
+    user_data: bytes = b""
+
+
+@runtime_checkable
+class StreamWriter(Protocol):
+    """One outgoing stream. begin() gives the (height, row_bytes) uint8 array to fill (never waits for readers);
+    progress(rows) may tell a reader that rows [0, rows) are final while the rest is still being written;
+    commit(meta) publishes it as the newest frame, abort() discards it; close() retires the stream."""
+
+    def begin(self) -> np.ndarray: ...
+
+    def progress(self, rows: int) -> None: ...
+
+    def commit(self, meta: FrameMeta) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamReader(Protocol):
+    """One incoming stream. read(copy, after) calls copy(view, meta) for the newest frame numbered above `after`
+    and returns its result only if the frame was not overwritten during the copy (else retries, then None).
+    `view` is a read-only (height, row_bytes) uint8 array valid only inside the call. None: nothing newer."""
+
+    def read(self, copy: Callable[[np.ndarray, FrameMeta], T], after: int) -> T | None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """Counters a transport keeps for `texbridge bridge status`."""
+
+    peer_label: str = ""
+    alive: bool = False
+    frames_out: int = 0
+    frames_in: int = 0
+    bytes_out: int = 0  # on the wire / into the file, after compression
+    bytes_in: int = 0
+    drops: int = 0  # frames replaced by a newer one before they were read/sent
+    errors: list[str] = field(default_factory=list)  # last few peer errors, newest last
+
+
+@runtime_checkable
+class Link(Protocol):
+    """One end of an established bridge link. send()/receive() carry control messages (dicts of msgpack types,
+    ≤ MAX_MESSAGE encoded); open_writer/open_reader give a numbered stream's ends (the engine agrees on numbers
+    and formats through control messages first). wait() sleeps until something may have arrived (a futex is
+    impossible across a VM: shared-file links poll, spin first then short sleeps). Raises BridgeError once dead."""
+
+    @property
+    def peer_label(self) -> str: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def send(self, message: dict[str, Any]) -> None: ...
+
+    def receive(self) -> list[dict[str, Any]]: ...
+
+    def open_writer(self, stream: int, fmt: StreamFormat) -> StreamWriter: ...
+
+    def open_reader(self, stream: int, fmt: StreamFormat) -> StreamReader: ...
+
+    def wait(self, timeout: float) -> None: ...
+
+    def stats(self) -> LinkStats: ...
+
+    def close(self) -> None: ...
