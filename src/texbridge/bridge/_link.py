@@ -151,3 +151,18 @@ class Link(Protocol):
     def stats(self) -> LinkStats: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Endpoint(Protocol):
+    """How an end finds its peer, for the engine's (re)connect loop: establish(timeout) waits up to `timeout` for
+    the peer and returns a fresh Link, or None if it has not come (yet). After a link dies the engine calls it
+    again (with backoff); a serving end re-initialises (a new session id) so a restarted peer joins cleanly.
+    Transports: `_shmfile` (serve: create/size the file; join: a path or the guest's ivshmem BAR), `_tcp`
+    (serve: listen; join: connect). `describe()` is a one-line text for logs and status."""
+
+    def establish(self, timeout: float) -> Link | None: ...
+
+    def describe(self) -> str: ...
+
+    def close(self) -> None: ...
