@@ -9,6 +9,18 @@ frames of numbered *streams* (newest frame wins; a reader may skip frames, never
 Everything a transport reads from its peer is untrusted: a transport checks every offset, length, count and
 dimension before use and turns a malformed peer into `BridgePeerError` (the link is then dead; the engine drops
 that peer's mirrors and the transport may reconnect). No peer input may crash, hang or grow memory unbounded.
+
+How the engine uses a link (what a transport must allow):
+- Threads: the engine's main thread calls send/receive/wait/open_reader and every StreamReader; each outgoing
+  stream has its own thread calling its StreamWriter (and send()/open_writer() when that stream is resized). So
+  send() and open_writer() must be safe from any thread; one StreamWriter/StreamReader is used by one thread.
+- Stream numbers are per direction (0..MAX_STREAMS-1) and chosen by the writing side. The engine opens a writer,
+  then announces the stream by a control message; the peer opens its reader when that message arrives, so frames
+  may arrive before any reader exists (keep the newest or drop them: never an error). A number is reused only
+  after the peer said it closed its reader (a control message), and open_writer() starts the stream afresh: a
+  reader opened after it never sees an earlier writer's frame.
+- FrameMeta.frame rises within a stream (the engine numbers frames; read(after=0) on a fresh reader).
+  user_data (≤ MAX_USER_DATA) must arrive with its frame: keyed-mutex transfers carry key and private data there.
 """
 
 from __future__ import annotations
