@@ -154,6 +154,20 @@ class CudaDevice:
                 "cuMemGetAllocationGranularity"))
         return self._granularity
 
+    def can_access_peer(self, other: "CudaDevice") -> bool:
+        """Whether kernels and copies on this device can read/write `other`'s memory directly (NVLink or PCIe P2P)."""
+        if other.ordinal == self.ordinal:
+            return True
+        return bool(check(cu.cuDeviceCanAccessPeer(self.handle, other.handle), "cuDeviceCanAccessPeer"))
+
+    def peer_rank(self, other: "CudaDevice") -> int:
+        """The driver's relative performance rank of the link to `other` (0 = best); -1 when unknown."""
+        attr = getattr(cu.CUdevice_P2PAttribute, "CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK", None)
+        if attr is None or other.ordinal == self.ordinal:
+            return -1
+        err, rank = cu.cuDeviceGetP2PAttribute(attr, self.handle, other.handle)
+        return int(rank) if err == cu.CUresult.CUDA_SUCCESS else -1
+
     def mem_info(self) -> tuple[int, int]:
         """(free, total) bytes on this device, as cuMemGetInfo sees them."""
         with self:
@@ -275,7 +289,10 @@ class CUDAResource(Resource):
                  array: Any = None, mipmap: Any = None, ext_mem: Any = None, vmm_handle: Any = None,
                  mapped_size: int = 0, exportable: bool = False) -> None:
         super().__init__(descriptor)
-        self.device = device
+        self.device = device  # where this process uses it: its context, streams, DLPack device
+        self.memory_device = device  # where the memory lives (another GPU of this host when access != "local")
+        self.access = "local"  # "local" | "peer" (mapped over NVLink/PCIe P2P) | "copy" (reach it by peer_copy())
+        self.consumer_device = device  # the device open(..., device=N) asked for; peer_copy()'s default target
         self._ptr, self._pitch, self.array, self._mipmap = int(ptr), pitch, array, mipmap
         self._ext_mem, self._vmm_handle, self._mapped_size = ext_mem, vmm_handle, mapped_size
         self.exportable = exportable
@@ -411,9 +428,10 @@ class CUDAResource(Resource):
             return ("array", self.array, layer)
         return ("device", self._ptr, self._pitch)
 
-    def _copy(self, src: tuple[Any, ...], dst: tuple[Any, ...], stream: Any) -> None:
+    def _describe_copy(self, c: Any, src: tuple[Any, ...], dst: tuple[Any, ...]) -> Any:
+        """Fill a CUDA_MEMCPY3D(_PEER) for mip 0 of the texture from `src` to `dst` (("array", a, layer),
+        ("device", ptr, pitch) or ("host", ptr, pitch))."""
         d = self.descriptor
-        c = cu.CUDA_MEMCPY3D()
         c.WidthInBytes, c.Height, c.Depth = self._row_bytes(), d.height, 1
         for side, spec in (("src", src), ("dst", dst)):
             kind, what, extra = spec
@@ -426,6 +444,10 @@ class CUDAResource(Resource):
                 setattr(c, side + ("Host" if kind == "host" else "Device"), int(what))
                 setattr(c, side + "Pitch", extra)
                 setattr(c, side + "Height", d.height)
+        return c
+
+    def _copy(self, src: tuple[Any, ...], dst: tuple[Any, ...], stream: Any) -> None:
+        c = self._describe_copy(cu.CUDA_MEMCPY3D(), src, dst)
         with self.device:
             if stream is None:
                 check(cu.cuMemcpy3D(c), "cuMemcpy3D")
@@ -445,6 +467,43 @@ class CUDAResource(Resource):
         self._check_open()
         self._need_texture()
         self._copy(("device", int(src_ptr), src_pitch or self._row_bytes()), self._here(layer), stream)
+
+    def peer_copy(self, out: "CUDAResource | None" = None, *, device: int | None = None,
+                  stream: Any = None) -> "CUDAResource":
+        """Copy this resource to another GPU of this host device to device (over NVLink/PCIe P2P when the devices
+        can reach each other; the driver stages through host memory only when they cannot): into `out` (same
+        geometry, any device), or into a new CUDA texture/buffer on `device` (default: the device open() was
+        asked for). Runs on the keyed mutex's sync stream, so it is ordered after the GPU wait of acquire();
+        returns when done unless `stream` is given. Returns `out`. The way to reach Vulkan/GL memory (which only
+        its own device can import) from another GPU."""
+        self._check_open()
+        d = self.descriptor
+        if out is None:
+            target = self.consumer_device.ordinal if device is None else device
+            out = (BACKEND.create_texture(d.width, d.height, d.format, device=target) if d.kind == "texture2d"
+                   else BACKEND.create_buffer(d.size, device=target))
+        elif not isinstance(out, CUDAResource) or out.closed:
+            raise BackendError(f"peer_copy(out=...) needs an open CUDAResource, not {out!r}")
+        o = out.descriptor
+        if o.kind != d.kind or (d.kind == "texture2d" and (o.width, o.height, o.format) != (d.width, d.height,
+                                                                                          d.format)) \
+                or (d.kind != "texture2d" and o.size < d.size):
+            raise BackendError(f"peer_copy: {out!r} does not have this resource's geometry ({d.kind} "
+                               f"{d.width}x{d.height} {d.format}, {d.size} bytes)")
+        if d.kind == "texture2d" and (d.array_size != 1 or o.array_size != 1):
+            raise BackendError("peer_copy copies single-layer textures")
+        run_on = stream if stream is not None else (self.sync_stream if self.sync_stream is not None else 0)
+        with self.device:
+            if d.kind == "texture2d":
+                c = self._describe_copy(cu.CUDA_MEMCPY3D_PEER(), self._here(0), out._here(0))
+                c.srcContext, c.dstContext = self.device.context, out.device.context
+                check(cu.cuMemcpy3DPeerAsync(c, _as_stream(run_on)), "cuMemcpy3DPeerAsync")
+            else:
+                check(cu.cuMemcpyPeerAsync(out.device_ptr, out.device.context, self.device_ptr, self.device.context,
+                                           d.size, _as_stream(run_on)), "cuMemcpyPeerAsync")
+            if stream is None:
+                check(cu.cuStreamSynchronize(_as_stream(run_on)), "cuStreamSynchronize")
+        return out
 
     def _need_texture(self) -> None:
         if self.descriptor.kind != "texture2d":
@@ -539,7 +598,8 @@ class CUDAResource(Resource):
 
 # -- VMM helpers ---------------------------------------------------------------------------------------------------------
 def _map(dev: CudaDevice, handle: Any, size: int) -> int:
-    """Reserve a VA range, map `handle` there and give this device read-write access. Current context needed."""
+    """Reserve a VA range, map `handle` there and give `dev` read-write access (the memory may live on another
+    device that `dev` reaches peer to peer: VMM access is granted per device). Current context needed."""
     ptr = int(check(cu.cuMemAddressReserve(size, dev.granularity, 0, 0), "cuMemAddressReserve"))
     with close_on_error(lambda: cu.cuMemAddressFree(ptr, size)):
         check(cu.cuMemMap(ptr, size, 0, handle, 0), "cuMemMap")
@@ -646,10 +706,19 @@ class CUDABackend:
             raise InvalidDescriptor(f"{d.memory} memory must name its device UUID")
         if device_uuid is not None and device_uuid != d.device_uuid:
             raise IncompatibleDevice("device_uuid= differs from the UUID of the device that exported the memory")
-        dev = get_device(device, d.device_uuid)  # IncompatibleDevice when no CUDA device has that UUID
+        home = get_device(None, d.device_uuid)  # where the memory lives; IncompatibleDevice: not on this host
+        consumer = home if device is None else get_device(device)
         if d.memory == "cuda_vmm":
-            return _import_vmm(dev, d, fds.get(FD_MEMORY))
-        return _import_opaque(dev, d, fds)
+            if not consumer.can_access_peer(home):
+                raise IncompatibleDevice(
+                    f"CUDA device {consumer.ordinal} ({consumer.name}) cannot access device {home.ordinal}'s memory "
+                    f"peer to peer (cuDeviceCanAccessPeer = 0): open it on device {home.ordinal} and peer_copy() it")
+            res = _import_vmm(consumer, d, fds.get(FD_MEMORY))  # mapped for the consumer: over the link if remote
+            res.memory_device, res.access = home, ("local" if consumer is home else "peer")
+            return res
+        res = _import_opaque(home, d, fds)  # OPAQUE_FD memory imports only on the device that made it
+        res.consumer_device, res.access = consumer, ("local" if consumer is home else "copy")
+        return res
 
     def import_semaphore(self, fd: int, *, device: int | None = None) -> CudaSemaphore:
         """Import a Vulkan timeline semaphore (OPAQUE_FD). Takes ownership of `fd`."""
@@ -672,12 +741,62 @@ class CUDABackend:
                                           f"{dev.attribute('CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR')}",
                     "memory_bytes": dev.mem_info()[1]})
             usable = [d for d in devices if d["vmm_posix_fd"]]
-            return {"available": True, "driver_version": f"{version // 1000}.{version % 1000 // 10}",
-                    "devices": devices,
-                    "detail": f"{devices[0]['name']}: opaque_fd import" +
-                              (", cuda_vmm export/import (POSIX fds)" if usable else ", no cuda_vmm POSIX fd export")}
+            report = {"available": True, "driver_version": f"{version // 1000}.{version % 1000 // 10}",
+                      "devices": devices,
+                      "detail": f"{devices[0]['name']}: opaque_fd import" +
+                                (", cuda_vmm export/import (POSIX fds)" if usable else ", no cuda_vmm POSIX fd export")}
+            if len(devices) > 1:
+                report["peers"] = topology()
+                direct = sum(p["peer_access"] for p in report["peers"])
+                report["detail"] += f"; {len(devices)} GPUs, {direct} of {len(report['peers'])} pairs peer to peer"
+            return report
         except Exception as e:  # never raises: doctor reports instead
             return {"available": False, "detail": f"{type(e).__name__}: {e}"}
+
+
+def _link_types() -> dict[tuple[int, int], str]:
+    """(i, j) -> the link nvidia-smi names between GPUs i and j ("NV18", "SYS", "PHB"...), {} without nvidia-smi.
+    nvidia-smi numbers GPUs in PCI order, as CUDA does unless CUDA_DEVICE_ORDER says otherwise."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {}
+    try:
+        text = subprocess.run([exe, "topo", "-m"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = [line.split() for line in text.splitlines() if line.strip()]
+    if not rows:
+        return {}
+    gpus = [c for c in rows[0] if c.startswith("GPU") and c[3:].isdigit()]
+    links = {}
+    for row in rows[1:]:
+        if row and row[0].startswith("GPU") and row[0][3:].isdigit() and len(row) > len(gpus):
+            for j, value in enumerate(row[1:1 + len(gpus)]):
+                links[(int(row[0][3:]), j)] = value
+    return links
+
+
+def topology() -> list[dict[str, Any]]:
+    """Every ordered pair of CUDA devices: peer access, the driver's link rank, the link type, and the path each
+    kind of memory takes from the first device (where it lives) to the second (who uses it)."""
+    links = _link_types()
+    pairs = []
+    for i in range(device_count()):
+        for j in range(device_count()):
+            if i == j:
+                continue
+            home, user = get_device(i), get_device(j)
+            peer = user.can_access_peer(home)
+            pairs.append({
+                "from": i, "to": j, "peer_access": peer, "link": links.get((i, j), "unknown"),
+                "rank": user.peer_rank(home),
+                "cuda_vmm": "peer-mapped, zero-copy (open(..., device=N))" if peer else "refused: no peer access",
+                "vulkan/gl memory": ("peer copy (peer_copy(), cuMemcpy3DPeer)" if peer
+                                     else "peer_copy() staged through host memory by the driver")})
+    return pairs
 
 
 def _import_vmm(dev: CudaDevice, d: Descriptor, fd: int) -> CUDAResource:
@@ -764,4 +883,4 @@ def _import_opaque(dev: CudaDevice, d: Descriptor, fds: OwnedFds) -> CUDAResourc
 BACKEND = CUDABackend()
 
 __all__ = ["BACKEND", "CUDABackend", "CUDAResource", "CudaDevice", "CudaError", "CudaOutOfMemory", "CudaSemaphore",
-           "array_format", "check", "device_count", "get_device", "unavailable_reason"]
+           "array_format", "check", "device_count", "get_device", "topology", "unavailable_reason"]
