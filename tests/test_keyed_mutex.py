@@ -158,6 +158,33 @@ def test_acquire_nowait_and_hold(mutex):
     assert mutex.statistics().key == 6 and not mutex.owned  # released even when the body raised
 
 
+def test_waiting_keys_lists_queued_waiters_oldest_first_once_each(fd, mutex):
+    """The bridge ships a remote copy only for keys someone waits for: waiting_keys() must name exactly those."""
+    assert mutex.waiting_keys() == ()
+    mutex.acquire(0)
+    others = [KeyedMutex(fd) for _ in range(3)]
+    threads = []
+    try:
+        for other, key in zip(others, (5, 3, 5)):
+            threads.append(threading.Thread(target=_try_acquire, args=(other, key, 3)))
+            threads[-1].start()
+            wait_until(lambda n=len(threads): mutex.statistics().waiters == n)
+        assert mutex.waiting_keys() == (5, 3)
+        mutex.release(5)  # one waiter for 5 takes it; another 5 and the 3 still queue
+        wait_until(lambda: mutex.statistics().waiters == 2)
+        assert sorted(mutex.waiting_keys()) == [3, 5]
+    finally:
+        for th in threads:
+            th.join(10)  # the remaining two time out
+        for o in others:
+            o.close()
+
+
+def _try_acquire(m: KeyedMutex, key: int, timeout: float) -> None:
+    with contextlib.suppress(KeyedMutexTimeout):
+        m.acquire(key, timeout)
+
+
 def test_misuse_is_an_error(fd, mutex):
     with pytest.raises(KeyedMutexError, match="non-owner"):
         mutex.release(1)  # free: nobody owns it
@@ -621,7 +648,7 @@ def test_arbitrary_scribbles_never_crash_or_hang(scribbles, key):
             raw[off:off + len(data)] = data[: KEYED_MUTEX_STATE_SIZE - off]
         t = time.monotonic()
         for op in (lambda: m.release(key, private_data=b"p"), lambda: m.acquire(key, 0.02), lambda: m.private_data,
-                   m.statistics, lambda: abandon_session(raw, 1), lambda: m.release(key),
+                   m.statistics, m.waiting_keys, lambda: abandon_session(raw, 1), lambda: m.release(key),
                    lambda: m.acquire(key, 0)):
             try:
                 op()

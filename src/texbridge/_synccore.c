@@ -886,6 +886,44 @@ static PyObject *Core_stats(Core *c, PyObject *noargs) {
     return stats_of(c->st);
 }
 
+/* The keys queued waiters wait for, oldest waiter first, each once. Lock-free (a hint, polled often by the bridge,
+ * which ships a remote copy's content only where a waiter wants it): never waits on the meta lock. */
+static PyObject *Core_waiting_keys(Core *c, PyObject *noargs) {
+    (void)noargs;
+    if (check_open(c) < 0) return NULL;
+    km_state *st = c->st;
+    uint64_t keys[KM_SLOTS];
+    uint32_t ages[KM_SLOTS], next = atomic_load(&st->next_ticket);
+    int n = 0;
+    for (int i = 0; i < KM_SLOTS; i++) {
+        km_slot *s = &st->slots[i];
+        if (atomic_load(&s->state) != SLOT_WAITING) continue;
+        uint64_t k = atomic_load(&s->key);
+        uint32_t age = next - atomic_load(&s->ticket);
+        int j = 0;
+        while (j < n && keys[j] != k) j++;
+        if (j < n) { /* seen: keep the older waiter's age */
+            if (age > ages[j]) ages[j] = age;
+            continue;
+        }
+        keys[n] = k;
+        ages[n++] = age;
+    }
+    for (int i = 1; i < n; i++) /* oldest first (insertion sort: n <= 48) */
+        for (int j = i; j > 0 && ages[j] > ages[j - 1]; j--) {
+            uint64_t tk = keys[j]; keys[j] = keys[j - 1]; keys[j - 1] = tk;
+            uint32_t ta = ages[j]; ages[j] = ages[j - 1]; ages[j - 1] = ta;
+        }
+    PyObject *out = PyTuple_New(n);
+    if (!out) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(keys[i]);
+        if (!v) { Py_DECREF(out); return NULL; }
+        PyTuple_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
 static PyObject *Core_get_closed(Core *c, void *unused) {
     (void)unused;
     return PyBool_FromLong(c->st == NULL);
@@ -902,6 +940,7 @@ static PyMethodDef Core_methods[] = {
     {"private_data", (PyCFunction)Core_private_data, METH_NOARGS, "the private data blob (owner only)"},
     {"owned", (PyCFunction)Core_owned, METH_NOARGS, "whether this handle owns the mutex"},
     {"stats", (PyCFunction)Core_stats, METH_NOARGS, "raw statistics tuple"},
+    {"waiting_keys", (PyCFunction)Core_waiting_keys, METH_NOARGS, "keys queued waiters wait for, oldest first"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "abandon if owning, then drop the buffer"},
     {NULL, NULL, 0, NULL},
 };

@@ -138,6 +138,12 @@ class KeyedMutex:
         finally:
             self._core.release(release, None, None)
 
+    def waiting_keys(self) -> tuple[int, ...]:
+        """The keys queued waiters wait for now, oldest waiter first (a hint: read without the lock). The bridge
+        polls it to ship a resource's content across only when someone on this side waits for a key. Waiters past
+        MAX_WAITERS poll instead of queueing and are not listed."""
+        return self._core.waiting_keys()
+
     def statistics(self) -> KeyedMutexStats:
         return KeyedMutexStats(*self._core.stats())
 
