@@ -25,7 +25,9 @@ DOC = ROOT / "docs" / "architecture.md"
 # (importlib.import_module(f"{__name__}.{name}") for each key), or None and why no texbridge module is loaded.
 LOADERS: dict[str, str | tuple[None, str]] = {
     "texbridge.backends": "BACKENDS",
-    "texbridge.cli.bench": (None, "loads benchmarks/<name>.py, which lives outside the package"),
+    "texbridge.benchmarks": "BENCHMARKS",
+    "texbridge.cli.bench": (None, "loads a folder of the user's own benchmarks ($TEXBRIDGE_BENCHMARKS), outside the "
+                                  "package; the packaged ones go through texbridge.benchmarks.load"),
 }
 
 # -- the package's modules and their imports --------------------------------------------------------------------------

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 import texbridge
+import texbridge.benchmarks._report
+from texbridge import benchmarks
 from texbridge._errors import BackendError
 from texbridge.backends import BACKENDS, get_backend
 
@@ -305,18 +309,57 @@ def test_doctor_survives_a_missing_library(cli_env):
     assert "✔ memfd" in proc.stdout
 
 
-def test_bench_lists_the_repository_benchmarks():
+def test_bench_lists_the_packaged_benchmarks():
     proc = cli("bench", "--list")
     assert proc.returncode == 0, proc.stderr
-    assert "broker" in proc.stdout.split()
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert listed == list(benchmarks.BENCHMARKS)
+
+
+def test_every_benchmark_module_has_its_row_and_every_row_its_module():
+    """BENCHMARKS is what `texbridge bench` runs: a module without a row would never run, a row without a module
+    would fail at run time."""
+    here = Path(benchmarks.__file__).parent
+    modules = sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
+    assert modules == sorted(benchmarks.BENCHMARKS)
+
+
+def test_bench_runs_from_an_installed_wheel(tmp_path):
+    """Issue 13: the benchmarks ship inside the wheel. The wheel is built and installed into a bare folder that
+    shadows the editable install (PYTHONPATH comes first), and `texbridge bench` runs from a directory with no
+    checkout in sight."""
+    # A clean copy: setuptools reuses a checkout's build/ folder, which would hide a package left out of the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(texbridge_root(), source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache", ".gl", ".whl", "*.so"))
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheels), str(source)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("texbridge-*.whl")
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    env.pop("TEXBRIDGE_BENCHMARKS", None)
+    where = subprocess.run([sys.executable, "-c", "import texbridge.benchmarks as b; print(b.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr
+    proc = cli("bench", "--list", cwd=elsewhere, env=env)
+    assert proc.returncode == 0 and "senders" in proc.stdout, proc.stdout + proc.stderr
+    proc = cli("bench", "--quick", "gl", cwd=elsewhere, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "texbridge benchmarks" in proc.stdout
 
 
 def test_bench_runs_modules_and_survives_a_broken_one(tmp_path):
     """A failing benchmark is reported by name; the others' rows are still printed; the exit status says so."""
     bench = tmp_path / "mybench"
     bench.mkdir()
-    repo_report = texbridge_root() / "benchmarks" / "_report.py"
-    (bench / "_report.py").write_text(repo_report.read_text())
+    (bench / "_report.py").write_text(Path(benchmarks._report.__file__).read_text())
     (bench / "__init__.py").write_text("")  # benchmark folders are packages, like the repo's own
     (bench / "good.py").write_text(textwrap.dedent("""
         from ._report import Row

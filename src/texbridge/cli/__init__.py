@@ -2,7 +2,7 @@
 
     resources  ls, info                     broker  broker start|stop|status
     senders    send-test, senders, view     demo    demo (and the two processes it runs)
-    doctor     doctor (and what it gathers) bench   bench (runs benchmarks/)
+    doctor     doctor (and what it gathers) bench   bench (runs texbridge.benchmarks)
     viewer     the GLFW window and test pattern behind view and send-test
 
 Only the public Session API is used (plus the broker launcher and diagnostics), so the CLI exercises exactly what

@@ -1,4 +1,4 @@
-"""`texbridge bench`: run the modules in benchmarks/ (each has `run(quick) -> rows`) and print one table."""
+"""`texbridge bench`: run the modules in texbridge.benchmarks (each has `run(quick) -> rows`), print one table."""
 
 from __future__ import annotations
 
@@ -13,25 +13,32 @@ from typing import Any
 import click
 from rich.markup import escape
 
-import texbridge
-
+from .. import benchmarks
+from ..benchmarks import _report as report_module
 from ._common import WIDTH, console, err_console, fail
 
 
-def benchmarks_dir() -> Path:
-    """$TEXBRIDGE_BENCHMARKS, else the source checkout's benchmarks/ (benchmarks are not installed)."""
-    env = os.environ.get("TEXBRIDGE_BENCHMARKS")
-    if env:
-        return Path(env)
-    return Path(texbridge.__file__).resolve().parents[2] / "benchmarks"
+class _Source:
+    """Where the benchmarks come from: the package's own (texbridge.benchmarks, present in an installed wheel), or
+    the folder in $TEXBRIDGE_BENCHMARKS (a package of modules with `run(quick)` and a `_report.py`)."""
 
+    def __init__(self) -> None:
+        self.directory = Path(os.environ["TEXBRIDGE_BENCHMARKS"]) if os.environ.get("TEXBRIDGE_BENCHMARKS") else None
+        if self.directory is None:
+            self.names = dict(benchmarks.BENCHMARKS)
+        elif not self.directory.is_dir():
+            fail(f"no benchmarks directory at {self.directory} ($TEXBRIDGE_BENCHMARKS)")
+        else:
+            self.names = {p.stem: "" for p in sorted(self.directory.glob("*.py")) if not p.stem.startswith("_")}
 
-def _load_benchmark(directory: Path, stem: str):
-    """Import benchmarks/<stem>.py as `benchmarks.<stem>` (a package, so relative imports work). Only the parent
-    goes on sys.path: benchmarks/ itself there would let benchmarks/vulkan.py shadow the `vulkan` package."""
-    if str(directory.parent) not in sys.path:
-        sys.path.insert(0, str(directory.parent))
-    return importlib.import_module(f"{directory.name}.{stem}")
+    def load(self, stem: str):
+        if self.directory is None:
+            return benchmarks.load(stem) if stem != "_report" else report_module
+        # Only the parent goes on sys.path, and the folder is imported as a package (relative imports work): the
+        # folder itself there would let its vulkan.py shadow the `vulkan` package.
+        if str(self.directory.parent) not in sys.path:
+            sys.path.insert(0, str(self.directory.parent))
+        return importlib.import_module(f"{self.directory.name}.{stem}")
 
 
 @click.command()
@@ -39,22 +46,21 @@ def _load_benchmark(directory: Path, stem: str):
 @click.option("--list", "list_only", is_flag=True, help="List the benchmark modules and exit.")
 @click.argument("names", nargs=-1)
 def bench(quick: bool, list_only: bool, names: tuple[str, ...]) -> None:
-    """Run the benchmarks in benchmarks/ (all, or NAMES) and print one table."""
-    directory = benchmarks_dir()
-    if not directory.is_dir():
-        fail(f"no benchmarks directory at {directory} (set TEXBRIDGE_BENCHMARKS)")
-    available = sorted(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
+    """Run the benchmarks shipped in texbridge.benchmarks (all, or NAMES) and print one table."""
+    source = _Source()
+    available = list(source.names)
     if list_only:
-        console.print("\n".join(available))
+        width = max(map(len, available), default=0)
+        console.print("\n".join(f"{n:<{width}}  {d}".rstrip() for n, d in source.names.items()), markup=False)
         return
     unknown = [n for n in names if n not in available]
     if unknown:
         fail(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available)}")
     chosen = list(names) or available
     try:
-        report = _load_benchmark(directory, "_report")
+        report = source.load("_report")
     except Exception as e:
-        fail(f"cannot import {directory / '_report.py'}: {e}")
+        fail(f"cannot import the benchmarks' _report module: {e}")
     rows: list[Any] = []
     failures: list[str] = []
     for stem in chosen:
@@ -62,7 +68,7 @@ def bench(quick: bool, list_only: bool, names: tuple[str, ...]) -> None:
         sys.stdout.flush()
         t = time.perf_counter()
         try:
-            module = _load_benchmark(directory, stem)
+            module = source.load(stem)
             got = list(module.run(quick))
         except KeyboardInterrupt:
             raise

@@ -22,10 +22,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-try:
-    from ._report import Row, latency_row, private_namespace, rate_row
-except ImportError:  # run as a script
-    from _report import Row, latency_row, private_namespace, rate_row
+from ._report import Row, latency_row, private_namespace, rate_row
 
 SIZES = {"1080p": (1920, 1080), "4K": (3840, 2160)}
 STOP = -1  # stamp of the last frame: the consumer exits

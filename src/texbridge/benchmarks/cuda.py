@@ -4,17 +4,11 @@ queue (the usual way ML pipelines pass GPU frames today). Targets: open ≤ 1 ms
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: this file's folder must not shadow the `cuda` package
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
-from benchmarks._report import Row, latency_row, print_rows, private_namespace  # noqa: E402
+from ._report import Row, latency_row, print_rows, private_namespace
 
 
 def _skip_reason() -> str | None:

@@ -3,7 +3,6 @@ NumPy copy of the same bytes, and a keyed-mutex frame ping-pong between two proc
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,12 +10,7 @@ import time
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: this file's folder must not shadow the `vulkan` package
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
-from benchmarks._report import Row, latency_row, median, print_rows, private_namespace, rate_row  # noqa: E402
+from ._report import Row, latency_row, median, print_rows, private_namespace, rate_row
 
 
 def _throughput(group: str, subject: str, nbytes: int, seconds: list[float], note: str = "") -> Row:

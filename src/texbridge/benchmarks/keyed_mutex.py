@@ -22,10 +22,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-try:
-    from ._report import Row, latency_row, print_rows, rate_row
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from _report import Row, latency_row, print_rows, rate_row
+from ._report import Row, latency_row, print_rows, rate_row
 
 from texbridge.backends.memfd import MemfdBackend
 from texbridge.keyed_mutex import KeyedMutex, create_state

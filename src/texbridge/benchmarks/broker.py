@@ -21,10 +21,7 @@ from typing import Iterator
 import msgpack
 import numpy as np
 
-try:
-    from ._report import Row, latency_row, private_namespace, rate_row
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from _report import Row, latency_row, private_namespace, rate_row
+from ._report import Row, latency_row, private_namespace, rate_row
 
 import texbridge
 from texbridge._launch import start_broker
@@ -379,6 +376,6 @@ def run(quick: bool) -> list[Row]:
 if __name__ == "__main__":
     import sys
 
-    from _report import print_rows
+    from ._report import print_rows
 
     print_rows(run("--quick" in sys.argv))

@@ -8,16 +8,10 @@ Targets (issue 15): peer path ≥ 90 % of cuMemcpyPeer, ≥ 10× host-staged, a 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: this file's folder must not shadow the `cuda` package
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
-from benchmarks._report import Row, print_rows, private_namespace  # noqa: E402
+from ._report import Row, print_rows, private_namespace
 
 MiB = 1 << 20
 

@@ -8,15 +8,10 @@ Run as a script to print the table.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-if __name__ == "__main__":  # run as a script: import siblings as `benchmarks.*`, never shadow `vulkan` with ours
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here] + [os.path.dirname(_here)]
-
-from benchmarks._report import Row, latency_row, print_rows  # noqa: E402
+from ._report import Row, latency_row, print_rows
 
 
 def run(quick: bool) -> list[Row]:

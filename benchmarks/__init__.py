@@ -1,1 +1,0 @@
-"""Benchmarks run by `texbridge bench`: each module exposes run(quick) -> list[_report.Row]."""

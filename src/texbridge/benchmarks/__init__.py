@@ -1,0 +1,27 @@
+"""Benchmarks run by `texbridge bench` (they ship in the package, so an installed wheel can measure itself).
+
+Each module exposes `run(quick) -> list[_report.Row]` and can run alone: `python -m texbridge.benchmarks.NAME
+[--quick]`. Adding one: the module here and its row in BENCHMARKS (`texbridge bench --list` shows the text).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+BENCHMARKS = {
+    "broker": "open by handle → NumPy, open/close rate, many clients, registry scale (vs SharedMemory)",
+    "keyed_mutex": "AcquireSync/ReleaseSync handoff latency, 4K handoff rate, timeout precision (vs multiprocessing, a pipe)",
+    "senders": "sender → receiver latency and frames/s at 1080p/4K (vs multiprocessing.Queue, shared_memory)",
+    "vulkan": "fd → VkImage, open → VkImage, upload/download throughput, keyed-mutex ping-pong",
+    "gl": "exported fd → GL texture, against the raw GL calls",
+    "cuda": "open → torch tensor, keyed-mutex handoff (vs torch.multiprocessing)",
+    "multigpu": "GPU 0 memory used on GPU 1: peer-mapped cuda_vmm, peer_copy (vs cuMemcpyPeer, host-staged)",
+}
+
+
+def load(name: str) -> ModuleType:
+    """The benchmark module `name` (a key of BENCHMARKS)."""
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"{__name__}.{name}")
