@@ -109,10 +109,6 @@ def run(quick: bool) -> list[Row]:
         for subject, fn in frame_rows:
             t = _timed(fn, repeat * 5)
             rows.append(Row("4K rgba8 frame crosses GPUs", subject, t * 1e3, "ms", None, where))
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            print("multigpu benchmark: torch not installed, no torch.multiprocessing row")
         for r in [mapped, remote, on1, frame, src] + ([vk_remote, vk_frame] if len(frame_rows) == 3 else []):
             r.close()
         with g0:
@@ -120,8 +116,83 @@ def run(quick: bool) -> list[Row]:
             check(cu.cuMemFreeHost(host), "cuMemFreeHost")
         with g1:
             check(cu.cuMemFree(dst1), "cuMemFree")
+        rows += _handoff(s, repeat * 20, where)
         s.shutdown()
     return rows
+
+
+_CONSUMER = """
+import sys, texbridge
+with texbridge.connect() as s:
+    r = s.open("hand4k", backend="cuda", device=1)
+    mine = r.peer_copy()
+    print("ready", flush=True)
+    for _ in range(int(sys.argv[1])):
+        r.mutex.acquire(1, timeout=30)
+        r.peer_copy(mine)  # the frame, on GPU 1, whole: ordered by the keyed mutex
+        r.mutex.release(0)
+"""
+
+
+def _handoff(s, n: int, where: str) -> list[Row]:
+    """Per frame, producer process on GPU 0 → consumer process that needs the frame on GPU 1 → back."""
+    import subprocess
+
+    from ._report import latency_row
+
+    group = "4K frame handoff, process on GPU 0 → process needing it on GPU 1 → back"
+    tex = s.create_texture(3840, 2160, "rgba8", backend="cuda", device=0, keyed_mutex=True, name="hand4k")
+    child = subprocess.Popen([sys.executable, "-c", _CONSUMER, str(n + 10)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        tex.mutex.acquire(0, timeout=30)
+        samples = []
+        for _ in range(n + 10):
+            t0 = time.perf_counter()
+            tex.mutex.release(1)
+            tex.mutex.acquire(0, timeout=30)
+            samples.append(time.perf_counter() - t0)
+        tex.mutex.release(0)
+        child.wait(timeout=60)
+    finally:
+        child.kill()
+        tex.close()
+    rows = [latency_row(group, "texbridge: keyed mutex + peer_copy() over the link", samples[10:], where)]
+    try:
+        import torch
+        import torch.multiprocessing as mp
+    except ImportError:
+        print("multigpu benchmark: torch not installed, no torch.multiprocessing row")
+        return rows
+    ctx = mp.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_torch_consumer, args=(q_in, q_out), daemon=True)
+    proc.start()
+    try:
+        frame = torch.zeros((2160, 3840, 4), dtype=torch.uint8, device="cuda:0")
+        samples = []
+        for _ in range(n + 10):
+            t0 = time.perf_counter()
+            q_in.put(frame)
+            q_out.get(timeout=60)
+            samples.append(time.perf_counter() - t0)
+        q_in.put(None)
+        proc.join(timeout=60)
+    finally:
+        proc.kill()
+    rows.append(latency_row(group, "torch.multiprocessing: queue.put(tensor) → .to('cuda:1')", samples[10:],
+                            f"torch {torch.__version__}"))
+    return rows
+
+
+def _torch_consumer(q_in, q_out) -> None:
+    import torch
+
+    while (t := q_in.get()) is not None:
+        t.to("cuda:1")
+        torch.cuda.synchronize(1)
+        del t
+        q_out.put(1)
 
 
 if __name__ == "__main__":
