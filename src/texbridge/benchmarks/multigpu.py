@@ -63,6 +63,8 @@ def run(quick: bool) -> list[Row]:
             plain0 = int(check(cu.cuMemAlloc(size), "cuMemAlloc"))
             host = int(check(cu.cuMemHostAlloc(size, cu.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc"))
 
+        g0.enable_peer(g1), g1.enable_peer(g0)  # as torch does for its peer copies: the fair reference
+
         def peer_mapped() -> None:
             with g1:
                 check(cu.cuMemcpyDtoD(dst1, mapped.device_ptr, size), "cuMemcpyDtoD")
