@@ -94,6 +94,12 @@ class Resource:
         backends only)."""
         raise NotImplementedError(f"{type(self).__name__} has no device copy: use download()")
 
+    def copy_to(self, dst: Any) -> None:
+        """Copy this texture into `dst`, a texture of the same API, device (or GL context), size and format, on the
+        GPU; complete when it returns, so a caller can re-check what it copied (a receiver's seqlock). Backends
+        with a GPU (gl, vulkan, cuda) implement it; elsewhere NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} has no GPU copy: use download() and upload()")
+
     # -- GPU ordering around the keyed mutex (backends with GPU queues override) -----------------------------------
     def gpu_acquired(self, value: int) -> None:
         """After acquire: order this API's next GPU work after the releaser's (wait for `value` on the GPU).

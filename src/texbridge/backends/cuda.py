@@ -27,7 +27,7 @@ from .._d3d11 import d3d11_texture_desc
 
 from .._descriptor import (FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align, check_texture_size, private_int,
                            texture_layout)
-from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
+from .._errors import BackendError, IncompatibleDevice, InvalidArgument, InvalidDescriptor
 from .._formats import Format, get_format
 from .._memory_types import check_importer
 from .._resources import Resource
@@ -538,6 +538,27 @@ class CUDAResource(Resource):
                 self._scratch_ptr = int(check(cu.cuMemAlloc(self._row_bytes() * self.descriptor.height),
                                               "cuMemAlloc"))
         return self._scratch_ptr
+
+    def copy_to(self, dst: "CUDAResource", *, stream: Any = None) -> None:
+        """Copy this texture into texture `dst` on the same CUDA device (cuMemcpy3D between device memory and CUDA
+        arrays). Complete when it returns (stream None; device-to-device copies are asynchronous to the host, so
+        the stream is synchronized), so a receiver can re-check the slot's sequence after it; with a stream, the
+        copy is queued there and the caller synchronizes."""
+        self._check_open()
+        if not isinstance(dst, CUDAResource):
+            raise InvalidArgument(f"copy_to takes a CUDAResource on the same device, not {dst!r}")
+        dst._check_open()
+        self._need_texture()
+        dst._need_texture()
+        d, dd = self.descriptor, dst.descriptor
+        if (d.width, d.height, d.format) != (dd.width, dd.height, dd.format):
+            raise InvalidArgument(f"copy_to needs the same size and format: {d.width}x{d.height} {d.format} into "
+                                  f"{dd.width}x{dd.height} {dd.format}")
+        if dst.device.ordinal != self.device.ordinal:
+            raise IncompatibleDevice(f"copy_to stays on one device: CUDA {self.device.ordinal} → {dst.device.ordinal}")
+        self._copy(self._here(0), dst._here(0), stream if stream is not None else 0)
+        if stream is None:
+            self.synchronize(0)
 
     def _need_texture(self) -> None:
         if self.descriptor.kind != "texture2d":

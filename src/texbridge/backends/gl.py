@@ -32,10 +32,12 @@ from OpenGL.raw.GL.EXT import semaphore as _sem  # noqa: E402
 from OpenGL.raw.GL.EXT import semaphore_fd as _semfd  # noqa: E402
 from OpenGL.raw.GL.NV import timeline_semaphore as _tl  # noqa: E402
 from OpenGL.raw.GL.VERSION import GL_1_0 as _gl10, GL_1_1 as _gl11, GL_1_2 as _gl12  # noqa: E402
-from OpenGL.raw.GL.VERSION import GL_1_5 as _gl15, GL_3_0 as _gl30  # noqa: E402
+from OpenGL.raw.GL.VERSION import GL_1_5 as _gl15, GL_3_0 as _gl30, GL_3_2 as _gl32  # noqa: E402
+from OpenGL.raw.GL.VERSION import GL_4_3 as _gl43  # noqa: E402
 
 from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage  # noqa: E402
-from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor, TexbridgeError  # noqa: E402
+from .._errors import (BackendError, IncompatibleDevice, InvalidArgument, InvalidDescriptor,  # noqa: E402
+                       TexbridgeError)
 from .._formats import Format, get_format  # noqa: E402
 from .._memory_types import check_importer  # noqa: E402
 from .._resources import Resource  # noqa: E402
@@ -333,6 +335,23 @@ class GLResource(Resource):
             GL.glFinish()
             self.gl_sync = "finish"
 
+    # -- GPU copies ------------------------------------------------------------------------------------------------
+    def copy_to(self, dst: Any) -> None:
+        """Copy this texture (mip 0, layer 0) into `dst` on the GPU (glCopyImageSubData): a GLResource, a moderngl
+        texture or a GL texture name living in this resource's context (or one sharing its objects), of the same
+        size and a compatible format. Complete when it returns (a fence wait): a receiver re-checks the slot's
+        sequence after it, so a copy the sender overlapped is retried, never shown."""
+        self._check_open()
+        if not self.texture:
+            raise BackendError("copy_to copies textures; this GL resource is a buffer")
+        name, target = texture_name(dst)
+        d = self.descriptor
+        self.context.enter()
+        with gl_errors("glCopyImageSubData"):
+            _gl43.glCopyImageSubData(self.texture, self.target, 0, 0, 0, 0, name, target, 0, 0, 0, 0,
+                                     d.width, d.height, 1)
+        finish()
+
     # -- CPU transfers ---------------------------------------------------------------------------------------------
     def upload(self, array: np.ndarray) -> None:
         """Copy `array` in; complete for every other process and API when this returns (like Vulkan and CUDA):
@@ -452,6 +471,43 @@ class GLResource(Resource):
         finally:
             if producer is not None:
                 producer.close()
+
+
+def texture_name(tex: Any) -> tuple[int, int]:
+    """(GL name, target) of a texture given as a GLResource, a moderngl texture (.glo) or a bare GL name."""
+    if isinstance(tex, GLResource):
+        tex._check_open()
+        if not tex.texture:
+            raise InvalidArgument(f"{tex!r} is a buffer, not a texture")
+        return tex.texture, tex.target
+    name = getattr(tex, "glo", tex)
+    if isinstance(name, bool) or not isinstance(name, (int, np.integer)) or name <= 0:
+        raise InvalidArgument(f"a GL texture is a GLResource, a moderngl texture or a GL texture name, not {tex!r}")
+    return int(name), GL.GL_TEXTURE_2D
+
+
+def finish() -> None:
+    """Wait until the GL commands issued so far are complete (a fence: cheaper than glFinish on drivers that
+    would also wait for presentation work)."""
+    with gl_errors("glFenceSync"):
+        sync = _gl32.glFenceSync(_gl32.GL_SYNC_GPU_COMMANDS_COMPLETE, 0)
+    try:
+        while _gl32.glClientWaitSync(sync, _gl32.GL_SYNC_FLUSH_COMMANDS_BIT, 1_000_000_000) == _gl32.GL_TIMEOUT_EXPIRED:
+            pass
+    finally:
+        _gl32.glDeleteSync(sync)
+
+
+def write_texture(tex: Any, array: np.ndarray, format: str) -> None:
+    """Upload (H, W, C) pixels of texbridge `format` into a texture given as texture_name() takes, in the context
+    current on this thread; complete when it returns."""
+    name, target = texture_name(tex)
+    fmt = get_format(format)
+    data = np.ascontiguousarray(array)
+    h, w = data.shape[:2]
+    with gl_errors("glTexSubImage2D"), _pixel_store(), _bound_texture(target, name):
+        _gl11.glTexSubImage2D(target, 0, 0, 0, w, h, fmt.gl_format, fmt.gl_type, data.ctypes.data_as(ctypes.c_void_p))
+    finish()
 
 
 def _delete_objects(tex: int = 0, buf: int = 0, mem: int = 0, fbo: int = 0) -> None:
@@ -719,5 +775,5 @@ class GLBackend:
 
 BACKEND = GLBackend()
 
-__all__ = ["BACKEND", "GLBackend", "GLContext", "GLResource", "GLSemaphore", "LAYOUTS", "headless_context",
-           "resolve_context"]
+__all__ = ["BACKEND", "GLBackend", "GLContext", "GLResource", "GLSemaphore", "LAYOUTS", "finish", "headless_context",
+           "resolve_context", "texture_name", "write_texture"]

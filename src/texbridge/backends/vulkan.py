@@ -25,7 +25,7 @@ import numpy as np
 from . import _vk  # imports `vulkan`: an ImportError here makes the backend unavailable, not texbridge
 from .._d3d11 import d3d11_texture_desc
 from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, private_int
-from .._errors import BackendError, IncompatibleDevice, InvalidDescriptor
+from .._errors import BackendError, IncompatibleDevice, InvalidArgument, InvalidDescriptor
 from .._formats import Format, get_format
 from .._fdinfo import inspect_fd
 from .._memory_types import check_importer
@@ -271,6 +271,51 @@ class VulkanResource(Resource):
         staging = self._staging_for(d.size)
         self._copy_buffer(False, staging, [(0, 0, d.size)])
         return staging.array[:d.size].copy()
+
+    @_exclusive
+    def copy_to(self, dst: "VulkanResource") -> None:
+        """Copy this texture (mip 0, layer 0) into image `dst` on the same VulkanDevice, on the GPU (vkCmdCopyImage;
+        vkCmdCopyBufferToImage when this memory has no VkImage here, e.g. a pitched memfd seen as a buffer).
+        Complete when it returns (a fence wait): a receiver re-checks the slot's sequence after it."""
+        self._check_open()
+        if not isinstance(dst, VulkanResource):
+            raise InvalidArgument(f"copy_to takes a VulkanResource on the same device, not {dst!r}")
+        dst._check_open()
+        d, dd = self.descriptor, dst.descriptor
+        if d.kind != "texture2d" or dd.kind != "texture2d" or dst.image is None:
+            raise InvalidArgument("copy_to copies a texture into a texture with a VkImage")
+        if (d.width, d.height, d.format) != (dd.width, dd.height, dd.format):
+            raise InvalidArgument(f"copy_to needs the same size and format: {d.width}x{d.height} {d.format} into "
+                                  f"{dd.width}x{dd.height} {dd.format}")
+        if dst.device is not self.device:
+            raise IncompatibleDevice(f"copy_to stays on one VkDevice: {self.device.name} → {dst.device.name}")
+        if self._host_map is not None:
+            self.sync_to_image()  # staged memfd: the image holds a copy; bring it up to date first
+        sub = {"aspectMask": COLOR, "mipLevel": 0, "baseArrayLayer": 0, "layerCount": 1}
+        extent = {"width": d.width, "height": d.height, "depth": 1}
+        src_op, dst_op = vk.VK_IMAGE_LAYOUT_TRANSFER_SRC_OPTIMAL, vk.VK_IMAGE_LAYOUT_TRANSFER_DST_OPTIMAL
+        origin = {"x": 0, "y": 0, "z": 0}
+
+        def record(cmd: Any) -> None:
+            barrier(cmd, dst.image, dst.layout, dst_op, dd.mip_levels, dd.array_size)
+            if self.image is not None:
+                barrier(cmd, self.image, self.layout, src_op, d.mip_levels, d.array_size)
+                region = ffi.new("VkImageCopy*", {"srcSubresource": sub, "srcOffset": origin, "dstSubresource": sub,
+                                                  "dstOffset": origin, "extent": extent})
+                lib.vkCmdCopyImage(cmd, self.image, src_op, dst.image, dst_op, 1, region)
+                barrier(cmd, self.image, src_op, self.layout, d.mip_levels, d.array_size)
+            else:
+                memory_barrier(cmd)
+                region = ffi.new("VkBufferImageCopy*", {
+                    "bufferOffset": d.offset, "bufferRowLength": d.row_pitch // get_format(d.format).bytes_per_pixel,
+                    "bufferImageHeight": 0, "imageSubresource": sub, "imageOffset": origin, "imageExtent": extent})
+                lib.vkCmdCopyBufferToImage(cmd, self.buffer, dst.image, dst_op, 1, region)
+            barrier(cmd, dst.image, dst_op, dst.layout, dd.mip_levels, dd.array_size)
+
+        with dst._lock:
+            self.device.one_shot(record)
+            if dst._host_map is not None:
+                dst.sync_to_host()
 
     @_exclusive
     def clear(self, color: Any = (0, 0, 0, 0)) -> None:

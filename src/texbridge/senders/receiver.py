@@ -22,7 +22,9 @@ from .._client import Session, connect
 from .._errors import (BackendError, ClosedError, InvalidDescriptor, KeyedMutexAbandoned, NotASender, NotFound,
                        SenderNotFound, TexbridgeError)
 from .._formats import get_format
+from .._memory_types import get_memory_type
 from .._resources import Resource
+from ._gpu import GPU_BACKENDS, GpuFrames, is_gpu_target
 from .directory import SenderEvent, SenderInfo, active_sender, is_sender, list_senders, watch_senders
 from .ring import CONTROL_SIZE, MAX_READERS, READ_ATTEMPTS, ControlWords, Read, RingReader, Stale
 
@@ -41,6 +43,7 @@ class _Link:
     shape: tuple[int, ...] = ()
     dtype: Any = None
     copy_path: bool = False
+    cpu_slots: bool = False  # the slots are opened as CPU memory (memfd views) although the receiver is a GPU one
 
 
 def _not_a_sender(name: str, summary: dict[str, Any], session: Session) -> str:
@@ -58,12 +61,21 @@ class Receiver:
 
     A named sender that does not exist yet is waited for (Spout style): `status` tells "no_sender" from
     "no_frame"; require_sender=True raises SenderNotFound instead. A name published by something that is not a
-    sender raises NotASender (here, or from receive() if the name is taken over later)."""
+    sender raises NotASender (here, or from receive() if the name is taken over later).
+
+    backend="gl" | "vulkan" | "cuda" receives on the GPU: frames are that API's textures (GLResource: .texture,
+    .moderngl_texture(ctx); VulkanResource: .image; CUDAResource: DLPack / __cuda_array_interface__), copied on the
+    GPU or zero-copy; `gpu_path` says which (see senders/_gpu.py). `context` is the GL context for backend="gl"
+    (None: texbridge's headless one; "current" or a moderngl.Context: yours)."""
 
     def __init__(self, name: str | None = None, *, session: Session | None = None, backend: str | None = None,
-                 app_name: str | None = None, require_sender: bool = False) -> None:
+                 app_name: str | None = None, require_sender: bool = False, context: Any = None) -> None:
         self.requested = name
         self.backend = backend
+        self._gpu = GpuFrames(backend, context) if backend in GPU_BACKENDS else None
+        self._context = context
+        self.gpu_path: str | None = None  # GPU receivers: "gpu-copy" | "upload" (and "zero-copy" for copy=False)
+        self.gpu_path_reason: str | None = None  # why frames are uploaded rather than copied on the GPU
         self._own_session = session is None
         self._session = session or connect(app_name=app_name)
         self._link: _Link | None = None
@@ -255,6 +267,7 @@ class Receiver:
         for s in link.slots:
             s.close()
         link.slots, link.views = [], []
+        options: dict[str, Any] = {}
         if link.copy_path:
             if not mirror:
                 link.ring.request_copy()
@@ -262,9 +275,13 @@ class Receiver:
             handles, backend = mirror, "memfd"
         else:
             backend = self.backend
+            if self._gpu is not None and not self._gpu_imports(link, handles[0]):
+                backend = "memfd"
+            elif backend == "gl" and self._context is not None:
+                options["context"] = self._context
         try:
             for h in handles:
-                link.slots.append(self._session.open(h, backend=backend))
+                link.slots.append(self._session.open(h, backend=backend, **options))
         except NotFound:
             for s in link.slots:
                 s.close()
@@ -280,13 +297,28 @@ class Receiver:
             warnings.warn(f"texbridge: receiver of {link.name!r} cannot import the sender's memory "
                           f"({self.copy_path_reason}); using the copy path", RuntimeWarning, stacklevel=3)
             link.copy_path = True
+            if self._gpu is not None:
+                self.gpu_path, self.gpu_path_reason = "upload", f"the copy path: {self.copy_path_reason}"
             link.ring.request_copy()
             return False
+        if self._gpu is not None and not link.cpu_slots and not link.copy_path:
+            self.gpu_path, self.gpu_path_reason = "gpu-copy", None
         link.views = [s.numpy() if s.host_visible else None for s in link.slots]
         link.shape = link.slots[0].shape
         link.dtype = get_format(link.slots[0].descriptor.format).numpy_dtype
         link.generation = gen
         return True
+
+    def _gpu_imports(self, link: _Link, handle: int) -> bool:
+        """A GPU receiver imports slots into its API unless they are CPU memory: then it maps them and uploads each
+        frame from the shared pages (an import would only add a staging copy)."""
+        memory = self._session.info(handle).get("memory", "")
+        link.cpu_slots = get_memory_type(memory).host_mappable if memory else False
+        if link.cpu_slots:
+            self.gpu_path = "upload"
+            self.gpu_path_reason = (f"the sender's slots are CPU memory ({memory}): each frame is uploaded once "
+                                    "from the shared pages")
+        return not link.cpu_slots
 
     def _ensure(self) -> _Link | None:
         if self._closed:
@@ -306,8 +338,14 @@ class Receiver:
     def receive(self, *, copy: bool = True, out: "np.ndarray | Resource | None" = None) -> Any:
         """The newest frame without blocking, or None before the first frame / with no sender.
 
-        out=a texbridge Resource (a GL texture, Vulkan image or CUDA array of the frame's size and format) puts
-        the frame into that API: the frame is uploaded into it when new, and the resource is returned.
+        A GPU receiver (backend="gl" | "vulkan" | "cuda") returns textures of that API: copy=True (default) a
+        receiver-owned texture holding the frame, valid until the next receive() but one (two alternate);
+        copy=False the pinned slot itself, zero-copy where the slots import here (else as copy=True; still_valid()
+        as for views); out=a texture of that API (a texbridge Resource, for GL also a moderngl texture or a GL
+        name) gets the frame by a GPU copy (or an upload, see gpu_path) and is returned.
+
+        On a NumPy receiver, out=a texbridge Resource (a GL texture, Vulkan image or CUDA array of the frame's size
+        and format) has the frame uploaded into it when new, and is returned.
 
         copy=True (default) returns a new array you own. out=array copies into your array (no allocation) when it
         has the frame's shape and dtype, else (after a resize) a new array is returned: compare `frame is out`.
@@ -315,7 +353,8 @@ class Receiver:
         this receiver has it pinned (until the next receive() or release()) unless all slots are pinned, so check
         `still_valid()` after using the view if you must be certain it was not overwritten.
         is_new tells whether it is a frame not returned before."""
-        if isinstance(out, Resource):
+        gpu_out = out is not None and self._gpu is not None and is_gpu_target(out, self._gpu.backend)
+        if isinstance(out, Resource) and not gpu_out:
             frame = self.receive()
             if frame is None:
                 return None
@@ -333,9 +372,51 @@ class Receiver:
             frame = ring.newest()
             if frame == 0:
                 return None
-            if frame == self.frame_number and self._last is not None and link.generation == ring.generation:
+            if frame == self.frame_number and self._last is not None and link.generation == ring.generation \
+                    and not gpu_out:
                 return self._last
+            if self._gpu is not None:
+                return self._read_gpu(link, copy, out)
             return self._read(link, copy, out)
+
+    def _read_gpu(self, link: _Link, copy: bool, out: Any) -> Any:
+        """A frame as a texture of the receiver's API (senders/_gpu.py): the GPU copy or upload runs inside the
+        ring's read, so the slot's sequence is re-checked after it completes."""
+        gpu = self._gpu
+        assert gpu is not None
+        fmt = link.ring.format
+        zero_copy = not copy and out is None and not link.cpu_slots and not link.copy_path
+
+        def take(slot: int) -> Any:
+            src, view = link.slots[slot], link.views[slot]
+            if zero_copy:
+                return src
+            dst = out if out is not None else gpu.back(src, fmt)
+            gpu.fill(dst, src, view, fmt)
+            return dst
+
+        for _ in range(READ_ATTEMPTS):
+            got = link.ring.read(take, nslots=len(link.slots), generation=link.generation, keep_pin=zero_copy)
+            if got is Stale:
+                if not self._open_slots(link):
+                    return None
+                continue
+            if got is None:
+                return None
+            assert isinstance(got, Read)
+            self._pinned = got if zero_copy else None
+            data = got.data if out is not None or zero_copy else gpu.swap()
+            return self._received(got, data)
+        return None
+
+    def _received(self, got: Read[Any], data: Any) -> Any:
+        if self.frame_number and got.frame > self.frame_number + 1:
+            self.frames_dropped += got.frame - self.frame_number - 1
+        self.frame_number = got.frame
+        self.frames_received += 1
+        self.is_new = True
+        self._last = data
+        return data
 
     def _read(self, link: _Link, copy: bool, out: np.ndarray | None) -> np.ndarray | None:
         def take(slot: int) -> np.ndarray:
@@ -364,13 +445,7 @@ class Receiver:
                 return None
             assert isinstance(got, Read)
             self._pinned = None if copy else got
-            if self.frame_number and got.frame > self.frame_number + 1:
-                self.frames_dropped += got.frame - self.frame_number - 1
-            self.frame_number = got.frame
-            self.frames_received += 1
-            self.is_new = True
-            self._last = got.data
-            return got.data
+            return self._received(got, got.data)
         return None
 
     def still_valid(self) -> bool:
@@ -424,6 +499,9 @@ class Receiver:
         self._thread.join(1.0)
         with self._lock:
             self._disconnect()
+            self._last = None
+            if self._gpu is not None:
+                self._gpu.close()
         self._watch.close()
         if self._own_session:
             self._session.close()
