@@ -33,6 +33,7 @@ MAX_READERS = 64
 _MAGIC, _VERSION, _HSEQ, _GEN, _WIDTH, _HEIGHT, _NSLOTS, _LATEST = range(8)
 _CLOSED, _FPS, _SYNC, _ACK, _PID, _SENT_NS, _MIRROR_GEN, _FMT = range(8, 16)
 _HANDLES, _SEQ, _SLOT_FRAME, _MIRROR = 16, 32, 48, 64
+TRANSPORT_WORDS = 80  # words 80..127 are left to a transport's own per-stream words (bridge/_shmlayout.py)
 _READERS, _READER_WORDS = 128, 4  # per reader: pid, pin mask, consumed frame, flags
 _R_PID, _R_PIN, _R_CONSUMED, _R_FLAGS = range(4)
 _WANT_COPY = 1

@@ -1,0 +1,260 @@
+"""The shared-file bridge transport (texbridge.bridge._shmfile) over plain files and buffers, no broker.
+
+The peer is a real second process where timing or death matters (heartbeat, kill -9, rejoin); in-process ends over
+one buffer where the test drives both sides step by step (torn reads, progress, hostile bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from texbridge.bridge import _ivshmem as iv
+from texbridge.bridge import _shmlayout as L
+from texbridge.bridge._link import (MAX_MESSAGE, BridgeError, BridgePeerError, Endpoint, FrameMeta, Link,
+                                    StreamFormat, StreamReader, StreamWriter)
+from texbridge.bridge._shmfile import ShmEndpoint, ShmLink
+
+SIZE = 8 << 20
+FMT = StreamFormat(64, 32, "rgba8")
+
+
+def pair(buf: object = None, **kw: object) -> tuple[ShmLink, ShmLink, ShmEndpoint, ShmEndpoint]:
+    """Both ends in this process over one buffer (the heartbeat threads run; establishing needs a beat)."""
+    buf = buf if buf is not None else bytearray(SIZE)
+    srv = ShmEndpoint(buf, "serve", label="host", **kw)  # type: ignore[arg-type]
+    jn = ShmEndpoint(buf, "join", label="guest", **kw)  # type: ignore[arg-type]
+    assert srv.establish(0) is None
+    j = None
+    deadline = time.monotonic() + 5
+    while j is None and time.monotonic() < deadline:
+        j = jn.establish(0.05)
+    s = srv.establish(1)
+    assert j is not None and s is not None
+    return s, j, srv, jn
+
+
+@pytest.fixture
+def ends():
+    s, j, srv, jn = pair()
+    yield s, j
+    jn.close()
+    srv.close()
+
+
+def frame_of(fmt: StreamFormat, n: int) -> np.ndarray:
+    """A frame whose every byte depends on its number and position (pixel-exact checks)."""
+    h, rb = fmt.height, fmt.row_bytes
+    return ((np.arange(h * rb, dtype=np.uint32).reshape(h, rb) * 7 + n * 13) % 251).astype(np.uint8)
+
+
+def send(w: StreamWriter, fmt: StreamFormat, n: int, **meta: object) -> None:
+    view = w.begin()
+    view[...] = frame_of(fmt, n)
+    w.commit(FrameMeta(n, **meta))  # type: ignore[arg-type]
+
+
+def take(r: StreamReader, after: int = 0):  # type: ignore[no-untyped-def]
+    return r.read(lambda v, m: (v.copy(), m), after)
+
+
+# -- the seam ---------------------------------------------------------------------------------------------------------
+def test_implements_the_seam(ends):
+    s, j = ends
+    assert isinstance(s, Link) and isinstance(j, Link)
+    assert isinstance(ShmEndpoint(bytearray(SIZE), "join"), Endpoint)
+    w = s.open_writer(1, FMT)
+    r = j.open_reader(1, FMT)
+    assert isinstance(w, StreamWriter) and isinstance(r, StreamReader)
+    assert (s.peer_label, j.peer_label) == ("guest", "host")
+
+
+def test_messages_both_ways_in_order(ends):
+    s, j = ends
+    for i in range(300):  # more than the ring holds at once in bytes: wraps around
+        s.send({"op": "announce", "i": i, "pad": b"x" * 900})
+        if i % 50 == 49:
+            got = j.receive()
+            assert [m["i"] for m in got] == list(range(i - 49, i + 1))
+    j.send({"op": "back", "data": [1, 2, 3]})
+    assert s.receive() == [{"op": "back", "data": [1, 2, 3]}]
+    assert s.receive() == []
+
+
+def test_message_limits_are_local_errors(ends):
+    from texbridge._errors import InvalidArgument
+
+    s, _ = ends
+    with pytest.raises(InvalidArgument, match="at most"):
+        s.send({"big": b"x" * MAX_MESSAGE})
+    with pytest.raises(InvalidArgument, match="msgpack"):
+        s.send({"x": object()})
+    assert s.alive
+
+
+def test_frames_pixel_exact_with_meta(ends):
+    s, j = ends
+    w = s.open_writer(5, FMT)
+    r = j.open_reader(5, FMT)
+    assert take(r) is None  # nothing yet
+    send(w, FMT, 1, timestamp_ns=42, damage=((1, 2, 3, 4),), user_data=b"hello")
+    view, meta = take(r)
+    assert np.array_equal(view, frame_of(FMT, 1))
+    assert meta == FrameMeta(1, 42, ((1, 2, 3, 4),), b"hello")
+    assert take(r, after=1) is None  # nothing newer
+    # the other direction, at once
+    w2 = j.open_writer(5, FMT)
+    r2 = s.open_reader(5, FMT)
+    send(w2, FMT, 9)
+    assert np.array_equal(take(r2)[0], frame_of(FMT, 9))
+
+
+def test_newest_frame_wins(ends):
+    s, j = ends
+    w = s.open_writer(0, FMT)
+    r = j.open_reader(0, FMT)
+    for n in range(1, 8):
+        send(w, FMT, n)
+    view, meta = take(r)
+    assert meta.frame == 7 and np.array_equal(view, frame_of(FMT, 7))
+    assert j.stats().frames_in == 1
+
+
+def test_file_too_small_names_the_size(tmp_path):
+    with pytest.raises(BridgeError, match=r"too small for 3840x2160 frames .* a file of 268435456 bytes \(256 MiB\)"):
+        ShmEndpoint(tmp_path / "f", "serve", size=64 << 20, max_frame=(3840, 2160)).establish(0)
+    s, j, srv, jn = pair(bytearray(SIZE))
+    try:
+        with pytest.raises(BridgeError, match=r"too small: stream 3 \(1920x1080 rgba8, 3 slots\).*\(64 MiB\)"):
+            s.open_writer(3, StreamFormat(1920, 1080, "rgba8"))
+    finally:
+        jn.close()
+        srv.close()
+
+
+# -- sizing, VM arguments, discovery ----------------------------------------------------------------------------------
+def test_size_for_keeps_looking_glass_floor_and_powers_of_two():
+    assert iv.looking_glass_size(1920, 1080) == 7680 * 1080 * 3 + (4 << 20)  # LG: 32 MiB at 1080p
+    s1080, s4k = iv.size_for(1920, 1080), iv.size_for(3840, 2160)
+    for s, w, h in ((s1080, 1920, 1080), (s4k, 3840, 2160)):
+        assert s & (s - 1) == 0
+        lay = L.Layout.for_size(s)
+        assert lay.area_size >= max(iv.looking_glass_size(w, h), L.stream_bytes(StreamFormat(w, h, "rgba8")))
+    assert (s1080, s4k) == (64 << 20, 256 << 20)
+    # tiny frames: Looking Glass's 4 MiB extra per direction + our tables (~1 MiB) -> the next power of two
+    assert iv.size_for(64, 64) == 16 << 20
+
+
+def test_vm_args_and_default_path():
+    text = iv.vm_args("/dev/shm/texbridge-x", 64)
+    assert ("-object memory-backend-file,id=texbridge,mem-path=/dev/shm/texbridge-x,size=64M,share=on "
+            "-device ivshmem-plain,memdev=texbridge") in text
+    assert "<shmem name='texbridge-x'>" in text and "<size unit='M'>64</size>" in text
+    assert "qemu:commandline" in iv.vm_args("/srv/f", 32)
+    assert iv.default_path("studio") == "/dev/shm/texbridge-studio"
+
+
+def test_find_ivshmem_in_sysfs(tmp_path):
+    with pytest.raises(BridgeError, match="no ivshmem device"):
+        iv.find_ivshmem(str(tmp_path))
+    for addr, vendor, device in (("0000:00:02.0", "0x1af4", "0x1000"), ("0000:00:04.0", "0x1af4", "0x1110")):
+        d = tmp_path / addr
+        d.mkdir()
+        (d / "vendor").write_text(vendor + "\n")
+        (d / "device").write_text(device + "\n")
+        (d / "resource2").write_bytes(b"")
+    assert iv.find_ivshmem(str(tmp_path)) == str(tmp_path / "0000:00:04.0" / "resource2")
+
+
+def test_remove(tmp_path):
+    f = tmp_path / "f"
+    assert iv.remove(str(f)) is False
+    ep = ShmEndpoint(f, "serve", size=SIZE)
+    ep.establish(0)
+    with pytest.raises(BridgeError, match="is serving"):
+        iv.remove(str(f))
+    ep.close()
+    assert iv.remove(str(f)) is True and not f.exists()
+
+
+# -- two processes ----------------------------------------------------------------------------------------------------
+PEER = textwrap.dedent("""
+    import sys, time, numpy as np
+    from texbridge.bridge._shmfile import ShmEndpoint
+    from texbridge.bridge._link import StreamFormat, FrameMeta
+    path, role, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    ep = ShmEndpoint(path, role, size=%(size)d, label="peer-" + role)
+    link = None
+    while link is None:
+        link = ep.establish(1.0)
+    print("linked", flush=True)
+    fmt = StreamFormat(%(w)d, %(h)d, "rgba8")
+    if mode == "echo":  # read stream 1, send back frame + 1 on stream 2, until told to stop
+        r = link.open_reader(1, fmt); w = link.open_writer(2, fmt); last = 0
+        while True:
+            link.wait(0.5)
+            if any(m.get("op") == "stop" for m in link.receive()):
+                break
+            got = r.read(lambda v, m: (v.copy(), m), last)
+            if got is not None:
+                last = got[1].frame
+                out = w.begin(); out[...] = got[0] + 1; w.commit(FrameMeta(last, user_data=got[1].user_data))
+        link.send({"op": "bye"})
+    elif mode == "idle":
+        while True:
+            time.sleep(1)
+    link.close(); ep.close()
+""")
+
+
+def spawn(tmp_path: Path, path: Path, role: str, mode: str, fmt: StreamFormat = FMT) -> subprocess.Popen:
+    script = tmp_path / "peer.py"
+    script.write_text(PEER % {"size": SIZE, "w": fmt.width, "h": fmt.height})
+    return subprocess.Popen([sys.executable, str(script), str(path), role, mode], stdout=subprocess.PIPE, text=True)
+
+
+def establish(ep: ShmEndpoint, within: float = 10) -> ShmLink:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        link = ep.establish(0.2)
+        if link is not None:
+            return link
+    raise AssertionError(f"no link within {within} s: {ep.last_problem}")
+
+
+def test_two_processes_echo_pixel_exact(tmp_path):
+    path = tmp_path / "shm"
+    peer = spawn(tmp_path, path, "join", "echo")  # join may start first: it waits for the file
+    ep = ShmEndpoint(path, "serve", size=SIZE, label="host")
+    try:
+        link = establish(ep)
+        assert link.peer_label == "peer-join"
+        w, r = link.open_writer(1, FMT), link.open_reader(2, FMT)
+        for n in range(1, 21):
+            send(w, FMT, n, user_data=b"n%d" % n)
+            got, deadline = None, time.monotonic() + 5
+            while got is None and time.monotonic() < deadline:
+                link.wait(0.1)
+                got = r.read(lambda v, m: (v.copy(), m), n - 1)
+            assert got is not None, f"frame {n} not echoed"
+            assert got[1].frame == n and got[1].user_data == b"n%d" % n
+            assert np.array_equal(got[0], frame_of(FMT, n) + 1)
+        link.send({"op": "stop"})
+        deadline = time.monotonic() + 5
+        msgs: list = []
+        while not msgs and time.monotonic() < deadline:
+            link.wait(0.1)
+            msgs = link.receive()
+        assert msgs == [{"op": "bye"}]
+        assert peer.wait(10) == 0
+    finally:
+        peer.kill()
+        ep.close()
