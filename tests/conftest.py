@@ -96,3 +96,16 @@ def spawn_py(code: str, *args: str, **kw) -> subprocess.Popen:
 def raw_socket():
     """A connected socket to the running broker, without the client library (for malformed input)."""
     return connect_socket(autostart=False)
+
+
+def assert_unguessable(handles: list[int]) -> None:
+    """64-bit handles drawn at random: distinct, every bit both set and clear somewhere, no common stride, no
+    small values. (For n random handles, a given bit is constant with probability 2**(1-n).)"""
+    n = len(handles)
+    assert len(set(handles)) == n
+    for bit in range(64):
+        ones = sum((h >> bit) & 1 for h in handles)
+        assert 0 < ones < n, f"bit {bit} is the same in all {n} handles: {[hex(h) for h in handles[:4]]}..."
+    steps = {b - a for a, b in zip(handles, handles[1:])}
+    assert len(steps) > n // 2, "handles follow a pattern"
+    assert min(handles) > 1 << 32, "a handle small enough to guess"

@@ -20,7 +20,7 @@ from texbridge._sharedmem import create_sealed
 from texbridge._protocol import MAX_FRAME, VERSION
 from texbridge._seqpacket import recv_frame, send_frame
 
-from conftest import fd_count, raw_socket, run_py, spawn_py, wait_until
+from conftest import assert_unguessable, fd_count, raw_socket, run_py, spawn_py, wait_until
 
 PATTERN = "np.arange(h * w * 4, dtype=np.uint32).astype(np.uint8).reshape(h, w, 4) ^ 0x5A"
 
@@ -42,6 +42,18 @@ def test_two_processes_share_a_texture_pixel_exact(session):
     """)
     assert tuple(tex.numpy()[10, 20]) == (1, 2, 3, 4)
     assert tex.descriptor.row_pitch % 256 == 0 and tex.numpy().strides[0] == tex.descriptor.row_pitch
+
+
+def test_handles_a_real_broker_hands_out_are_unguessable(session):
+    """The broker's handles, not Handle.new(): a client must not reach a resource by guessing the next handle."""
+    handles = []
+    for _ in range(48):
+        buf = session.create_buffer(64)
+        handles.append(buf.handle.value)
+        buf.close()  # retired at once: a counter restarting at the lowest free value would show too
+    assert_unguessable(handles)
+    with texbridge.connect() as other:
+        assert_unguessable([other.create_buffer(64).handle.value for _ in range(48)])
 
 
 def test_buffer_is_a_flat_uint8_view(session):
@@ -146,15 +158,15 @@ def _zombie(pid):
         return True
 
 
-def _as_user(uid: int, fn) -> str:
-    """Run fn() in a forked child with dropped privileges; returns what it reported."""
+def _as_user(uid: int, fn, gid: int | None = None) -> str:
+    """Run fn() in a forked child with dropped privileges (gid defaults to uid); returns what it reported."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(r)
             os.setgroups([])
-            os.setgid(uid)
+            os.setgid(uid if gid is None else gid)
             os.setuid(uid)
             out = fn()
         except BaseException as e:  # report anything, never return into pytest
@@ -197,6 +209,59 @@ def test_other_uid_is_refused(monkeypatch):
     finally:
         import shutil
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become a user whose gid differs from its uid")
+def test_admission_goes_by_uid_never_gid(monkeypatch):
+    """SO_PEERCRED gives pid, uid and gid: a client with an allowed uid and another gid is admitted; a client whose
+    gid (not uid) is the allowed number is refused. Both ways, so swapping the two fields cannot pass."""
+    base = tempfile.mkdtemp(prefix="tb-gid-")
+    os.chmod(base, 0o711)
+    monkeypatch.setenv("TEXBRIDGE_RUNTIME_DIR", os.path.join(base, "run"))
+    monkeypatch.setenv("TEXBRIDGE_NAMESPACE", "gidtest")
+    try:
+        run_py("import texbridge._launch as l; l.start_broker(extra_args=['--allow-uid', '23456'])")
+        assert _as_user(23456, _try_connect, gid=34567).startswith("connected")
+        denied = _as_user(34567, _try_connect, gid=23456)
+        assert denied.startswith("AccessDenied") and "uid 34567" in denied, denied
+        with texbridge.connect(autostart=False) as s:
+            s._channel.request(texbridge._protocol.Op.SHUTDOWN, {})
+    finally:
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+
+
+_IN_USER_NAMESPACE = """
+    import ctypes, os, socket, sys
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER, while single-threaded
+        print("SKIP unshare(CLONE_NEWUSER): " + os.strerror(ctypes.get_errno()))
+        sys.exit(0)
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"1000 {outer_uid} 1"),
+                       ("/proc/self/gid_map", f"2000 {outer_gid} 1")):
+        with open(path, "w") as f:
+            f.write(text)
+    assert (os.getuid(), os.getgid()) == (1000, 2000)
+    from texbridge._broker import server
+    from texbridge._broker.registry import Policy, Registry
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    assert server.peer_credentials(a) == (os.getpid(), 1000, 2000), server.peer_credentials(a)
+    for broker_uid in (1000, 2000):
+        srv = server.BrokerServer(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET),
+                                  Registry(policy=Policy(broker_uid=broker_uid)), idle_timeout=None,
+                                  max_connections=8)
+        peer = srv._admit(a)
+        print(broker_uid, peer.uid, dict(srv._per_uid), type(peer.refusal).__name__, flush=True)
+"""
+
+
+def test_peer_credentials_are_read_in_ucred_order_without_root():
+    """In a user namespace the test's process is uid 1000 and gid 2000 (no root needed): SO_PEERCRED must read as
+    exactly that, and the server must admit it under a broker of uid 1000 and refuse it under one of uid 2000."""
+    out = run_py(_IN_USER_NAMESPACE).stdout
+    if out.startswith("SKIP"):
+        pytest.skip(f"needs unprivileged user namespaces ({out[5:].strip()})")
+    assert out.splitlines() == ["1000 1000 {1000: 1} NoneType", "2000 1000 {1000: 1} AccessDenied"], out
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .._errors import (AccessDenied, BrokerBusy, LocalProtocolError, NotFound, QuotaExceeded, RemoteProtocolError,
                        TexbridgeError)
@@ -36,6 +37,19 @@ _UCRED = struct.Struct("3i")
 _KEEPER_CHECK = 0.5  # seconds between checks that the fd keepers are alive
 _REFUSED_EXTRA = 16  # connections over a uid's limit still answered (with the refusal) before they are just closed
 _FD_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Credentials(NamedTuple):
+    """A connection's SO_PEERCRED: struct ucred is {pid, uid, gid}, in that order. Admission goes by uid only."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Credentials:
+    """Who is at the other end of `sock` (as the kernel saw it at connect time, in this process's namespaces)."""
+    return Credentials(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
 
 
 def connection_limit() -> int:
@@ -197,7 +211,8 @@ class BrokerServer:
 
     def _admit(self, sock: socket.socket, refusal: TexbridgeError | None = None) -> _Peer | None:
         sock.setblocking(False)
-        pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        creds = peer_credentials(sock)
+        pid, uid = creds.pid, creds.uid
         held = self._per_uid[uid]
         if refusal is None and held >= self.max_connections:
             if held >= self.max_connections + _REFUSED_EXTRA:
