@@ -56,6 +56,47 @@ def test_valid_texture_round_trips_through_wire_form():
     assert parse_d3d11_texture_desc(d.runtime_private)["Format"] == 28
 
 
+# DXGI_FORMAT values from dxgiformat.h, written out here rather than read from the format table under test.
+DXGI = {"rgba8": 28, "rgba8_srgb": 29, "bgra8": 87, "bgra8_srgb": 91, "rgb10a2": 24, "rgba16": 11, "rgba16f": 10,
+        "rgba32f": 2, "r8": 61, "rg8": 49, "r16": 56, "r16f": 54, "rg16f": 34, "r32f": 41, "rg32f": 16, "r32ui": 42}
+D3D11_FIELDS = ("Width", "Height", "MipLevels", "ArraySize", "Format", "SampleCount", "SampleQuality", "Usage",
+                "BindFlags", "CPUAccessFlags", "MiscFlags")
+
+
+def d3d11_fields(blob: bytes) -> dict[str, int]:
+    """D3D11_TEXTURE2D_DESC read by offset (11 little-endian UINTs, SampleDesc inlined), not by the parser."""
+    assert len(blob) == 44
+    return {name: int.from_bytes(blob[4 * i:4 * i + 4], "little") for i, name in enumerate(D3D11_FIELDS)}
+
+
+def expected_d3d11(width, height, fmt, mips=1, layers=1, keyed_mutex=False) -> dict[str, int]:
+    # BindFlags: SHADER_RESOURCE 0x8 | RENDER_TARGET 0x20. MiscFlags: SHARED_NTHANDLE 0x800 plus SHARED 0x2, or
+    # SHARED_KEYEDMUTEX 0x100 instead (D3D11 refuses both together).
+    return {"Width": width, "Height": height, "MipLevels": mips, "ArraySize": layers, "Format": DXGI[fmt],
+            "SampleCount": 1, "SampleQuality": 0, "Usage": 0, "BindFlags": 0x28, "CPUAccessFlags": 0,
+            "MiscFlags": 0x800 | (0x100 if keyed_mutex else 0x2)}
+
+
+def test_every_format_has_its_dxgi_value():
+    assert {name: f.dxgi for name, f in FORMATS.items()} == DXGI
+
+
+@pytest.mark.parametrize("fmt", sorted(DXGI))
+@pytest.mark.parametrize("mips, layers, keyed", [(1, 1, False), (5, 6, True), (3, 1, False), (1, 4, True)])
+def test_d3d11_description_has_every_field(fmt, mips, layers, keyed):
+    blob = d3d11_texture_desc(123, 45, fmt, mip_levels=mips, array_size=layers, keyed_mutex=keyed)
+    assert d3d11_fields(blob) == expected_d3d11(123, 45, fmt, mips, layers, keyed)
+    assert parse_d3d11_texture_desc(blob) == d3d11_fields(blob)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_memfd_textures_carry_their_d3d11_description(session, keyed):
+    with session.create_texture(77, 33, "bgra8", keyed_mutex=keyed) as t:
+        assert d3d11_fields(t.descriptor.runtime_private) == expected_d3d11(77, 33, "bgra8", keyed_mutex=keyed)
+        with session.open(t.handle) as other:  # and it reaches an importer unchanged
+            assert other.descriptor.runtime_private == t.descriptor.runtime_private
+
+
 @pytest.mark.parametrize("changes, match", [
     (dict(width=0), "width"), (dict(height=-1), "height"), (dict(width=1 << 20), "width"),
     (dict(format="nope"), "unknown format"), (dict(size=0), "size"), (dict(size=1 << 62), "size"),

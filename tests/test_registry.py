@@ -15,6 +15,8 @@ from texbridge._sharedmem import F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK
 from texbridge._protocol import MAX_FRAME, MAX_NAME, VERSION, Message, Op, encode
 from texbridge import AccessDenied
 
+from conftest import assert_unguessable
+
 SEALED = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
 PITCH, SIZE = texture_layout(64, 64, "rgba8")
 TEX = Descriptor(kind="texture2d", size=SIZE, width=64, height=64, format="rgba8", planes=((0, PITCH),)).to_wire()
@@ -149,6 +151,31 @@ def test_quotas():
     w.err(w.register(1, name="b")[1], "quota_exceeded")
     w.ok(w.register(1)[1])
     w.err(w.register(1)[1], "quota_exceeded")
+
+
+def test_a_registry_draws_its_handles_at_random():
+    """Without a handle source given (the daemon gives none), REGISTER's handles are random 64-bit values."""
+    w = World()
+    w.connect(1)
+    assert_unguessable([w.ok(w.register(1)[1])["handle"] for _ in range(48)])
+
+
+def test_open_counts_against_the_resource_quota():
+    """Opening is taking a reference like registering: a client at its quota cannot open past it (else it could
+    reach any number of resources by having another client register them), yet may re-open what it holds."""
+    w = World(quotas=Quotas(resources=2))
+    w.connect(1), w.connect(2), w.connect(3)
+    handles = [w.ok(w.register(cid)[1])["handle"] for cid in (1, 1, 3)]  # others register, within their quotas
+    w.ok(w.call(2, Op.OPEN, handle=handles[0]))
+    w.ok(w.call(2, Op.OPEN, handle=handles[1]))
+    refused = w.call(2, Op.OPEN, handle=handles[2])
+    w.err(refused, "quota_exceeded")
+    assert refused.fds == () and handles[2] not in w.reg.clients[2].refs
+    assert w.reg.resources[handles[2]].refs == 1, "a refused OPEN took no reference"
+    w.ok(w.call(2, Op.OPEN, handle=handles[0]))  # one more reference to a resource it holds: no new resource
+    assert w.reg.clients[2].refs == {handles[0]: 2, handles[1]: 1}
+    w.ok(w.call(2, Op.CLOSE, handle=handles[1]))
+    w.ok(w.call(2, Op.OPEN, handle=handles[2]))  # room again
 
 
 def test_watchers_get_events():

@@ -184,13 +184,17 @@ def test_a_reader_skips_a_slot_being_written_and_one_holding_another_frame() -> 
 
 
 def test_abort_leaves_no_frame_and_moves_the_sequence() -> None:
+    """Also when the slot held an older frame: a reader that read `latest` long ago and names that frame must not
+    find it in a half-written slot whose sequence is even again."""
     ring = Ring()
-    ring.send(1)
+    for value in (1, 2, 3):
+        ring.send(value)
     slot = ring.w.begin()
+    assert int(ring.ctl.u[rg._SLOT_FRAME + slot]) == 1, "begin() should reuse the oldest slot"
     s = seq(ring, slot)
     ring.w.abort(slot)
     assert seq(ring, slot) == s + 1 and not seq(ring, slot) & 1
-    assert int(ring.ctl.u[rg._SLOT_FRAME + slot]) == 0 and ring.w.frame == 1
+    assert int(ring.ctl.u[rg._SLOT_FRAME + slot]) == 0 and ring.w.frame == 3
 
 
 def test_a_new_ring_generation_makes_reads_stale_and_the_layout_is_a_consistent_snapshot() -> None:

@@ -262,6 +262,45 @@ def test_no_torn_frames_large_frames(runtime):
     assert all(a < b for a, b in zip(res["frames"], res["frames"][1:]))
 
 
+class _SendsMidCopy(np.ndarray):
+    """An `out` array whose first np.copyto into it (the receiver's copy of a slot) stops half-way, lets the sender
+    send `sends` frames, then copies the rest: a copy overlapped by writes, at a point the test chooses."""
+
+    def __array_function__(self, func, types, args, kwargs):  # type: ignore[no-untyped-def]
+        if func is np.copyto and self.__dict__.get("sends"):
+            sends, self.sends = self.sends, []
+            dst, src = np.asarray(args[0]), args[1]
+            half = dst.shape[0] // 2
+            dst[:half] = src[:half]
+            for send in sends:
+                send()
+            dst[half:] = src[half:]
+            self.first_copy = dst.copy()
+            return None
+        return super().__array_function__(func, types, args, kwargs)
+
+
+def test_a_copy_overlapped_by_sends_into_every_pinned_slot_is_refused(runtime):
+    """Deterministic torn read through real Senders and Receivers: every slot is pinned (a zero-copy view holds one,
+    the copying receiver the other), so the sender must overwrite pinned slots, and it does so in the middle of the
+    receiver's copy. The torn copy must be dropped and the newer frame read whole."""
+    with texbridge.Sender("torn", 16, 8, buffers=2) as s, texbridge.Receiver("torn") as a, \
+            texbridge.Receiver("torn") as b:
+        s.send(np.full(s.shape, 1, np.uint8))
+        assert _uniform(a.receive(copy=False), 1)  # a pins frame 1's slot
+        s.send(np.full(s.shape, 2, np.uint8))  # the other slot: b will copy it
+        out = np.zeros(s.shape, np.uint8).view(_SendsMidCopy)
+        out.sends = [lambda: s.send(np.full(s.shape, 3, np.uint8)), lambda: s.send(np.full(s.shape, 4, np.uint8))]
+        got = b.receive(out=out)
+        assert s.overwrites == 2, "the risky path (every slot pinned) was not taken"
+        half = s.shape[0] // 2
+        assert _uniform(out.first_copy[:half], 2) and _uniform(out.first_copy[half:], 4), \
+            "the first copy was not torn: the test did not overlap a write"
+        assert got is out and b.frame_number == 4 and _uniform(np.asarray(got), 4), \
+            f"a torn frame was handed over (frame {b.frame_number}, rows {np.asarray(got)[:, 0, 0]})"
+        assert not a.still_valid(), "a's pinned slot was overwritten: its view must say so"
+
+
 def test_receive_semantics_in_process(runtime):
     with texbridge.Sender("sem", 16, 8) as s, texbridge.Receiver("sem") as rx:
         assert rx.receive() is None and not rx.is_new

@@ -16,6 +16,7 @@ from texbridge import FORMATS, Descriptor, IncompatibleDevice, InvalidDescriptor
 from texbridge._errors import BackendError
 
 from conftest import fd_count, run_py, spawn_py
+from test_descriptor import d3d11_fields, expected_d3d11
 
 vulkan_mod = pytest.importorskip("vulkan", reason="the `vulkan` Python package (texbridge[vulkan]) is not installed")
 
@@ -169,7 +170,14 @@ def test_descriptor_records_everything_an_importer_needs(dev):
         if d.memory == "dma_buf":
             assert "drm_modifier" in dp and dp["plane_layouts"]
         assert Descriptor.from_wire(d.to_wire()) == d
-        assert len(d.runtime_private) == 44  # D3D11_TEXTURE2D_DESC
+        assert d3d11_fields(d.runtime_private) == expected_d3d11(100, 50, "rgba16f")
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_d3d11_description_of_a_mipmapped_array_image(dev, keyed):
+    with BACKEND.create_texture(64, 32, "rgba8", mip_levels=4, array_size=3, keyed_mutex=keyed) as t:
+        assert (t.descriptor.mip_levels, t.descriptor.array_size) == (4, 3)
+        assert d3d11_fields(t.descriptor.runtime_private) == expected_d3d11(64, 32, "rgba8", 4, 3, keyed)
 
 
 def test_export_gives_a_new_fd_each_call(dev):
