@@ -178,3 +178,23 @@ class Endpoint(Protocol):
     def describe(self) -> str: ...
 
     def close(self) -> None: ...
+
+
+class Backoff:
+    """Delays between establish() attempts after a link died or a peer was absent: doubling from `first` up to
+    `cap`, ±20 % jitter so two ends do not retry in lockstep; reset() once a link worked. The cap stays small: a
+    restarted peer must be back within 2 s, and establish() itself waits for the peer meanwhile."""
+
+    def __init__(self, first: float = 0.05, cap: float = 0.5) -> None:
+        self.first, self.cap = first, cap
+        self._next = first
+
+    def next(self) -> float:
+        import random
+
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self._next = self.first
