@@ -33,14 +33,16 @@ class MemoryType:
 MEMORY_TYPES: dict[str, MemoryType] = {
     m.name: m
     for m in (
-        MemoryType("memfd", "memfd", ("memfd", "vulkan"), ("memfd",), True,
-                   "sealed shared memory: NumPy sees it without a copy; Vulkan imports it as host memory or stages"),
+        MemoryType("memfd", "memfd", ("memfd", "vulkan", "gl", "cuda"), ("memfd",), True,
+                   "sealed shared memory: NumPy sees it without a copy; Vulkan imports it as host memory or stages, "
+                   "CUDA registers the mapping (cuMemHostRegister), GL keeps an uploaded copy"),
         MemoryType("opaque_fd", "vulkan", ("vulkan", "gl", "cuda"), GPU_FD_KINDS, False,
                    "a driver's opaque memory fd (VK_KHR_external_memory_fd): same driver and device only"),
         MemoryType("dma_buf", "vulkan", ("vulkan",), GPU_FD_KINDS, False,
                    "a Linux dma-buf with an explicit DRM format modifier"),
-        MemoryType("cuda_vmm", "cuda", ("cuda",), GPU_FD_KINDS, False,
-                   "a CUDA virtual-memory allocation exported as a POSIX fd"),
+        MemoryType("cuda_vmm", "cuda", ("cuda", "vulkan", "gl"), GPU_FD_KINDS, False,
+                   "a CUDA virtual-memory allocation exported as a POSIX fd (NVIDIA's Vulkan and GL import it as "
+                   "OPAQUE_FD: pitch-linear rows in a buffer)"),
     )
 }
 

@@ -28,6 +28,7 @@ from .._d3d11 import d3d11_texture_desc
 from .._descriptor import (FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage, align, check_texture_size, private_int,
                            texture_layout)
 from .._errors import BackendError, IncompatibleDevice, InvalidArgument, InvalidDescriptor
+from .._fdinfo import inspect_fd
 from .._formats import Format, get_format
 from .._memory_types import check_importer
 from .._resources import Resource
@@ -321,6 +322,7 @@ class CUDAResource(Resource):
         self._cai_exported = False
         self._free_pending = False
         self._scratch_ptr = 0
+        self._host: Any = None  # memfd imports: (mmap, its ctypes anchor, address) registered with cuMemHostRegister
 
     # -- addresses and layout ------------------------------------------------------------------------------------
     @property
@@ -629,6 +631,7 @@ class CUDAResource(Resource):
         ext_mem, self._ext_mem = self._ext_mem, None
         vmm, self._vmm_handle = self._vmm_handle, None
         scratch, self._scratch_ptr = self._scratch_ptr, 0
+        host, self._host = self._host, None
         with self.device:
             # Nothing queued may still touch the memory: our stream, and the legacy stream (which waits for all
             # blocking streams, torch's default included).
@@ -640,6 +643,8 @@ class CUDAResource(Resource):
                     check(cu.cuMemFree(scratch), "cuMemFree")
                 if vmm is not None:
                     _unmap(ptr, self._mapped_size, vmm)
+                elif host is not None:
+                    check(cu.cuMemHostUnregister(host[2]), "cuMemHostUnregister")
                 else:
                     if ptr:
                         check(cu.cuMemFree(ptr), "cuMemFree")
@@ -757,7 +762,8 @@ class CUDABackend:
         d = descriptor
         if fds.get(FD_MEMORY) < 0:
             raise InvalidDescriptor("import needs the memory fd")
-        check_importer(d.memory, "cuda")
+        if check_importer(d.memory, "cuda").host_mappable:
+            return _import_host(get_device(device, device_uuid), d, fds)
         if d.kind not in ("texture2d", "buffer"):
             raise InvalidDescriptor(f"the cuda backend cannot import a {d.kind}")
         if len(d.device_uuid) != 16:
@@ -878,6 +884,39 @@ def _import_vmm(dev: CudaDevice, d: Descriptor, fd: int) -> CUDAResource:
         with close_on_error(lambda: cu.cuMemRelease(handle)):
             ptr = _map(dev, handle, size)
     return CUDAResource(d, dev, ptr=ptr, pitch=pitch, vmm_handle=handle, mapped_size=size, exportable=True)
+
+
+def _import_host(dev: CudaDevice, d: Descriptor, fds: OwnedFds) -> CUDAResource:
+    """memfd → CUDA with no staging copy: the shared pages are mapped, page-locked and mapped into the device's
+    address space (cuMemHostRegister DEVICEMAP), so kernels and copies read and write the very pages NumPy sees,
+    over the bus. .device_ptr / DLPack point at them. The fd closes with `fds` (the mapping keeps the pages)."""
+    import ctypes
+    import mmap
+
+    if d.kind not in ("texture2d", "buffer") or d.mip_levels != 1 or d.array_size != 1:
+        raise InvalidDescriptor("the cuda backend maps memfd textures (one mip, one layer) and buffers")
+    facts = inspect_fd(fds.get(FD_MEMORY))
+    if not facts.size_sealed or facts.size < d.required_size():
+        raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")
+    mm = mmap.mmap(fds.get(FD_MEMORY), facts.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    anchor = ctypes.c_char.from_buffer(mm)  # pins the mmap (it cannot close under the registration)
+    addr = ctypes.addressof(anchor)
+    size = align(facts.size, mmap.PAGESIZE)  # the kernel maps whole pages; registration is by page
+
+    def unmap() -> None:
+        nonlocal anchor
+        del anchor
+        mm.close()
+
+    with close_on_error(unmap), dev:
+        flags = getattr(cu, "CU_MEMHOSTREGISTER_DEVICEMAP", 2) | getattr(cu, "CU_MEMHOSTREGISTER_PORTABLE", 1)
+        check(cu.cuMemHostRegister(addr, size, flags), "cuMemHostRegister")
+        with close_on_error(lambda: cu.cuMemHostUnregister(addr)):
+            ptr = int(check(cu.cuMemHostGetDevicePointer(addr, 0), "cuMemHostGetDevicePointer"))
+    offset = d.offset if d.kind == "texture2d" else 0
+    res = CUDAResource(d, dev, ptr=ptr + offset, pitch=d.row_pitch if d.kind == "texture2d" else 0)
+    res._host = (mm, anchor, addr)
+    return res
 
 
 def _import_opaque(dev: CudaDevice, d: Descriptor, fds: OwnedFds) -> CUDAResource:

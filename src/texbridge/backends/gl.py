@@ -38,7 +38,9 @@ from OpenGL.raw.GL.VERSION import GL_4_3 as _gl43  # noqa: E402
 from .._descriptor import FD_MEMORY, FD_SEMAPHORE, Descriptor, Usage  # noqa: E402
 from .._errors import (BackendError, IncompatibleDevice, InvalidArgument, InvalidDescriptor,  # noqa: E402
                        TexbridgeError)
+from .._fdinfo import inspect_fd  # noqa: E402
 from .._formats import Format, get_format  # noqa: E402
+from .._sharedmem import SharedMapping  # noqa: E402
 from .._memory_types import check_importer  # noqa: E402
 from .._resources import Resource  # noqa: E402
 from . import _egl  # noqa: E402
@@ -205,6 +207,13 @@ class GLResource(Resource):
         self._gl_semaphore: GLSemaphore | None = None  # the same, imported into GL (GL_NV_timeline_semaphore)
         self._fbo = 0
         self._moderngl: Any = None
+        self._host_map: SharedMapping | None = None  # memfd imports: the pages this texture is a copy of
+        self.zero_copy = True  # False for memfd imports (an uploaded copy: sync_to_image / sync_to_host)
+
+    @property
+    def pitched(self) -> bool:
+        """A texture whose memory is pitch-linear rows (cuda_vmm): GL sees it as .buffer, read with the row pitch."""
+        return self.descriptor.kind == "texture2d" and bool(self.buffer)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -342,11 +351,21 @@ class GLResource(Resource):
         size and a compatible format. Complete when it returns (a fence wait): a receiver re-checks the slot's
         sequence after it, so a copy the sender overlapped is retried, never shown."""
         self._check_open()
-        if not self.texture:
-            raise BackendError("copy_to copies textures; this GL resource is a buffer")
         name, target = texture_name(dst)
         d = self.descriptor
         self.context.enter()
+        if self.pitched:  # rows in a buffer: unpack them into the texture on the GPU (a pixel-unpack buffer)
+            fmt = self.format
+            with gl_errors("glTexSubImage2D from a pixel-unpack buffer"), _pixel_store(), \
+                    _bound_texture(target, name):
+                GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, d.row_pitch // fmt.bytes_per_pixel)
+                GL.glBindBuffer(GL.GL_PIXEL_UNPACK_BUFFER, self.buffer)
+                _gl11.glTexSubImage2D(target, 0, 0, 0, d.width, d.height, fmt.gl_format, fmt.gl_type,
+                                      ctypes.c_void_p(d.offset))
+            finish()
+            return
+        if not self.texture:
+            raise BackendError("copy_to copies textures; this GL resource is a buffer")
         with gl_errors("glCopyImageSubData"):
             _gl43.glCopyImageSubData(self.texture, self.target, 0, 0, 0, 0, name, target, 0, 0, 0, 0,
                                      d.width, d.height, 1)
@@ -359,11 +378,20 @@ class GLResource(Resource):
         this resource's keyed mutex, release() orders it (semaphore signal or glFinish), so a flush is enough."""
         self._check_open()
         self.context.enter()
+        if self.pitched:
+            rows = np.zeros((self.descriptor.height, self.descriptor.row_pitch), np.uint8)
+            rows[:, :self.descriptor.width * self.format.bytes_per_pixel] = \
+                np.ascontiguousarray(self._check_frame(array)).view(np.uint8).reshape(self.descriptor.height, -1)
+            self._buffer_upload(rows.reshape(-1))
+            self._uploaded()
+            return
         if self.buffer:
             self._buffer_upload(self._check_bytes(array))
             self._uploaded()
             return
         data = self._texture_array(array)
+        if self._host_map is not None and not np.may_share_memory(data, self._host_view()):
+            self._host_view()[...] = data  # a memfd import: the shared pages are the truth, the texture a copy
         d, fmt = self.descriptor, self.format
         with gl_errors("glTexSubImage"), _pixel_store(), _bound_texture(self.target, self.texture):
             if self.target == GL.GL_TEXTURE_2D:
@@ -385,6 +413,12 @@ class GLResource(Resource):
         self._check_open()
         self.context.enter()
         d, caps = self.descriptor, self.context.caps
+        if self.pitched:
+            raw = np.empty(d.offset + d.row_pitch * d.height, np.uint8)
+            self._buffer_download(raw)
+            fmt = self.format
+            rows = raw[d.offset:].reshape(d.height, d.row_pitch)[:, :d.width * fmt.bytes_per_pixel]
+            return np.ascontiguousarray(rows).view(fmt.numpy_dtype).reshape(self.shape)
         if self.buffer:
             out = np.empty(self.shape, np.uint8)
             self._buffer_download(out)
@@ -407,6 +441,25 @@ class GLResource(Resource):
                 finally:
                     GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, prev)
         return out
+
+    # -- memfd imports (an uploaded copy of the shared pages) ------------------------------------------------------
+    def _host_view(self) -> np.ndarray:
+        d, fmt = self.descriptor, self.format
+        assert self._host_map is not None
+        return self._host_map.array(self.shape, fmt.numpy_dtype, offset=d.offset,
+                                    strides=(d.row_pitch, fmt.bytes_per_pixel, fmt.numpy_dtype.itemsize))
+
+    def sync_to_image(self) -> None:
+        """memfd → texture after CPU writes to the shared pages (memfd imports only; a no-op otherwise)."""
+        self._check_open()
+        if self._host_map is not None:
+            self.upload(self._host_view())
+
+    def sync_to_host(self) -> None:
+        """texture → memfd after GL writes (memfd imports only; a no-op otherwise)."""
+        self._check_open()
+        if self._host_map is not None:
+            self._host_view()[...] = self.download()
 
     def _texture_array(self, array: np.ndarray) -> np.ndarray:
         d = self.descriptor
@@ -458,6 +511,9 @@ class GLResource(Resource):
         producer, self._producer = self._producer, None
         host_sem, self._host_semaphore = self._host_semaphore, None
         gl_sem, self._gl_semaphore = self._gl_semaphore, None
+        host_map, self._host_map = self._host_map, None
+        if host_map is not None:
+            host_map.close()  # views of it (none handed out) would keep it alive
         try:
             if host_sem is not None:
                 host_sem.destroy()
@@ -571,6 +627,8 @@ class GLBackend:
                 raise TypeError(f"gl backend import takes no options: {', '.join(options)}")
             if owned.get(FD_MEMORY) < 0:
                 raise InvalidDescriptor("no memory fd to import")
+            if check_importer(descriptor.memory, "gl").host_mappable:
+                return self._import_memfd(descriptor, owned, context)
             res = self._import(descriptor, owned, context, None)
             sem_fd = owned.take_one(FD_SEMAPHORE)
             if sem_fd >= 0:
@@ -591,7 +649,11 @@ class GLBackend:
         priv = descriptor.driver_private
         alloc_size = int(priv.get("allocation_size", descriptor.size))
         offset = int(priv.get("offset", 0))
-        if descriptor.kind == "texture2d":
+        pitched = descriptor.memory == "cuda_vmm"  # pitch-linear rows: seen as a buffer (see GLResource.pitched)
+        if pitched and descriptor.kind == "texture2d" and (len(descriptor.planes) != 1 or descriptor.mip_levels != 1
+                                                            or descriptor.array_size != 1):
+            raise InvalidDescriptor("a cuda_vmm texture is one pitch-linear plane")
+        if descriptor.kind == "texture2d" and not pitched:
             fmt = get_format(descriptor.format)
             tiling = _tiling(descriptor)
         drain_errors()
@@ -607,7 +669,7 @@ class GLBackend:
             with gl_errors("glImportMemoryFdEXT"):
                 _mofd.glImportMemoryFdEXT(memory, alloc_size, GL_HANDLE_TYPE_OPAQUE_FD_EXT, fds.get(FD_MEMORY))
             fds.take(FD_MEMORY)  # a successful import transfers the fd to GL
-            if descriptor.kind == "buffer":
+            if descriptor.kind == "buffer" or pitched:
                 buf = int(GL.glGenBuffers(1))
                 gl_size = _gl_buffer_size(descriptor)
                 try:
@@ -647,6 +709,36 @@ class GLBackend:
                                    "exported, or exported by another device)")
         return GLResource(descriptor, ctx, memory_object=memory, texture=tex, buffer=buf, target=target,
                           producer=producer)
+
+    def _import_memfd(self, d: Descriptor, fds: OwnedFds, context: Any) -> GLResource:
+        """memfd → GL: GL cannot import CPU memory, so the texture is a GL-owned copy of the mapped pages, uploaded
+        now and by sync_to_image() (sync_to_host() writes it back), as Vulkan's staged memfd path does."""
+        if d.kind != "texture2d" or d.mip_levels != 1 or d.array_size != 1:
+            raise InvalidDescriptor("the gl backend imports memfd textures (one mip, one layer) as an uploaded copy; "
+                                    "map memfd buffers with the memfd backend")
+        facts = inspect_fd(fds.get(FD_MEMORY))
+        if not facts.size_sealed or facts.size < d.required_size():
+            raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")
+        ctx = resolve_context(context)
+        fmt = get_format(d.format)
+        mapping = SharedMapping(fds.get(FD_MEMORY), facts.size)
+        tex = 0
+        with close_on_error(lambda: (_delete_objects(tex), mapping.close())):
+            drain_errors()
+            tex = int(GL.glGenTextures(1))
+            with gl_errors("glTexStorage2D"), _bound_texture(GL.GL_TEXTURE_2D, tex):
+                GL.glTexStorage2D(GL.GL_TEXTURE_2D, 1, fmt.gl_internal, d.width, d.height)
+                GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_MIN_FILTER, GL.GL_LINEAR)
+                GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_MAX_LEVEL, 0)
+                if fmt.gl_swizzle:
+                    for pname, comp in zip((GL.GL_TEXTURE_SWIZZLE_R, GL.GL_TEXTURE_SWIZZLE_G,
+                                            GL.GL_TEXTURE_SWIZZLE_B, GL.GL_TEXTURE_SWIZZLE_A), fmt.gl_swizzle):
+                        GL.glTexParameteri(GL.GL_TEXTURE_2D, pname, _SWIZZLE[comp])
+            res = GLResource(d, ctx, memory_object=0, texture=tex, target=GL.GL_TEXTURE_2D)
+            res._host_map = mapping
+            res.zero_copy = False
+            res.sync_to_image()
+        return res  # the mapping keeps the pages; the fd closes with `fds`
 
     def import_semaphore(self, fd: int, context: Any = None, *, timeline: bool = False) -> GLSemaphore:
         """Import a Vulkan semaphore (OPAQUE_FD) for GPU-side ordering; timeline=True for a timeline semaphore

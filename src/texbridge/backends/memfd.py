@@ -93,7 +93,8 @@ class MemfdBackend:
             if fd < 0:
                 raise InvalidDescriptor("import needs the memory fd")
             _no_options(options)
-            check_importer(descriptor.memory, "memfd")
+            check_importer(descriptor.memory, "memfd", "GPU memory has no CPU mapping: open it with one of those "
+                           "and call .download() for a NumPy copy")
             facts = inspect_fd(fd)
             if not facts.size_sealed or facts.size < descriptor.required_size():
                 raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")

@@ -586,6 +586,8 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
     """OPAQUE_FD / DMA_BUF import of the memory fd, taken from `fds` once Vulkan owns it (a successful
     vkAllocateMemory). Identity is checked first: nothing touches the fd before the UUIDs match."""
     fd = fds.get(FD_MEMORY)
+    if d.memory == "cuda_vmm":
+        return _import_cuda_vmm(dev, d, fds)
     handle_type = HANDLE_OPAQUE_FD if d.memory == "opaque_fd" else HANDLE_DMA_BUF
     if handle_type == HANDLE_OPAQUE_FD:
         if len(d.driver_uuid) != 16 or len(d.device_uuid) != 16:
@@ -669,6 +671,39 @@ def _import_fd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResourc
             check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
     return VulkanResource(d, dev, image=image, buffer=buf, memory=mem, handle_type=handle_type,
                           layout=vk.VK_IMAGE_LAYOUT_GENERAL)
+
+
+def _import_cuda_vmm(dev: VulkanDevice, d: Descriptor, fds: OwnedFds) -> VulkanResource:
+    """A CUDA VMM allocation's POSIX fd imported as OPAQUE_FD (NVIDIA: the same driver's memory). Its textures are
+    pitch-linear rows, which no VkImage here is guaranteed to match, so the memory is seen as a VkBuffer and the
+    texture is read through the descriptor's row pitch (download, copy_to: vkCmdCopyBufferToImage), as a pitched
+    memfd is. The allocation is not a dedicated one."""
+    if len(d.device_uuid) != 16:
+        raise InvalidDescriptor("a cuda_vmm descriptor must name its device UUID")
+    if d.device_uuid != dev.device_uuid:
+        raise IncompatibleDevice(f"CUDA memory of device {d.device_uuid.hex()} cannot be imported on {dev.name} "
+                                 f"(device {dev.device_uuid.hex()}): OPAQUE_FD stays on one GPU")
+    if private_int(d.driver_private, "allocation_size", d.size) != d.size:
+        raise InvalidDescriptor("a cuda_vmm allocation_size must equal the descriptor size")
+    if d.kind == "texture2d" and (len(d.planes) != 1 or d.mip_levels != 1 or d.array_size != 1):
+        raise InvalidDescriptor("a cuda_vmm texture is one pitch-linear plane")
+    if d.kind not in ("texture2d", "buffer"):
+        raise InvalidDescriptor(f"the vulkan backend cannot import a {d.kind}")
+    vk_usage = vk_buffer_usage(d.usage) | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT
+    check_buffer_support(dev, vk_usage, HANDLE_OPAQUE_FD, export=False)
+    buf = mem = None
+    with close_on_error(lambda: destroy(dev, buffer=buf, memory=mem)):
+        buf = create_buffer(dev, d.size, vk_usage, HANDLE_OPAQUE_FD)
+        need, _, bits, _ = requirements(dev, buffer=buf)
+        if need > d.size:
+            raise InvalidDescriptor(f"a buffer over the allocation needs {need} bytes here; it has {d.size}")
+        type_index = dev.find_memory_type(bits, DEVICE_LOCAL) if has_type(dev, bits, DEVICE_LOCAL) \
+            else dev.find_memory_type(bits, 0, avoid=0)
+        mem = allocate(dev, d.size, type_index, import_fd=(HANDLE_OPAQUE_FD, fds.get(FD_MEMORY)))
+        fds.take(FD_MEMORY)  # a successful vkAllocateMemory owns the fd
+        check(lib.vkBindBufferMemory(dev.device, buf, mem, 0), "vkBindBufferMemory")
+    return VulkanResource(d, dev, buffer=buf, memory=mem, handle_type=HANDLE_OPAQUE_FD,
+                          extra_buffer=d.kind == "texture2d")
 
 
 def _import_memfd(dev: VulkanDevice, d: Descriptor, fds: OwnedFds, host_import: bool | None) -> VulkanResource:

@@ -111,7 +111,10 @@ class Sender:
         slots: list[Resource] = []
         try:
             for _ in range(self._nslots):
-                slots.append(self._session.create_texture(self._width, self._height, self._format, backend=backend))
+                # Vulkan slots as OPAQUE_FD, which GL and CUDA receivers import too (dma_buf: Vulkan only)
+                options = {"memory": "opaque_fd"} if backend == "vulkan" else {}
+                slots.append(self._session.create_texture(self._width, self._height, self._format, backend=backend,
+                                                          **options))
         except BaseException:
             for s in slots:
                 s.close()
