@@ -40,13 +40,15 @@ class SenderInfo:
     frame_sync: bool = False
     announced: float = 0.0
     handle: int = 0
+    bridged: str = ""  # a bridge's mirror of a sender on peer `bridged` (named NAME@bridged); "" = a local sender
 
     @classmethod
     def from_meta(cls, name: str, meta: dict[str, Any], handle: int = 0) -> "SenderInfo":
         return cls(name, str(meta.get("app", "")), int(meta.get("pid", 0)), int(meta.get("width", 0)),
                    int(meta.get("height", 0)), str(meta.get("format", "")), str(meta.get("backend", "")),
                    float(meta.get("fps", 0.0)), int(meta.get("frames", 0)), int(meta.get("buffers", 0)),
-                   bool(meta.get("frame_sync", False)), float(meta.get("announced", 0.0)), handle)
+                   bool(meta.get("frame_sync", False)), float(meta.get("announced", 0.0)), handle,
+                   str(meta.get("bridged", "")))
 
 
 @dataclass(frozen=True)

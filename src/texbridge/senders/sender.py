@@ -34,11 +34,13 @@ class Sender:
 
     def __init__(self, name: str, width: int, height: int, format: str = "rgba8", *, backend: str = "memfd",
                  buffers: int = 3, frame_sync: bool = False, session: Session | None = None,
-                 app_name: str | None = None, sync_timeout: float = 1.0) -> None:
+                 app_name: str | None = None, sync_timeout: float = 1.0, bridged: str = "") -> None:
+        """bridged: the bridge peer's label when this sender mirrors a remote one (bridges never re-export it)."""
         if not isinstance(buffers, int) or not 2 <= buffers <= MAX_SLOTS:
             raise InvalidDescriptor(f"buffers must be 2..{MAX_SLOTS}, got {buffers!r}")
         get_format(format)  # raises InvalidDescriptor for unknown formats
         self.name, self.backend, self.frame_sync, self.sync_timeout = name, backend, bool(frame_sync), sync_timeout
+        self.bridged = bridged
         self._own_session = session is None
         self._session = session or connect(app_name=app_name)
         self._slots: list[Resource] = []
@@ -281,7 +283,7 @@ class Sender:
         return {META_KEY: 1, "app": self._session.app_name, "pid": os.getpid(), "width": self._width,
                 "height": self._height, "format": self._format, "backend": self.backend, "fps": round(self._fps, 2),
                 "frames": self._frame, "buffers": self._nslots, "frame_sync": self.frame_sync,
-                "announced": self._announced}
+                "announced": self._announced} | ({"bridged": self.bridged} if self.bridged else {})
 
     def _push_meta(self) -> None:
         if self._ctl is not None:

@@ -1,0 +1,218 @@
+"""The bridge engine over an in-process link (tests/_memlink.py): two namespaces, each with its real broker, bridged.
+
+What the engine promises whatever the transport: senders mirrored both ways pixel-exact as NAME@LABEL, resize and
+restart followed, mirrors never re-exported, keyed-mutex resources crossing with DXGI's contract, a dead link
+retiring mirrors and reconnecting, per-peer limits, and a malformed peer costing only its session.
+Real processes and transports: tests/test_bridge_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import texbridge as tb
+from texbridge.bridge import _wire
+from texbridge.bridge._engine import Bridge, BridgeLimits
+from texbridge.senders import Receiver, Sender, list_senders
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _memlink import MemLink, Rendezvous  # noqa: E402
+
+
+def until(cond, timeout=10.0, what="condition"):
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() < end, f"{what} not reached within {timeout} s"
+        time.sleep(0.01)
+
+
+class Pair:
+    """Namespaces A and B, each with a session and a Bridge on its own thread, linked through a Rendezvous."""
+
+    def __init__(self, limits_b: BridgeLimits | None = None) -> None:
+        ns = os.environ["TEXBRIDGE_NAMESPACE"]
+        self.rv = Rendezvous(("hostA", "hostB"))
+        ea, eb = self.rv.endpoints()
+        self.sa, self.sb = tb.connect(ns + "a"), tb.connect(ns + "b")
+        self.A = Bridge(ea, label="hostA", session=self.sa, status_file=False)
+        self.B = Bridge(eb, label="hostB", session=self.sb, status_file=False, limits=limits_b)
+        self.threads = [threading.Thread(target=b.run, daemon=True) for b in (self.A, self.B)]
+        for t in self.threads:
+            t.start()
+        until(lambda: self.A.connected and self.B.connected, what="link up")
+
+    def close(self) -> None:
+        self.A.stop()
+        self.B.stop()
+        for t in self.threads:
+            t.join(10)
+            assert not t.is_alive()
+        self.sa.close()
+        self.sb.close()
+
+
+@pytest.fixture
+def pair(runtime):
+    made = []
+
+    def make(**kw):
+        made.append(Pair(**kw))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def frames(shape, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, shape, np.uint8) for _ in range(n)]
+
+
+def receive_exact(rx: Receiver, snd: Sender, frame: np.ndarray, timeout=10.0) -> np.ndarray:
+    """Send `frame` until the receiver gets a frame of its shape, and return that."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        snd.send(frame)
+        got = rx.wait_frame(0.05)
+        if got is not None and got.shape == frame.shape and np.array_equal(got, frame):
+            return got
+    raise AssertionError("the frame did not arrive pixel-exact in time")
+
+
+def test_senders_cross_both_ways_pixel_exact_and_mirrors_are_not_reexported(pair):
+    p = pair()
+    with Sender("cam", 64, 48, session=p.sa) as a, Sender("screen", 40, 30, "bgra8", session=p.sb) as b, \
+            Receiver("cam@hostA", session=p.sb) as ra, Receiver("screen@hostB", session=p.sa) as rb:
+        for fa, fb in zip(frames((48, 64, 4), 5), frames((30, 40, 4), 5, seed=1)):
+            receive_exact(ra, a, fa)
+            receive_exact(rb, b, fb)
+        info = {i.name: i for i in list_senders(p.sb)}
+        assert info["cam@hostA"].bridged == "hostA" and info["screen"].bridged == ""
+        time.sleep(0.3)  # time enough for a loop to show
+        assert sorted(i.name for i in list_senders(p.sa)) == ["cam", "screen@hostB"]
+        assert sorted(i.name for i in list_senders(p.sb)) == ["cam@hostA", "screen"]
+        st = p.B.status()
+        assert st["peer"]["label"] == "hostA" and [s["name"] for s in st["in"]] == ["cam@hostA"]
+        assert [s["name"] for s in st["out"]] == ["screen"] and st["in"][0]["frames"] >= 5
+
+
+def test_resize_and_restart_are_followed(pair):
+    p = pair()
+    rx = Receiver("cam@hostA", session=p.sb)
+    try:
+        with Sender("cam", 32, 16, session=p.sa) as a:
+            receive_exact(rx, a, frames((16, 32, 4), 1)[0])
+            a.resize(80, 60, "rgba16")
+            receive_exact(rx, a, frames((60, 80, 4), 1)[0].astype(np.uint16) * 257)
+            assert rx.format == "rgba16"
+        until(lambda: "cam@hostA" not in {i.name for i in list_senders(p.sb)}, what="mirror retired")
+        with Sender("cam", 20, 10, session=p.sa) as a2:  # the same name again: a new instance, followed
+            receive_exact(rx, a2, frames((10, 20, 4), 1, seed=3)[0])
+    finally:
+        rx.close()
+
+
+def test_keyed_mutex_crosses_with_content_key_sync_value_and_private_data(pair):
+    p = pair()
+    tex = p.sa.create_texture(48, 16, "rgba8", keyed_mutex=True, name="shared")
+    mirror = until(lambda: _try_open(p.sb, "shared@hostA"), what="mirror published")
+    assert mirror.descriptor.keyed_mutex and mirror.shape == tex.shape
+    rounds = 40
+
+    def producer():
+        for i in range(rounds):
+            tex.mutex.acquire(0, 10)
+            tex.numpy()[:] = i
+            tex.mutex.release(1, private_data=b"round %d" % i, sync_value=1000 + i)
+
+    th = threading.Thread(target=producer)
+    th.start()
+    try:
+        for i in range(rounds):
+            sync = mirror.mutex.acquire(1, 10)
+            assert (mirror.numpy() == i).all(), f"round {i}: content not there when the key was"
+            assert sync == 1000 + i and mirror.mutex.private_data == b"round %d" % i
+            mirror.mutex.release(0, private_data=b"ack %d" % i)
+    finally:
+        th.join(20)
+    tex.mutex.acquire(0, 10)  # the last release (key 0) came back with its private data
+    assert tex.mutex.private_data == b"ack %d" % (rounds - 1)
+    # DXGI timeouts hold across: nobody releases key 7, so waiting for it times out on time
+    t = time.monotonic()
+    with pytest.raises(tb.KeyedMutexTimeout):
+        mirror.mutex.acquire(7, 0.3)
+    assert 0.3 <= time.monotonic() - t < 2.0
+    tex.mutex.release(1)
+    tex.close()
+    mirror.close()
+
+
+def _try_open(session, name):
+    try:
+        return session.open(name)
+    except tb.NotFound:
+        return None
+
+
+def test_a_dead_link_retires_mirrors_abandons_held_copies_and_reconnects(pair):
+    p = pair()
+    tex = p.sa.create_texture(8, 8, "rgba8", keyed_mutex=True, name="km")
+    mirror = until(lambda: _try_open(p.sb, "km@hostA"), what="mirror published")
+    with Sender("cam", 16, 16, session=p.sa) as a, Receiver("cam@hostA", session=p.sb) as rx:
+        receive_exact(rx, a, frames((16, 16, 4), 1)[0])
+        p.rv.cut()
+        until(lambda: "cam@hostA" not in {i.name for i in list_senders(p.sb)}, what="mirror retired")
+        # the content lived on A: B's copy was held by its bridge, so a waiter on B learns it is lost
+        with pytest.raises(tb.KeyedMutexAbandoned):
+            mirror.mutex.acquire(0, 5)
+        mirror.mutex.release(0)
+        receive_exact(rx, a, frames((16, 16, 4), 1, seed=5)[0])  # relinked: mirrored again
+        assert p.A.disconnects >= 1 and any("lost" in e for e in p.B.errors)
+    mirror.close()
+    tex.close()
+
+
+def test_per_peer_stream_limit_refuses_extra_streams_not_the_session(pair):
+    p = pair(limits_b=BridgeLimits(max_streams=1))
+    with Sender("one", 8, 8, session=p.sa) as s1, Sender("two", 8, 8, session=p.sa) as s2:
+        s1.send(np.zeros((8, 8, 4), np.uint8))
+        s2.send(np.zeros((8, 8, 4), np.uint8))
+        until(lambda: any("refused" in e for e in p.B.errors), what="a refusal")
+        names = {i.name for i in list_senders(p.sb)}
+        assert len(names & {"one@hostA", "two@hostA"}) == 1
+        assert p.B.connected and p.B.disconnects == 0
+
+
+@pytest.mark.parametrize("garbage", [{"t": "announce", "s": 99}, {"t": "format", "s": 0, "to": 1, "w": 0, "h": 1,
+                                                                   "fmt": "rgba8"}, ["not", "a", "map"]])
+def test_a_malformed_peer_costs_its_session_not_the_bridge(runtime, garbage):
+    rv = Rendezvous(("evil", "good"))
+    evil_end, good_end = rv.endpoints()
+    s = tb.connect()
+    bridge = Bridge(good_end, label="good", session=s, status_file=False)
+    th = threading.Thread(target=bridge.run, daemon=True)
+    th.start()
+    try:
+        link: MemLink = until(lambda: evil_end.establish(0.2), what="link")
+        link.send(_wire.hello("evil", 64, 64))
+        link.send(garbage)
+        until(lambda: any("broke the protocol" in e for e in bridge.errors), what="peer error noted")
+        until(lambda: not link.alive, what="session dropped")
+        assert th.is_alive()
+        link2 = until(lambda: evil_end.establish(0.2), what="a new session")  # the bridge serves on
+        link2.send(_wire.hello("evil", 64, 64))
+        until(lambda: bridge.connected, what="connected again")
+    finally:
+        bridge.stop()
+        th.join(10)
+        s.close()
