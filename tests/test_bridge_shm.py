@@ -258,3 +258,266 @@ def test_two_processes_echo_pixel_exact(tmp_path):
     finally:
         peer.kill()
         ep.close()
+
+
+def wait_for(cond, within: float = 5.0, step: float = 0.01) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until cond() held (AssertionError after `within`)."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > within:
+            raise AssertionError(f"not within {within} s")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+# -- the seqlock, newest-wins, progress, resize (both ends in this process, driven step by step) ------------------------
+def test_a_copy_overlapped_by_a_write_is_never_returned(ends):
+    """The slot's sequence moves during the copy (a write overlapped it): that copy is dropped, the read retries."""
+    from texbridge.senders import ring as rg
+
+    s, j = ends
+    w, r = s.open_writer(0, FMT), j.open_reader(0, FMT)
+    send(w, FMT, 1)
+    calls = []
+
+    def copy(view, meta):  # type: ignore[no-untyped-def]
+        calls.append(meta.frame)
+        if len(calls) == 1:  # as if the writer rewrote the slot while we copied
+            slot = int(w._u[rg._LATEST]) & rg._SLOT_MASK
+            w._u[rg._SEQ + slot] += 2
+            return "torn"
+        return view.copy()
+
+    got = r.read(copy, 0)
+    assert calls == [1, 1] and np.array_equal(got, frame_of(FMT, 1))
+
+
+def test_writer_never_overwrites_the_slot_a_reader_holds(ends):
+    """3 slots: while the peer copies the newest frame (pinned), the writer keeps going in the other two."""
+    s, j = ends
+    w, r = s.open_writer(0, FMT), j.open_reader(0, FMT)
+    send(w, FMT, 1)
+
+    def copy(view, meta):  # type: ignore[no-untyped-def]
+        for n in range(2, 12):
+            send(w, FMT, n)  # never lands in the pinned slot: the copy below is untorn
+        return view.copy(), meta
+
+    view, meta = r.read(copy, 0)
+    assert meta.frame == 1 and np.array_equal(view, frame_of(FMT, 1))
+    assert take(r, 1)[1].frame == 11
+
+
+def test_frame_numbers_only_grow_and_meta_is_checked_locally(ends):
+    from texbridge._errors import InvalidArgument
+
+    s, _ = ends
+    w = s.open_writer(0, FMT)
+    send(w, FMT, 5)
+    w.begin()
+    for bad in (FrameMeta(5), FrameMeta(6, damage=((0, 0, FMT.width + 1, 1),)), FrameMeta(6, user_data=b"x" * 5000)):
+        with pytest.raises(InvalidArgument):
+            w.commit(bad)
+    w.commit(FrameMeta(6, damage=tuple((0, 0, 1, 1) for _ in range(100))))  # > MAX_DAMAGE: the whole frame
+    with pytest.raises(InvalidArgument, match="begin"):
+        w.commit(FrameMeta(7))
+
+
+def test_progress_lets_the_reader_copy_rows_before_the_commit(ends):
+    """read_into follows a frame being written: rows up to the writer's progress are copied while it writes. The
+    writer here breaks its promise on purpose (rewrites rows it declared final) to show they were copied early."""
+    import threading
+
+    from texbridge.bridge._link import read_into
+
+    s, j = ends
+    w, r = s.open_writer(0, FMT), j.open_reader(0, FMT)
+    half = FMT.height // 2
+    out = np.zeros((FMT.height, FMT.row_bytes), np.uint8)
+    view = w.begin()
+    good = frame_of(FMT, 1)
+    view[:half] = good[:half]
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(read_into(r, out, 0)))
+    t.start()
+    w.progress(half)
+    wait_for(lambda: np.array_equal(out[:half], good[:half]), within=5, step=0.001)  # copied before the commit
+    view[:half] = 0  # (a broken promise: the reader already has these rows)
+    view[half:] = good[half:]
+    w.commit(FrameMeta(1, user_data=b"chunked"))
+    t.join(5)
+    assert result and result[0] == FrameMeta(1, 0, (), b"chunked")
+    assert np.array_equal(out, good)
+    # a frame aborted while followed is never returned
+    view = w.begin()
+    t = threading.Thread(target=lambda: result.append(r.read_into(out, 1, timeout=5)))
+    t.start()
+    w.progress(3)
+    time.sleep(0.05)
+    w.abort()
+    t.join(5)
+    assert result[1] is None
+    assert j.stats().frames_in == 1
+
+
+def test_resize_is_a_new_format_of_the_stream(ends):
+    s, j = ends
+    small, big = FMT, StreamFormat(100, 40, "rgba8")
+    w = s.open_writer(3, small)
+    r_small = j.open_reader(3, small)
+    send(w, small, 1)
+    assert take(r_small)[1].frame == 1
+    w2 = s.open_writer(3, big)  # same stream number: a resize (new generation, frame numbers go on)
+    with pytest.raises(BridgeError, match="closed"):
+        w.begin()
+    send(w2, big, 2)
+    assert take(r_small, 1) is None  # another format than the agreed one reads as nothing
+    r_big = j.open_reader(3, big)
+    view, meta = take(r_big, 1)
+    assert meta.frame == 2 and np.array_equal(view, frame_of(big, 2))
+    # a new stream number for the new size (the engine's way) while the old one still exists
+    w3 = s.open_writer(4, small)
+    send(w3, small, 1)
+    assert np.array_equal(take(j.open_reader(4, small))[0], frame_of(small, 1))
+    w2.close()
+    assert take(r_big, 0) is None  # retired
+
+
+def test_closing_a_link_tells_the_peer_at_once(ends):
+    s, j = ends
+    j.close()
+    assert wait_for(lambda: not s.alive, within=0.5) < 0.5
+    with pytest.raises(BridgeError, match="closed"):
+        s.send({"x": 1})
+    assert "closed" in s.stats().errors[-1]
+
+
+# -- two processes: concurrency, death, rejoin ------------------------------------------------------------------------
+WRITER = textwrap.dedent("""
+    import sys, time, numpy as np
+    from texbridge.bridge._shmfile import ShmEndpoint
+    from texbridge.bridge._link import StreamFormat, FrameMeta
+    ep = ShmEndpoint(sys.argv[1], "join", label="writer")
+    link = None
+    while link is None:
+        link = ep.establish(1.0)
+    fmt = StreamFormat(%(w)d, %(h)d, "rgba8")
+    w = link.open_writer(1, fmt)
+    n = 0
+    end = time.monotonic() + %(seconds)f
+    while time.monotonic() < end:
+        n += 1
+        v = w.begin()
+        half = fmt.height // 2
+        v[:half] = n %% 251
+        w.progress(half)
+        v[half:] = n %% 251
+        w.commit(FrameMeta(n, user_data=str(n).encode()))
+    link.send({"op": "done", "frames": n})
+    time.sleep(0.5)
+    link.close(); ep.close()
+""")
+
+
+def test_no_torn_frame_under_a_concurrent_writer_process(tmp_path):
+    """A writer process commits uniform frames (every byte = n % 251) as fast as it can; this end reads with both
+    read() and read_into(): every frame is uniform, matches its number, and numbers only grow."""
+    from texbridge.bridge._link import read_into
+
+    fmt = StreamFormat(256, 128, "rgba8")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER % {"w": fmt.width, "h": fmt.height, "seconds": 2.0})
+    path = tmp_path / "shm"
+    ep = ShmEndpoint(path, "serve", size=SIZE)
+    peer = subprocess.Popen([sys.executable, str(script), str(path)])
+    try:
+        link = establish(ep)
+        r = link.open_reader(1, fmt)
+        out = np.empty((fmt.height, fmt.row_bytes), np.uint8)
+        last, reads, done = 0, 0, None
+        while done is None:
+            for m in link.receive():
+                done = m["frames"]
+            if reads % 2:
+                got = r.read(lambda v, m: (v.min(), v.max(), m), last)
+                if got is not None:
+                    lo, hi, meta = got
+                    assert lo == hi == meta.frame % 251, f"torn frame {meta.frame}: {lo}..{hi}"
+            else:
+                meta = read_into(r, out, last)
+                if meta is not None:
+                    assert out.min() == out.max() == meta.frame % 251, f"torn frame {meta.frame} (read_into)"
+            if (got if reads % 2 else meta) is not None:
+                frame = (got[2] if reads % 2 else meta).frame
+                assert frame > last
+                last = frame
+            reads += 1
+        assert last > 10 and done >= last
+        assert peer.wait(10) == 0
+    finally:
+        peer.kill()
+        ep.close()
+
+
+@pytest.mark.parametrize("victim", ["join", "serve"])
+def test_kill9_of_the_peer_is_noticed_within_1_5_s_and_a_restart_rejoins(tmp_path, victim):
+    path = tmp_path / "shm"
+    ours = "serve" if victim == "join" else "join"
+    if victim == "serve":  # the peer serves: it must have formatted the file before we join
+        peer = spawn(tmp_path, path, "serve", "idle")
+    ep = ShmEndpoint(path, ours, size=SIZE, label="us")
+    if victim == "join":
+        peer = spawn(tmp_path, path, "join", "idle")
+    try:
+        link = establish(ep)
+        assert peer.stdout.readline().strip() == "linked"
+        session = link._session
+        peer.send_signal(signal.SIGKILL)
+        peer.wait()
+        t = wait_for(lambda: not link.alive, within=3)
+        assert t <= 1.5, f"death noticed after {t:.2f} s"
+        assert "heartbeat" in link.stats().errors[-1]
+        link.close()
+        # the restarted peer and this end find each other again (a new session)
+        peer = spawn(tmp_path, path, victim, "echo")
+        t0 = time.monotonic()
+        link = establish(ep, within=10)
+        assert time.monotonic() - t0 < 5 and link._session != session
+        w, r = link.open_writer(1, FMT), link.open_reader(2, FMT)
+        send(w, FMT, 1)
+        got = None
+        deadline = time.monotonic() + 5
+        while got is None and time.monotonic() < deadline:
+            link.wait(0.1)
+            got = take(r)
+        assert got is not None and np.array_equal(got[0], frame_of(FMT, 1) + 1)
+        link.send({"op": "stop"})
+        assert peer.wait(10) == 0
+    finally:
+        peer.kill()
+        ep.close()
+
+
+def test_a_joiner_waits_for_a_live_server_not_a_stale_file(tmp_path):
+    """A file formatted by a server that is gone (no heartbeat) is not joined; the server coming back is."""
+    path = tmp_path / "shm"
+    srv = ShmEndpoint(path, "serve", size=SIZE)
+    srv.establish(0)
+    srv._stop.set()  # the server freezes (as if killed): its beat stops
+    srv._heart.join()
+    jn = ShmEndpoint(path, "join")
+    try:
+        assert jn.establish(0.5) is None and "heartbeat" in jn.last_problem
+    finally:
+        jn.close()
+        srv.close()
+
+
+def test_a_second_server_on_one_file_is_refused(tmp_path):
+    a = ShmEndpoint(tmp_path / "f", "serve", size=SIZE)
+    a.establish(0)
+    try:
+        with pytest.raises(BridgeError, match="already serves"):
+            ShmEndpoint(tmp_path / "f", "serve", size=SIZE).establish(0)
+    finally:
+        a.close()

@@ -123,6 +123,16 @@ class StreamReader(Protocol):
     def close(self) -> None: ...
 
 
+def read_into(reader: StreamReader, out: np.ndarray, after: int) -> FrameMeta | None:
+    """Copy the newest frame above `after` into `out` ((height, row_bytes) uint8), as read() would with a copying
+    callback. A transport with chunked progress (the shared file: its readers have a `read_into` method) overlaps
+    this copy with the peer's write, row chunks as the writer marks them final. `out` is undefined on None."""
+    chunked = getattr(reader, "read_into", None)
+    if chunked is not None:
+        return chunked(out, after)
+    return reader.read(lambda view, meta: (np.copyto(out, view), meta)[1], after)
+
+
 @dataclass(slots=True)
 class LinkStats:
     """Counters a transport keeps for `texbridge bridge status`."""

@@ -778,15 +778,79 @@ class _ShmReader:
                 raise BridgePeerError(f"stream {self.stream}: invalid frame meta (damage or user data out of range)")
             if got.frame <= after:
                 return None
-            st = link._stats
-            st.frames_in += 1
-            st.bytes_in += self.fmt.nbytes
-            if self._last and got.frame > self._last + 1:
-                st.drops += got.frame - self._last - 1
-            self._last = got.frame
+            self._count(got.frame)
             return got.data
         except BridgePeerError as e:
             raise link._fail(e) from None
+
+    def _count(self, frame: int) -> None:
+        st = self._link._stats
+        st.frames_in += 1
+        st.bytes_in += self.fmt.nbytes
+        if self._last and frame > self._last + 1:
+            st.drops += frame - self._last - 1
+        self._last = frame
+
+    def read_into(self, out: np.ndarray, after: int, timeout: float = 0.1) -> FrameMeta | None:
+        """Copy the newest frame above `after` into `out` ((height, row_bytes) uint8). When none is complete but
+        the peer is writing one, copy its rows as the writer marks them final (StreamWriter.progress) and finish at
+        its commit, waiting up to `timeout`: the copy overlaps the write (Looking Glass's chunked copy). `out` holds
+        nothing meaningful when None is returned (a torn or abandoned frame)."""
+        if out.shape != (self.fmt.height, self.fmt.row_bytes) or out.dtype != np.uint8:
+            raise InvalidArgument(f"read_into wants a ({self.fmt.height}, {self.fmt.row_bytes}) uint8 array, "
+                                  f"got {out.dtype} {out.shape}")
+        got = self.read(lambda v, m: (np.copyto(out, v), m)[1], after)
+        if got is not None:
+            return got
+        try:
+            return self._follow(out, after, timeout)
+        except BridgePeerError as e:
+            raise self._link._fail(e) from None
+
+    def _follow(self, out: np.ndarray, after: int, timeout: float) -> FrameMeta | None:
+        """The chunked path: pin the slot being written (the writer's `writing` word names it), copy rows up to its
+        progress while its sequence stays odd, then the rest once it commits (sequence +1, nothing else)."""
+        u, rr = self._u, self._rr
+        if u is None or rr is None or int(u[_GEN]) != self._gen:
+            return None
+        tok = int(u[L.C_WRITING])
+        slot = tok & _SLOT_MASK
+        if not tok or slot >= self._n:
+            return None
+        s1 = rr.pin(slot)
+        try:
+            if not s1 & 1 or int(u[L.C_WRITING]) != tok:
+                return None  # committed or moved on meanwhile: the next read() takes it
+            mu = self._meta[slot][:40].view(np.uint64)
+            src, height = self._pixels[slot], self.fmt.height
+            done = 0
+            deadline = time.monotonic() + timeout
+            while True:
+                seq = rr.sequence(slot)
+                rows = int(mu[L.M_PROGRESS])
+                if rows > height:
+                    raise BridgePeerError(f"stream {self.stream}: progress of {rows} rows in a {height}-row frame")
+                if rows > done:
+                    out[done:rows] = src[done:rows]
+                    done = rows
+                if seq != s1:
+                    break
+                if time.monotonic() > deadline:
+                    return None  # the writer is slow: read() will find the frame once it is committed
+            frame = int(u[_SLOT_FRAME + slot])
+            if seq != s1 + 1 or int(u[_GEN]) != self._gen or frame <= after:
+                return None  # aborted, overwritten, or not newer
+            if done < height:
+                out[done:] = src[done:]
+            meta = self._parse_meta(slot)
+            if rr.sequence(slot) != s1 + 1:
+                return None
+            if meta is None:
+                raise BridgePeerError(f"stream {self.stream}: invalid frame meta (damage or user data out of range)")
+            self._count(frame)
+            return FrameMeta(frame, meta.timestamp_ns, meta.damage, meta.user_data)
+        finally:
+            rr.release()
 
     def close(self) -> None:
         if not self._closed:

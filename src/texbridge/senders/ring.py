@@ -418,6 +418,16 @@ class RingReader:
             return Read(frame, slot, s1, data)
         return None
 
+    def pin(self, slot: int) -> int:
+        """Pin `slot` and return its sequence, read after a fence (the Dekker pair with RingWriter.begin): for a
+        transport that follows a slot still being written (chunked progress); release() unpins."""
+        self.rows[self.row, _R_PIN] = 1 << slot
+        _fence()
+        return int(self.u[_SEQ + slot])
+
+    def sequence(self, slot: int) -> int:
+        return int(self.u[_SEQ + slot])
+
     def still_valid(self, got: Read[Any], generation: int) -> bool:
         """Whether the slot a kept-pin read returned still holds that frame (its sequence did not move)."""
         return int(self.u[_SEQ + got.slot]) == got.seq and int(self.u[_GEN]) == generation
