@@ -52,6 +52,20 @@ def echo(link, slow: float) -> None:
         link.wait(0.05)
 
 
+def fuzz_target(link) -> None:
+    """Stand still for a hostile peer: everything it sends reaches a decoder."""
+    small, big = StreamFormat(64, 48, "rgba8"), StreamFormat(1920, 1080, "rgba8")
+    readers = [link.open_reader(0, small), link.open_reader(1, big)]
+    w = link.open_writer(0, small)
+    w.begin()[:] = 1
+    w.commit(FrameMeta(1))
+    while True:
+        link.receive()
+        for r in readers:
+            r.read(lambda v, m: int(v[0, 0]), 0)
+        link.wait(0.05)
+
+
 def drive(link, n: int, width: int, height: int) -> None:
     fmt = StreamFormat(width, height, "rgba8")
     w = link.open_writer(0, fmt)
@@ -97,6 +111,8 @@ def main() -> None:
     p.add_argument("--drive", type=int, default=0)
     p.add_argument("--size", default="320x240")
     p.add_argument("--once", action="store_true", help="exit when the first link dies")
+    p.add_argument("--fuzz-target", action="store_true",
+                   help="readers on stream 0 (64x48) and 1 (1920x1080) and a writer on 0 from the start")
     a = p.parse_args()
     tls = TlsOptions(a.tls_cert, a.tls_key, a.tls_ca, "localhost") if (a.tls_cert or a.tls_ca) else None
     try:
@@ -126,6 +142,8 @@ def main() -> None:
                 drive(link, a.drive, width, height)
                 link.close()
                 return
+            if a.fuzz_target:
+                fuzz_target(link)
             echo(link, a.slow)
         except BridgeError as e:
             say("DEAD", f"{type(e).__name__}: {e}")

@@ -7,6 +7,7 @@ round trip through another process checks encoding both ways, pixel by pixel.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from texbridge.bridge import _codec as C
 from texbridge.bridge._link import (
@@ -485,3 +488,449 @@ def test_backoff_doubles_to_its_cap_and_resets():
     assert 0.04 <= delays[0] <= 0.06 and all(d <= 0.4 * 1.2 for d in delays) and delays[-1] >= 0.4 * 0.8
     b.reset()
     assert b.next() <= 0.06
+
+
+# -- TLS -------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cert(tmp_path):
+    """A self-signed certificate for localhost/127.0.0.1, made with the openssl CLI (as docs/bridge-tcp.md says)."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command to make a test certificate")
+    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    return crt, key
+
+
+def test_tls_round_trip_with_a_secret(peers, cert, tmp_path):
+    crt, key = cert
+    srv = peers("serve", "--secret", SECRET, "--tls-cert", str(crt), "--tls-key", str(key))
+    port = srv.port()
+    link = establish(TcpEndpoint("join", "127.0.0.1", port, secret=SECRET,
+                                 tls=TlsOptions(ca=str(crt), server_name="localhost")))
+    try:
+        fmt = StreamFormat(640, 360, "rgba8")
+        w, r = open_echo(link, 2, fmt)
+        for i, frame, damage in ui_frames(fmt, 10):
+            w.begin()[:] = frame
+            w.commit(FrameMeta(i, damage=damage))
+            np.testing.assert_array_equal(read_frame(link, r, i - 1)[0], frame)
+        big = np.random.default_rng(3).integers(0, 256, (fmt.height, fmt.row_bytes), dtype=np.uint8)
+        w.begin()[:] = big  # incompressible: many TLS records
+        w.commit(FrameMeta(11))
+        np.testing.assert_array_equal(read_frame(link, r, 10)[0], big)
+    finally:
+        link.close()
+    # a client that does not trust the certificate refuses the server
+    other_crt, other_key = tmp_path / "other.pem", tmp_path / "other-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", "/CN=localhost", "-keyout", str(other_key), "-out", str(other_crt)],
+                   check=True, capture_output=True)
+    with pytest.raises(BridgeAuthError, match="TLS"):
+        TcpEndpoint("join", "127.0.0.1", port, secret=SECRET, tls=TlsOptions(ca=str(other_crt))).establish(10)
+    # and a plain client cannot talk to a TLS server
+    assert TcpEndpoint("join", "127.0.0.1", port, secret=SECRET).establish(1.0) is None
+
+
+# -- liveness, reconnect, slow receivers ----------------------------------------------------------------------------
+
+
+def wait_dead(link: TcpLink, timeout: float) -> float:
+    """Seconds until the link reports itself dead (receive() raises), polling as the engine does."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            link.receive()
+        except BridgeError:
+            return time.monotonic() - t0
+        link.wait(0.02)
+    raise AssertionError(f"link still alive after {timeout} s")
+
+
+@pytest.mark.parametrize("role", ["serve", "join"])
+def test_kill_9_of_the_peer_is_noticed_and_a_restarted_peer_reconnects(peers, role):
+    """kill -9 of either end: this end notices within 1.5 s; a restarted peer is linked again within 2 s."""
+    if role == "serve":  # this end serves, the peer joins
+        ep = TcpEndpoint("serve", "127.0.0.1", 0, label="test")
+        args = ("join", "--port", str(ep.port))
+    else:  # the peer serves on a fixed port, this end joins
+        probe = socket.create_server(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        args = ("serve", "--port", str(port))
+        ep = TcpEndpoint("join", "127.0.0.1", port, label="test")
+    peer = peers(*args)
+    link = establish(ep)
+    try:
+        peer.wait_line("LINKED")
+        os.kill(peer.proc.pid, signal.SIGKILL)
+        assert wait_dead(link, 5.0) < 1.5
+    finally:
+        link.close()
+    peer.proc.wait(10)
+    peer = peers(*args)
+    if role == "join":
+        peer.port()  # listening again
+    t0 = time.monotonic()
+    backoff = Backoff()
+    while (link := ep.establish(0.25)) is None:
+        assert time.monotonic() - t0 < 10, ep.errors
+        time.sleep(backoff.next())
+    took = time.monotonic() - t0
+    try:
+        fmt = StreamFormat(32, 32, "rgba8")
+        w, r = open_echo(link, 0, fmt)
+        w.begin()[:] = 9
+        w.commit(FrameMeta(1))
+        assert (read_frame(link, r, 0)[0] == 9).all()
+    finally:
+        link.close(), ep.close()
+    assert took < 2.0, f"reconnected after {took:.2f} s"
+
+
+def test_a_stopped_peer_is_declared_dead_by_silence(peers):
+    """No FIN, no RST (a frozen peer or a cut cable): heartbeats stop, the link dies after PEER_TIMEOUT_S."""
+    ep = TcpEndpoint("serve", "127.0.0.1", 0)
+    peer = peers("join", "--port", str(ep.port))
+    link = establish(ep)
+    try:
+        peer.wait_line("LINKED")
+        time.sleep(0.6)
+        assert link.alive  # heartbeats keep an idle link alive
+        os.kill(peer.proc.pid, signal.SIGSTOP)
+        took = wait_dead(link, 5.0)
+        assert 0.9 < took < 3.0
+        assert "silent" in link.stats().errors[-1]
+    finally:
+        os.kill(peer.proc.pid, signal.SIGCONT)
+        link.close(), ep.close()
+
+
+def test_slow_receiver_never_blocks_the_sender_newest_frame_wins(peers):
+    """A peer that reads slowly (and one that reads nothing at all): commit() never waits for the socket; frames in
+    between are dropped and counted; the newest frame still arrives pixel-exact."""
+    ep = TcpEndpoint("serve", "127.0.0.1", 0, codecs=("raw",))
+    peer = peers("join", "--port", str(ep.port), "--slow", "0.2", "--codec", "raw")
+    link = establish(ep)
+    try:
+        fmt = StreamFormat(1920, 1080, "rgba8")
+        w, r = open_echo(link, 0, fmt)
+        rng = np.random.default_rng(5)
+        frame = rng.integers(0, 256, (fmt.height, fmt.row_bytes), dtype=np.uint8)
+        worst = 0.0
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 1.5:
+            n += 1
+            buf = w.begin()
+            buf[:] = frame
+            buf[0, :8] = np.frombuffer(n.to_bytes(8, "little"), np.uint8)
+            c0 = time.monotonic()
+            w.commit(FrameMeta(n))
+            worst = max(worst, time.monotonic() - c0)
+        assert n > 30  # hundreds of MB offered to a peer that takes ~5 frames a second
+        assert link.stats().drops > 0
+        last = buf.copy()
+        deadline = time.monotonic() + 10
+        while (got := r.read(lambda v, m: (v.copy(), m), 0)) is None or got[1].frame != n:
+            assert time.monotonic() < deadline, "the newest frame never came back"
+            link.wait(0.05)
+        np.testing.assert_array_equal(got[0], last)
+        # a peer that reads nothing (stopped): commits still return at once
+        os.kill(peer.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            for i in range(n + 1, n + 40):
+                w.begin()[:] = frame
+                w.commit(FrameMeta(i))
+            assert time.monotonic() - t0 < 2.0
+        finally:
+            os.kill(peer.proc.pid, signal.SIGCONT)
+        assert worst < 0.5, f"a commit took {worst:.3f} s"
+    finally:
+        link.close(), ep.close()
+
+
+# -- hostile peers ---------------------------------------------------------------------------------------------------
+
+
+def hostile_link(**kw) -> tuple[socket.socket, TcpLink, TcpEndpoint]:
+    """A raw socket that finished the handshake (no secret) and the real link on the other side, with readers on
+    stream 0 (64x48) and 1 (1920x1080)."""
+    srv = TcpEndpoint("serve", "127.0.0.1", 0, codecs=("lz4", "zstd", "raw"), **kw)
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.setdefault("s", srv.establish(10)))
+    t.start()
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    raw_hello(sock)
+    t.join()
+    link = got["s"]
+    assert link is not None
+    link.open_reader(0, StreamFormat(64, 48, "rgba8"))
+    link.open_reader(1, StreamFormat(1920, 1080, "rgba8"))
+    return sock, link, srv
+
+
+def frame_msg(stream=0, frame=1, tag=None, codec=C.RAW, kind=C.KEY, rects=(), user=b"", payload=b"",
+              length=None, n_damage=None, fmt=StreamFormat(64, 48, "rgba8")) -> bytes:
+    sub = C.FRAME_HDR.pack(stream, frame, 0, C.fmt_tag(fmt) if tag is None else tag, codec, kind,
+                           len(rects) if n_damage is None else n_damage, len(user))
+    body = sub + b"".join(C.RECT.pack(*r) for r in rects) + user + payload
+    return C.header(C.FRAME, len(body) if length is None else length) + body
+
+
+SMALL = StreamFormat(64, 48, "rgba8")
+BIG = StreamFormat(1920, 1080, "rgba8")
+
+
+def _bombs() -> dict[str, bytes]:
+    import lz4.block
+    import zstandard
+
+    zeros = bytes(64 << 20)
+    forged = bytearray(zstandard.ZstdCompressor(level=1).compress(bytes(SMALL.nbytes)))
+    return {
+        "lz4 of 64 MiB for a 12 KiB frame": lz4.block.compress(zeros, store_size=False),
+        "zstd of 64 MiB for a 12 KiB frame": zstandard.ZstdCompressor(level=1).compress(zeros),
+        "zstd without a content size": zstandard.ZstdCompressor(level=1, write_content_size=False).compress(zeros),
+        "zstd with a forged size": bytes(forged[:4]) + b"\xff" + bytes(forged[5:]),
+    }
+
+
+HOSTILE = {
+    "unknown message type": C.header(99, 0),
+    "control message over its bound": C.header(C.CTRL, C.MAX_MESSAGE + 1) + b"\x80" * 64,
+    "control message not a map": C.header(C.CTRL, 3) + msgpack.packb([1, 2]),
+    "control message garbage": C.header(C.CTRL, 4) + b"\xc1\xc1\xc1\xc1",
+    "deeply nested control message": C.header(C.CTRL, 20001) + b"\x91" * 20000 + b"\xc0",
+    "hello after the handshake": C.header(C.HELLO, 1) + b"\x80",
+    "ping with a body": C.header(C.PING, 4) + b"abcd",
+    "resync of stream 10**9": C.header(C.RESYNC, 4) + (10**9).to_bytes(4, "little"),
+    "frame shorter than its header": C.header(C.FRAME, 3) + b"abc",
+    "stream out of range": frame_msg(stream=MAX_STREAMS, payload=bytes(SMALL.nbytes)),
+    "unknown codec": frame_msg(codec=9),
+    "unknown kind": frame_msg(kind=9),
+    "too many damage rectangles": frame_msg(n_damage=65535),
+    "damage counts beyond the message": frame_msg(n_damage=3, length=C.FRAME_HDR.size + 8),
+    "rectangle outside the frame": frame_msg(kind=C.RECTS, rects=((60, 40, 10, 10),), payload=b"x"),
+    "empty rectangle": frame_msg(kind=C.RECTS, rects=((0, 0, 0, 5),), payload=b"x"),
+    "raw frame one byte short": frame_msg(payload=bytes(SMALL.nbytes - 1)),
+    "payload beyond any compressed bound": frame_msg(codec=C.LZ4, length=(1 << 32) - 1),
+    "lz4 garbage": frame_msg(codec=C.LZ4, payload=b"\xff" * 100),
+    "zstd garbage": frame_msg(codec=C.ZSTD, payload=b"\x28\xb5\x2f\xfd" + b"\xff" * 100),
+    "same-frame marker with a payload": frame_msg(kind=C.SAME, payload=b"x"),
+    "damage frame without rectangles": frame_msg(kind=C.RECTS, payload=b"x"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE) + ["bomb: " + k for k in
+                                                    ("lz4 of 64 MiB for a 12 KiB frame",
+                                                     "zstd of 64 MiB for a 12 KiB frame",
+                                                     "zstd without a content size", "zstd with a forged size")])
+def test_a_hostile_message_costs_the_peer_its_link(name):
+    if name.startswith("bomb: "):
+        if not {"lz4", "zstd"} <= set(CODECS):
+            pytest.skip("needs lz4 and zstandard")
+        data = frame_msg(codec=C.ZSTD if "zstd" in name else C.LZ4, payload=_bombs()[name[6:]])
+    else:
+        data = HOSTILE[name]
+    sock, link, srv = hostile_link()
+    try:
+        sock.sendall(data)
+        with pytest.raises(BridgePeerError):
+            wait_dead(link, 5.0)
+            link.receive()
+        assert link.stats().errors
+        sock.settimeout(5)
+        while sock.recv(65536):  # and the connection is closed on it
+            pass
+    finally:
+        sock.close(), link.close(), srv.close()
+
+
+def test_valid_hand_made_frames_are_decoded():
+    """The hostile tests' frame builder makes frames the decoder accepts when they are right (a control run)."""
+    sock, link, srv = hostile_link()
+    try:
+        r = link.open_reader(0, SMALL)
+        time.sleep(0.1)
+        sock.sendall(frame_msg(payload=bytes(range(256)) * (SMALL.nbytes // 256)))
+        read_frame(link, r, 0)
+        sock.sendall(frame_msg(frame=2, kind=C.RECTS, rects=((1, 2, 3, 4),), payload=b"\x07" * 48))
+        pixels, meta = read_frame(link, r, 1)
+        assert meta.frame == 2 and meta.damage == ((1, 2, 3, 4),)
+        assert (pixels[2:6, 4:16] == 7).all() and pixels[0, 5] == 5
+        sock.sendall(frame_msg(frame=3, kind=C.SAME) + frame_msg(frame=4, kind=C.RECTS, rects=((0, 0, 1, 1),),
+                                                                  payload=b"\x09" * 4))
+        pixels, meta = read_frame(link, r, 3)  # damage of unread frames adds up: 3 changed nothing, 4 one pixel
+        assert meta.frame == 4 and meta.damage == ((0, 0, 1, 1),) and (pixels[0, :4] == 9).all()
+        assert link.alive
+    finally:
+        sock.close(), link.close(), srv.close()
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+class Msg(bytes):
+    """Bytes with a short repr: hypothesis prints failing examples, some are megabytes."""
+
+    def __repr__(self) -> str:
+        return f"Msg({bytes(self[:24])!r}... {len(self)} bytes)"
+
+
+_COMPRESSED: dict[tuple[int, int], bytes] = {}
+
+
+def _compressed_zeros(codec: int, size: int) -> bytes:
+    if (codec, size) not in _COMPRESSED:
+        import lz4.block
+        import zstandard
+
+        fill = bytes(size)
+        _COMPRESSED[codec, size] = (lz4.block.compress(fill, store_size=False) if codec == C.LZ4
+                                    else zstandard.ZstdCompressor(level=1).compress(fill))
+    return _COMPRESSED[codec, size]
+
+
+@st.composite
+def hostile_messages(draw) -> bytes:
+    return Msg(draw(_hostile_message()))
+
+
+@st.composite
+def _hostile_message(draw) -> bytes:
+    """One message from a peer that may lie about anything: types, lengths, counts, codecs, rectangles, sizes."""
+    choice = draw(st.integers(0, 5))
+    if choice == 0:  # noise
+        return draw(st.binary(max_size=64))
+    if choice == 1:  # any type, any length, a short body
+        return C.header(draw(st.integers(0, 255)), draw(st.integers(0, 2**32 - 1))) + draw(st.binary(max_size=64))
+    if choice == 2:  # a control message of any bytes
+        body = draw(st.one_of(st.binary(max_size=200), st.builds(msgpack.packb, st.recursive(
+            st.none() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8),
+            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=4), max_leaves=20))))
+        return C.header(C.CTRL, draw(st.sampled_from([len(body), len(body) + 1, max(0, len(body) - 1)]))) + body
+    if choice == 3:
+        return C.header(C.RESYNC, 4) + draw(st.integers(0, 2**32 - 1)).to_bytes(4, "little")
+    fmt = draw(st.sampled_from([SMALL, BIG]))
+    stream = draw(st.sampled_from([0, 1, 2, MAX_STREAMS, 2**32 - 1]))
+    codec = draw(st.sampled_from([C.RAW, C.LZ4, C.ZSTD, 3, 255]))
+    kind = draw(st.sampled_from([C.KEY, C.XOR, C.RECTS, C.SAME, 4, 255]))
+    rects = draw(st.lists(st.tuples(*[st.sampled_from([0, 1, 8, 47, 63, 64, 1919, 2**32 - 1])] * 4), max_size=3))
+    user = draw(st.binary(max_size=16))
+    if choice == 4 and {"lz4", "zstd"} <= set(CODECS):
+        size = draw(st.sampled_from([0, 1, fmt.nbytes - 1, fmt.nbytes, fmt.nbytes + 1, 64 << 20]))
+        payload = (_compressed_zeros(codec, size) if codec in (C.LZ4, C.ZSTD) else draw(st.binary(max_size=256)))
+    else:
+        payload = draw(st.one_of(st.binary(max_size=256), st.just(bytes(fmt.nbytes))))
+    body = (C.FRAME_HDR.pack(stream, draw(st.integers(0, 2**64 - 1)), 0, draw(st.sampled_from([C.fmt_tag(fmt), 0])),
+                             codec, kind, draw(st.sampled_from([len(rects), 0, 64, 65535])), len(user))
+            + b"".join(C.RECT.pack(*r) for r in rects) + user + payload)
+    length = draw(st.sampled_from([len(body), len(body) + 7, max(0, len(body) - 5), 2**32 - 1]))
+    return C.header(C.FRAME, length) + body
+
+
+def test_hostile_peer_fuzzer_never_crashes_hangs_or_grows_memory(peers):
+    """Sequences of hostile messages against a peer process with decoders open (a 1080p one among them): every
+    session ends in a BridgePeerError or a clean close, the process lives on, answers the next peer, and its peak
+    memory stays within a few frames."""
+    target = peers("serve", "--fuzz-target", prefix=["prlimit", f"--as={3 << 30}", "--"]
+                   if shutil.which("prlimit") else None)
+    port = target.port()
+    sessions = 0
+
+    @settings(max_examples=120, deadline=None)
+    @given(st.lists(hostile_messages(), min_size=1, max_size=6))
+    def fuzz(messages):
+        nonlocal sessions
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            raw_hello(sock)
+            try:
+                sock.sendall(b"".join(messages))
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(1 << 16):  # the peer must close its end: no hang on any input
+                    pass
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # the peer hung up on us mid-send: what it should do
+        finally:
+            sock.close()
+        sessions += 1
+        deadline = time.monotonic() + 10
+        while sum(line.startswith("DEAD") for line in target.out) < sessions:
+            assert time.monotonic() < deadline, target.out[-5:]
+            time.sleep(0.01)
+        assert target.proc.poll() is None
+
+    fuzz()
+    deaths = [line for line in target.out if line.startswith("DEAD")]
+    assert len(deaths) == sessions >= 100
+    for line in deaths:  # a peer error, or the hostile peer hanging up; never a failure of our own code
+        assert line.startswith("DEAD BridgePeerError") or "closed the connection" in line, line
+    assert any(line.startswith("DEAD BridgePeerError") for line in deaths)
+    assert _vm_hwm_kib(target.proc.pid) < 400 * 1024, "peak memory beyond a few 1080p frames"
+    # and it still serves an honest peer
+    link = establish(TcpEndpoint("join", "127.0.0.1", port))
+    link.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(codec=st.sampled_from(CODECS), steps=st.lists(st.tuples(
+    st.sampled_from(["rect", "rect-no-damage", "same", "noise", "key-request", "skip"]),
+    st.integers(0, 2**31)), min_size=1, max_size=25))
+def test_deltas_reconstruct_every_frame_exactly(delta_pair, codec, steps):
+    """Random sequences of changes (with and without damage), unchanged frames, dropped frames, late keyframe
+    requests: the reader's frame is always the writer's, pixel for pixel."""
+    a, b = delta_pair[codec]
+    fmt = StreamFormat(96, 40, "rgba8")
+    w = a.open_writer(7, fmt)
+    r = b.open_reader(7, fmt)
+    rng = np.random.default_rng(steps[0][1])
+    cur = rng.integers(0, 4, (fmt.height, fmt.row_bytes), dtype=np.uint8)
+    n = 0
+    for op, seed in steps:
+        rng = np.random.default_rng(seed)
+        damage: tuple = ()
+        if op in ("rect", "rect-no-damage"):
+            for _ in range(int(rng.integers(1, 4))):
+                x, y = int(rng.integers(0, fmt.width)), int(rng.integers(0, fmt.height))
+                ww, hh = int(rng.integers(1, fmt.width - x + 1)), int(rng.integers(1, fmt.height - y + 1))
+                cur[y:y + hh, x * 4:(x + ww) * 4] = rng.integers(0, 256, (hh, ww * 4), dtype=np.uint8)
+                damage += ((x, y, ww, hh),)
+            if op == "rect-no-damage":
+                damage = ()
+        elif op == "noise":
+            cur[:] = rng.integers(0, 256, cur.shape, dtype=np.uint8)
+        elif op == "key-request":
+            r.close()
+            r = b.open_reader(7, fmt)
+        n += 1
+        w.begin()[:] = cur
+        w.commit(FrameMeta(n, damage=damage))
+        if op == "skip":  # the next commit replaces this one or not: either way the result must be exact
+            continue
+        pixels, meta = read_frame(b, r, n - 1)
+        assert meta.frame == n
+        np.testing.assert_array_equal(pixels, cur)
+    w.close()
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def delta_pair():
+    pairs, made = {}, []
+    for codec in CODECS:
+        a, b, srv = local_pair((codec,))
+        pairs[codec] = (a, b)
+        made += [a, b, srv]
+    yield pairs
+    for x in made:
+        x.close()
