@@ -188,11 +188,16 @@ class _Held:
     registered or opened with (the same files, so the broker can match them with other holders'), the meta and names
     this session gave it, and how many references (Resources) this session holds."""
 
-    descriptor: dict[str, Any]
+    wire: dict[str, Any] | bytes  # the descriptor's map, or the msgpack bytes an OPEN reply carried
     fds: list[int]
     count: int = 1
     meta: dict[str, Any] | None = None
     names: set[str] = field(default_factory=set)
+
+    @property
+    def descriptor(self) -> dict[str, Any]:
+        """The wire map to register it with again (bytes are decoded only then: re-attaching is rare, OPEN is not)."""
+        return _unpack_descriptor(self.wire)
 
 
 def _keep(fds: list[int] | tuple[int, ...]) -> list[int]:
@@ -404,22 +409,23 @@ class Session:
         with self._lock:
             fields, fds = self._request(Op.OPEN, _target(handle_or_name))
             try:
-                wire = _unpack_descriptor(fields["descriptor"])
-                desc = Descriptor.from_wire(wire, validated=True)
-                if len(fds) != desc.nfds:
-                    raise InvalidDescriptor(f"the broker sent {len(fds)} fds for a descriptor needing {desc.nfds}")
+                packed = fields["descriptor"]
+                desc = _open_descriptor(packed)
+                roles = desc.fd_roles
+                if len(fds) != len(roles):
+                    raise InvalidDescriptor(f"the broker sent {len(fds)} fds for a descriptor needing {len(roles)}")
             except BaseException:
                 _close(fds)
                 self._close_handle(fields.get("handle"))
                 raise
             handle = Handle(fields["handle"])
             if not self._add_ref(handle.value):  # dup and keep the fds only for the first reference
-                self._held[handle.value] = _Held(desc.to_wire(), _keep(fds))
+                self._held[handle.value] = _Held(packed, _keep(fds))
         mutex = None
         try:
             # What nobody takes closes on leaving: the mutex's fd too (its mapping keeps the state alive, _held a dup).
-            with OwnedFds(fds, desc.fd_roles) as owned:
-                if FD_MUTEX in desc.fd_roles:
+            with OwnedFds(fds, roles) as owned:
+                if FD_MUTEX in roles:
                     from .keyed_mutex import KeyedMutex
 
                     mutex = KeyedMutex(owned.get(FD_MUTEX), session_id=self.session_id)
@@ -797,6 +803,25 @@ def _unpack_descriptor(wire: Any) -> Any:
         except Exception:
             raise RemoteProtocolError("the broker sent an undecodable descriptor") from None
     return wire
+
+
+_DESCRIPTORS: dict[bytes, Descriptor] = {}  # packed descriptor -> its Descriptor, for _open_descriptor
+_DESCRIPTORS_KEPT = 64
+
+
+def _open_descriptor(packed: Any) -> Descriptor:
+    """The Descriptor of an OPEN reply. Processes open the same few resources over and over (a receiver per frame,
+    a viewer per sender); equal bytes decode to an equal immutable Descriptor, so the last few are kept (bounded:
+    cleared when full) instead of unpacking and rebuilding one per OPEN. Structure checks run on every new one."""
+    if type(packed) is not bytes:
+        return Descriptor.from_wire(_unpack_descriptor(packed), validated=True)
+    desc = _DESCRIPTORS.get(packed)
+    if desc is None:
+        desc = Descriptor.from_wire(_unpack_descriptor(packed), validated=True)
+        if len(_DESCRIPTORS) >= _DESCRIPTORS_KEPT:
+            _DESCRIPTORS.clear()
+        _DESCRIPTORS[packed] = desc
+    return desc
 
 
 def _register_fields(wire: dict[str, Any], name: str | None) -> dict[str, Any]:
