@@ -84,6 +84,11 @@ SCHEMA: dict[Op, dict[str, tuple[type, bool]]] = {
     Op.BYE: {},
 }
 FD_LIMITS: dict[Op, tuple[int, int]] = {Op.REGISTER: (1, MAX_FDS), Op.REPLY: (0, MAX_FDS)}
+_FD_RANGE = {op: FD_LIMITS.get(op, (0, 0)) for op in Op}
+_REQUIRED = {op: tuple(k for k, (_, required) in schema.items() if required) for op, schema in SCHEMA.items()}
+_unpackb = msgpack.unpackb
+_UNPACK_LIMITS = dict(raw=False, strict_map_key=True, max_bin_len=MAX_FRAME, max_str_len=MAX_FRAME,
+                      max_array_len=4096, max_map_len=1024, max_ext_len=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,34 +114,38 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
-    """Parse one received frame that arrived with `nfds` fds. Anything illegal is a RemoteProtocolError."""
+    """Parse one received frame that arrived with `nfds` fds. Anything illegal is a RemoteProtocolError.
+
+    Every frame of every client passes here, so the checks are written for speed (`type(x) is int`: msgpack yields
+    exact ints, never a subclass, and a bool is not one) but none is skipped."""
     if truncated or len(data) > MAX_FRAME:
         raise RemoteProtocolError(f"frame over {MAX_FRAME} bytes or {MAX_FDS} fds (truncated by the kernel)")
     if not data:
         raise RemoteProtocolError("empty frame")
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME, max_str_len=MAX_FRAME,
-                              max_array_len=4096, max_map_len=1024, max_ext_len=0)
+        obj = _unpackb(data, **_UNPACK_LIMITS)
     except Exception as e:  # msgpack raises a zoo of types on garbage; all mean the same thing here
         raise RemoteProtocolError(f"undecodable frame: {type(e).__name__}") from None
-    if not (isinstance(obj, list) and len(obj) == 5):
+    if type(obj) is not list or len(obj) != 5:
         raise RemoteProtocolError("a frame is [version, request_id, op, fields, nfds]")
     version, request_id, op_name, fields, declared = obj
-    if not (is_int(version) and version == VERSION):  # exact types: True == 1 == 1.0 in Python, not on the wire
+    if type(version) is not int or version != VERSION:  # exact types: True == 1 == 1.0 in Python, not on the wire
         raise RemoteProtocolError(f"protocol version {echo(version)} is not supported (this side speaks {VERSION})")
-    if not (is_int(request_id) and 0 <= request_id <= MAX_REQUEST_ID):
+    if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
         raise RemoteProtocolError(f"bad request id {echo(request_id)}")
-    op = _OPS.get(op_name) if isinstance(op_name, str) else None
+    op = _OPS.get(op_name) if type(op_name) is str else None
     if op is None:
         raise RemoteProtocolError(f"unknown op {echo(op_name)}")
-    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+    if type(fields) is not dict or (fields and not all(type(k) is str for k in fields)):
         raise RemoteProtocolError("fields must be a map with string keys")
-    if not (is_int(declared) and declared == nfds):
+    if type(declared) is not int or declared != nfds:
         raise RemoteProtocolError(f"{op.value} declares {echo(declared)} fds but {nfds} arrived")
-    lo, hi = FD_LIMITS.get(op, (0, 0))
+    lo, hi = _FD_RANGE[op]
     if not lo <= nfds <= hi:
         raise RemoteProtocolError(f"{op.value} carries {lo}..{hi} fds, not {nfds}")
-    _check_schema(op, fields)
+    schema = SCHEMA.get(op)
+    if schema is not None:
+        _check_schema(op, schema, fields)
     return Message(op, request_id, fields, nfds)
 
 
@@ -150,22 +159,20 @@ def peek_request_id(data: bytes) -> int:
         return 0
 
 
-def _check_schema(op: Op, fields: dict[str, Any]) -> None:
-    schema = SCHEMA.get(op)
-    if schema is None:
-        return  # replies and events: their contents are checked by whoever asked
+def _check_schema(op: Op, schema: dict[str, tuple[type, bool]], fields: dict[str, Any]) -> None:
+    """A request's fields against its schema (replies and events have none: whoever asked checks them)."""
     for key, value in fields.items():
         spec = schema.get(key)
         if spec is None:
             raise RemoteProtocolError(f"{op.value}: unknown field {echo(key)}")
         typ = spec[0]
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        if type(value) is not typ:  # msgpack yields exact types; a bool is not an int here
             raise RemoteProtocolError(f"{op.value}: field {key!r} must be {typ.__name__}")
         if typ is str and len(value) > MAX_NAME * 8:
             raise RemoteProtocolError(f"{op.value}: field {key!r} is too long")
         if typ is dict and not _shallow(value, MAX_DEPTH):
             raise RemoteProtocolError(f"{op.value}: field {key!r} nests deeper than {MAX_DEPTH} levels")
-    missing = [k for k, (_, required) in schema.items() if required and k not in fields]
+    missing = [k for k in _REQUIRED[op] if k not in fields]
     if missing:
         raise RemoteProtocolError(f"{op.value}: missing field(s) {', '.join(missing)}")
     if op in (Op.OPEN, Op.INFO) and ("handle" in fields) == ("name" in fields):
@@ -199,8 +206,12 @@ class Connection:
 
     def __init__(self, *, broker_side: bool) -> None:
         self.broker_side = broker_side
-        self.state = State.AWAITING_HELLO
         self._next_id = 1
+        self._set(State.AWAITING_HELLO)
+
+    def _set(self, state: State) -> None:
+        self.state = state
+        self._allowed = ALLOWED[state]  # looked up once per state change, not per frame
 
     def next_request_id(self) -> int:
         rid, self._next_id = self._next_id, self._next_id + 1
@@ -209,7 +220,7 @@ class Connection:
     def receive(self, data: bytes, nfds: int, *, truncated: bool = False) -> Message:
         msg = decode(data, nfds, truncated=truncated)
         if self.broker_side:
-            if msg.op not in ALLOWED[self.state]:
+            if msg.op not in self._allowed:
                 raise RemoteProtocolError(f"{msg.op.value} is not allowed while {self.state.value}")
             self._advance(msg.op)
         elif msg.op not in RESPONSES:
@@ -218,7 +229,7 @@ class Connection:
 
     def send(self, msg: Message) -> bytes:
         if not self.broker_side:
-            if msg.op not in ALLOWED[self.state]:
+            if msg.op not in self._allowed:
                 raise LocalProtocolError(f"{msg.op.value} is not allowed while {self.state.value}")
             self._advance(msg.op)
         elif msg.op not in RESPONSES:
@@ -227,6 +238,6 @@ class Connection:
 
     def _advance(self, op: Op) -> None:
         if op is Op.HELLO:
-            self.state = State.READY
+            self._set(State.READY)
         elif op is Op.BYE:
-            self.state = State.CLOSED
+            self._set(State.CLOSED)

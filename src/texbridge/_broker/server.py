@@ -343,19 +343,23 @@ class BrokerServer:
                 self._maybe_hangup(peer)
                 return True
             return False
-        facts = [inspect_fd(fd) for fd in fds]
+        tokens: list[int] = []
+        kept: list = []
+        if fds:  # most requests (OPEN, CLOSE) carry none
+            facts = [inspect_fd(fd) for fd in fds]
+            try:
+                tokens = self.store.keep(fds)  # from here on the store owns the fds; the registry sees tokens
+                fds.clear()
+            except OSError as e:  # keep() closed them
+                fds.clear()
+                busy = BrokerBusy(f"the broker cannot keep more fds: {e}")
+                self.registry.count_error(busy, msg.op.value, peer.id)
+                self._send(peer, error_message(msg.request_id, busy), ())
+                self._retire_lost()
+                return False
+            kept = list(zip(tokens, facts))
         try:
-            tokens = self.store.keep(fds)  # from here on the store owns the fds; the registry sees tokens
-            fds.clear()
-        except OSError as e:  # keep() closed them
-            fds.clear()
-            busy = BrokerBusy(f"the broker cannot keep more fds: {e}")
-            self.registry.count_error(busy, msg.op.value, peer.id)
-            self._send(peer, error_message(msg.request_id, busy), ())
-            self._retire_lost()
-            return False
-        try:
-            fx = self.registry.handle(peer.id, msg, list(zip(tokens, facts)))
+            fx = self.registry.handle(peer.id, msg, kept)
         except Exception:  # a broker bug must cost one request, never the broker
             self._throttle("internal", logging.ERROR, "internal error on %s from client %d", msg.op.value,
                            peer.id, exc_info=True)
