@@ -75,6 +75,11 @@ def test_protocol_error_is_abstract():
     (frame(VERSION, -1, "list", {}, 0), 0, "request id"),
     (frame(VERSION, 1, "launch_missiles", {}, 0), 0, "unknown op"),
     (frame(VERSION, 1, "list", {1: 2}, 0), 0, "undecodable|string keys"),
+    (frame(VERSION, 1, "list", {b"offset": 0}, 0), 0, "string keys"),  # msgpack lets bytes keys through
+    (frame(True, 1, "list", {}, 0), 0, "version"),  # exact types: True == 1 in Python, not on the wire
+    (frame(VERSION, True, "list", {}, 0), 0, "request id"),
+    (frame(VERSION, 1.0, "list", {}, 0), 0, "request id"),
+    (frame(VERSION, 1, "list", {}, False), 0, "declares"),
     (frame(VERSION, 1, "list", {}, 1), 0, "declares"),
     (frame(VERSION, 1, "list", {}, 0), 2, "declares"),
     (frame(VERSION, 1, "open", {}, 0), 0, "exactly one"),
