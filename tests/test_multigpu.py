@@ -133,3 +133,40 @@ def test_topology_names_every_pair_and_its_paths():
     assert pairs[(0, 1)]["peer_access"] is True
     assert "zero-copy" in pairs[(0, 1)]["cuda_vmm"] and "peer copy" in pairs[(0, 1)]["vulkan/gl memory"]
     assert f"{n} GPUs" in report["detail"]
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("sender", ["cuda", "vulkan"])
+def test_a_cuda_receiver_on_gpu1_gets_frames_of_a_gpu0_sender_peer_to_peer(runtime, sender):
+    import texbridge
+    from texbridge.backends.cuda import get_device
+
+    if sender == "vulkan":
+        from texbridge._errors import BackendError
+
+        try:
+            from texbridge.backends import _vk
+
+            if _vk.default_device().device_uuid != get_device(0).uuid:
+                pytest.skip("needs the Vulkan device to be CUDA device 0")
+        except (ImportError, BackendError) as e:
+            pytest.skip(f"needs a Vulkan device with VK_KHR_external_memory_fd: {e}")
+    with texbridge.Sender("g0", 320, 200, backend=sender) as tx, \
+            texbridge.Receiver("g0", backend="cuda", device=1) as rx:
+        for seed in (50, 51, 52):
+            frame = pattern(tx.shape, np.uint8, seed)
+            tx.send(frame)
+            got = rx.wait_frame(10)
+            assert got.device.ordinal == 1 and got.__dlpack_device__() == (2, 1)
+            assert same(got.download(), frame), f"frame {seed}"
+        assert rx.gpu_path == "gpu-copy", rx.gpu_path_reason  # never the memfd copy path through the host
+        assert rx.copy_path_reason is None
+
+
+def test_device_is_refused_for_a_receiver_that_is_not_cuda(runtime):
+    import texbridge
+    from texbridge._errors import InvalidArgument
+
+    for backend in (None, "gl", "vulkan", "memfd"):
+        with pytest.raises(InvalidArgument, match="device= picks the GPU of a CUDA receiver"):
+            texbridge.Receiver("x", backend=backend, device=1)

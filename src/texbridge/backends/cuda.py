@@ -542,13 +542,13 @@ class CUDAResource(Resource):
         return self._scratch_ptr
 
     def copy_to(self, dst: "CUDAResource", *, stream: Any = None) -> None:
-        """Copy this texture into texture `dst` on the same CUDA device (cuMemcpy3D between device memory and CUDA
-        arrays). Complete when it returns (stream None; device-to-device copies are asynchronous to the host, so
+        """Copy this texture into texture `dst` (cuMemcpy3D between device memory and CUDA arrays; to another GPU of
+        this host, peer_copy()). Complete when it returns (stream None; device-to-device copies are asynchronous to the host, so
         the stream is synchronized), so a receiver can re-check the slot's sequence after it; with a stream, the
         copy is queued there and the caller synchronizes."""
         self._check_open()
         if not isinstance(dst, CUDAResource):
-            raise InvalidArgument(f"copy_to takes a CUDAResource on the same device, not {dst!r}")
+            raise InvalidArgument(f"copy_to takes a CUDAResource, not {dst!r}")
         dst._check_open()
         self._need_texture()
         dst._need_texture()
@@ -557,7 +557,8 @@ class CUDAResource(Resource):
             raise InvalidArgument(f"copy_to needs the same size and format: {d.width}x{d.height} {d.format} into "
                                   f"{dd.width}x{dd.height} {dd.format}")
         if dst.device.ordinal != self.device.ordinal:
-            raise IncompatibleDevice(f"copy_to stays on one device: CUDA {self.device.ordinal} → {dst.device.ordinal}")
+            self.peer_copy(dst, stream=stream)  # another GPU of this host: device to device over the link
+            return
         self._copy(self._here(0), dst._here(0), stream if stream is not None else 0)
         if stream is None:
             self.synchronize(0)

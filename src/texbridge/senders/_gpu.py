@@ -59,6 +59,7 @@ class GpuFrames:
             return backend.create_texture(width, height, fmt, context=context)
         device = getattr(like, "device", None) if like.backend_name == self.backend else None
         if self.backend == "cuda":
+            device = getattr(like, "consumer_device", device)  # a slot on another GPU: frames go to the asker's
             return backend.create_texture(width, height, fmt, **({"device": device.ordinal} if device else {}))
         return backend.create_texture(width, height, fmt, **({"device": device} if device else {}))
 

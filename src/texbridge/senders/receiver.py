@@ -19,8 +19,8 @@ import numpy as np
 
 from .. import _liveness
 from .._client import Session, connect
-from .._errors import (BackendError, ClosedError, InvalidDescriptor, KeyedMutexAbandoned, NotASender, NotFound,
-                       SenderNotFound, TexbridgeError)
+from .._errors import (BackendError, ClosedError, InvalidArgument, InvalidDescriptor, KeyedMutexAbandoned,
+                       NotASender, NotFound, SenderNotFound, TexbridgeError)
 from .._formats import get_format
 from .._memory_types import get_memory_type
 from .._resources import Resource
@@ -69,11 +69,15 @@ class Receiver:
     (None: texbridge's headless one; "current" or a moderngl.Context: yours)."""
 
     def __init__(self, name: str | None = None, *, session: Session | None = None, backend: str | None = None,
-                 app_name: str | None = None, require_sender: bool = False, context: Any = None) -> None:
+                 app_name: str | None = None, require_sender: bool = False, context: Any = None,
+                 device: int | None = None) -> None:
         self.requested = name
         self.backend = backend
         self._gpu = GpuFrames(backend, context) if backend in GPU_BACKENDS else None
         self._context = context
+        if device is not None and backend != "cuda":
+            raise InvalidArgument(f"device= picks the GPU of a CUDA receiver (backend='cuda'), not backend={backend!r}")
+        self._device = device  # CUDA: the GPU frames are wanted on; slots on another GPU arrive peer to peer
         self.gpu_path: str | None = None  # GPU receivers: "gpu-copy" | "upload" (and "zero-copy" for copy=False)
         self.gpu_path_reason: str | None = None  # why frames are uploaded rather than copied on the GPU
         self._own_session = session is None
@@ -279,6 +283,8 @@ class Receiver:
                 backend = "memfd"
             elif backend == "gl" and self._context is not None:
                 options["context"] = self._context
+            elif backend == "cuda" and self._device is not None:
+                options["device"] = self._device
         try:
             for h in handles:
                 link.slots.append(self._session.open(h, backend=backend, **options))
