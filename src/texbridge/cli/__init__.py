@@ -14,12 +14,16 @@ from __future__ import annotations
 import click
 
 from . import bench, broker, demo, doctor, resources, senders
+from ._common import namespace_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="texbridge")
+@namespace_option
 def main() -> None:
-    """texbridge: DXGI-style shared textures and buffers between Linux processes."""
+    """texbridge: DXGI-style shared textures and buffers between Linux processes.
+
+    -n/--namespace works before the command (texbridge -n show ls) or after it (texbridge ls -n show)."""
 
 
 for _command in (demo.demo, resources.ls, resources.info, broker.broker, doctor.doctor, bench.bench,

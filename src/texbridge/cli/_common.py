@@ -7,7 +7,9 @@ traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import sys
 from typing import Any, Callable, NoReturn
@@ -43,6 +45,26 @@ namespace_option = click.option(
 """--namespace/-n NS, applied through $TEXBRIDGE_NAMESPACE: everything the command opens without naming a namespace
 (a session, Sender, Receiver, list_senders, an auto-started broker, the demo's child processes) then lands in NS.
 Commands ask `namespace()` for the name; an invalid one raises ValueError there, which `friendly` reports."""
+
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print JSON (machine-readable, stable keys) instead of a table.")
+"""--json: the one spelling of machine-readable output; commands print it with print_json()."""
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def print_json(value: Any) -> None:
+    """One JSON document on stdout (bytes as hex, dataclasses as objects; nothing rich touches it)."""
+    click.echo(json.dumps(value, default=_jsonable, sort_keys=False))
 
 
 def namespace() -> str:

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from .. import benchmarks
 from ..benchmarks import _report as report_module
-from ._common import WIDTH, console, err_console, fail
+from ._common import WIDTH, console, err_console, fail, json_option, print_json
 
 
 class _Source:
@@ -44,11 +44,17 @@ class _Source:
 @click.command()
 @click.option("--quick", is_flag=True, help="Fewer iterations: a smoke run, not figures to quote.")
 @click.option("--list", "list_only", is_flag=True, help="List the benchmark modules and exit.")
+@json_option
 @click.argument("names", nargs=-1)
-def bench(quick: bool, list_only: bool, names: tuple[str, ...]) -> None:
-    """Run the benchmarks shipped in texbridge.benchmarks (all, or NAMES) and print one table."""
+def bench(quick: bool, list_only: bool, as_json: bool, names: tuple[str, ...]) -> None:
+    """Run the benchmarks shipped in texbridge.benchmarks (all, or NAMES) and print one table (--json: one JSON
+    object with the rows and the failed benchmarks; progress goes to stderr)."""
     source = _Source()
     available = list(source.names)
+    out = err_console if as_json else console
+    if list_only and as_json:
+        print_json(source.names)
+        return
     if list_only:
         width = max(map(len, available), default=0)
         console.print("\n".join(f"{n:<{width}}  {d}".rstrip() for n, d in source.names.items()), markup=False)
@@ -64,7 +70,7 @@ def bench(quick: bool, list_only: bool, names: tuple[str, ...]) -> None:
     rows: list[Any] = []
     failures: list[str] = []
     for stem in chosen:
-        console.print(f"[bold]bench[/] {stem}{' (quick)' if quick else ''} ...")
+        out.print(f"[bold]bench[/] {stem}{' (quick)' if quick else ''} ...")
         sys.stdout.flush()
         t = time.perf_counter()
         try:
@@ -79,7 +85,12 @@ def bench(quick: bool, list_only: bool, names: tuple[str, ...]) -> None:
             err_console.print(traceback.format_exc(limit=-3), soft_wrap=True, markup=False)
             continue
         rows.extend(got)
-        console.print(f"  {len(got)} row(s) in {time.perf_counter() - t:.1f}s")
+        out.print(f"  {len(got)} row(s) in {time.perf_counter() - t:.1f}s")
+    if as_json:
+        print_json({"rows": rows, "failed": failures})
+        if failures:
+            raise SystemExit(1)
+        return
     if rows:
         if not sys.stdout.isatty():
             os.environ["COLUMNS"] = str(WIDTH)  # _report's own Console: wide lines when piped

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from ..backends import BACKENDS
-from ._common import console
+from ._common import console, json_option, print_json
 
 
 def backend_report(name: str) -> dict[str, Any]:
@@ -74,8 +74,32 @@ def platform_report() -> dict[str, Any]:
     }
 
 
+def viewer_report() -> dict[str, Any]:
+    """Whether `texbridge view` can open a window here: glfw and PyOpenGL importable, and a display to open it on."""
+    import importlib.util
+
+    missing, versions = [], {}
+    try:
+        import glfw
+
+        versions["glfw"] = ".".join(map(str, glfw.get_version())) if hasattr(glfw, "get_version") else "present"
+    except Exception as e:  # ImportError, or the bundled library failing to load
+        missing.append(f"glfw ({type(e).__name__}: {e})")
+    if importlib.util.find_spec("OpenGL") is None:
+        missing.append("PyOpenGL")
+    else:
+        versions["PyOpenGL"] = "present"
+    display = os.environ.get("WAYLAND_DISPLAY") or os.environ.get("DISPLAY") or ""
+    problems = ([f"missing {', '.join(missing)}: pip install 'texbridge[view]'"] if missing else []) + \
+        ([] if display else ["no display: neither DISPLAY nor WAYLAND_DISPLAY is set (run it in a desktop session, "
+                             "or under xvfb-run)"])
+    return {"available": not problems,
+            "detail": "; ".join(problems) if problems else f"can open a window on {display}",
+            "display": display or "-", **versions}
+
+
 def collect() -> dict[str, dict[str, Any]]:
-    """Every topic, in display order: platform, keyed mutex, then each backend."""
+    """Every topic, in display order: platform, keyed mutex, each backend, then the viewer."""
     topics: dict[str, dict[str, Any]] = {}
     for name, probe in (("platform", platform_report), ("keyed mutex", keyed_mutex_report)):
         try:
@@ -84,6 +108,10 @@ def collect() -> dict[str, dict[str, Any]]:
             topics[name] = {"available": False, "detail": f"{type(e).__name__}: {e}"}
     for name in BACKENDS:
         topics[name] = backend_report(name)
+    try:
+        topics["viewer"] = viewer_report()
+    except Exception as e:
+        topics["viewer"] = {"available": False, "detail": f"{type(e).__name__}: {e}"}
     return topics
 
 
@@ -113,9 +141,14 @@ def _scalar(v: Any) -> str:
 
 
 @click.command()
-def doctor() -> None:
-    """What this machine can share: memfd, Vulkan, EGL/GL, CUDA, and the keyed mutex core."""
-    for topic, report in collect().items():
+@json_option
+def doctor(as_json: bool) -> None:
+    """What this machine can share: memfd, Vulkan, EGL/GL, CUDA, the keyed mutex core, and whether `view` can run."""
+    topics = collect()
+    if as_json:
+        print_json(topics)
+        return
+    for topic, report in topics.items():
         ok = bool(report.get("available"))
         mark = "[green]✔[/]" if ok else "[red]✘[/]"
         tree = Tree(f"{mark} [bold]{topic}[/]: {escape(str(report.get('detail', '')))}")

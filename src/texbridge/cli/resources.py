@@ -15,7 +15,7 @@ from .._descriptor import Descriptor, Usage
 from .._errors import BrokerUnavailable, TexbridgeError
 from .._formats import get_format
 from .._handle import Handle
-from ._common import bytes_text, connect, console, friendly, namespace, namespace_option
+from ._common import bytes_text, connect, console, friendly, json_option, namespace, namespace_option, print_json
 
 
 def _size_text(r: dict[str, Any]) -> str:
@@ -36,6 +36,11 @@ def _resource_table(resources: list[dict[str, Any]], title: str) -> Table:
                       r.get("format") or "-", r.get("backend") or "-", str(r.get("creator_pid", "")),
                       str(r.get("open_count", "")))
     return table
+
+
+def _resource_json(r: dict[str, Any]) -> dict[str, Any]:
+    """A LIST entry for --json: the handle in its printed form (tb:...), everything else as the broker said."""
+    return {**r, "handle": str(Handle(r["handle"]))}
 
 
 def _event_line(ev: Any) -> str:
@@ -59,27 +64,40 @@ def _event_line(ev: Any) -> str:
 @click.command()
 @namespace_option
 @click.option("--watch", "-w", is_flag=True, help="Keep following events (published, retired, ...) live.")
+@json_option
 @friendly
-def ls(watch: bool) -> None:
-    """List the namespace's shared resources."""
+def ls(watch: bool, as_json: bool) -> None:
+    """List the namespace's shared resources (--json: one JSON list; with --watch, then one JSON event per line)."""
     try:
         # A watcher waits for what will be shared, so it may start the broker; a one-shot listing never does.
         session = connect(autostart=watch)
     except BrokerUnavailable:
+        if as_json:
+            print_json([])
+            return
         console.print(f"no broker is running for namespace {namespace()!r}: nothing is shared")
         return
     with session:
         stream = session.watch() if watch else None  # subscribe first, so nothing falls between list and watch
         try:
             resources = session.list()
-            console.print(_resource_table(resources, f"namespace {session.namespace!r}: "
-                                                     f"{len(resources)} resource(s)"))
+            if as_json:
+                print_json([_resource_json(r) for r in resources])
+            else:
+                console.print(_resource_table(resources, f"namespace {session.namespace!r}: "
+                                                         f"{len(resources)} resource(s)"))
             if stream is None:
                 return
-            console.print("[dim]watching; Ctrl-C to stop[/]")
+            if not as_json:
+                console.print("[dim]watching; Ctrl-C to stop[/]")
             sys.stdout.flush()
             try:
                 for ev in stream:
+                    if as_json:
+                        print_json({"event": ev.kind, "handle": str(ev.handle) if ev.handle is not None else None,
+                                    "name": ev.name, **{k: v for k, v in ev.fields.items() if k != "handle"}})
+                        sys.stdout.flush()
+                        continue
                     console.print(_event_line(ev), soft_wrap=True)
                     if ev.kind == "reconnected":  # a new broker: what it holds now, as events of the gap are lost
                         resources = session.list()
@@ -97,12 +115,16 @@ def ls(watch: bool) -> None:
 @click.command()
 @click.argument("target", metavar="HANDLE|NAME")
 @namespace_option
+@json_option
 @friendly
-def info(target: str) -> None:
+def info(target: str, as_json: bool) -> None:
     """Show a resource's descriptor: geometry, format in every API, memory type, device identity, blobs."""
     with connect() as s:
         fields = s.info(target)
     desc = Descriptor.from_wire(fields["descriptor"])
+    if as_json:
+        print_json({**fields, "handle": str(Handle(fields["handle"])), "descriptor": desc.to_wire()})
+        return
     table = Table(title=str(Handle(fields['handle'])), show_header=False)
     table.add_column(style="bold")
     table.add_column()

@@ -5,6 +5,7 @@ The window and the test pattern live in `viewer` (imported when a command needs 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -16,8 +17,9 @@ from rich.table import Table
 import texbridge
 
 from .._errors import SenderNotFound, TexbridgeTimeout
-from ..senders import active_sender, watch_senders
-from ._common import BACKEND_HELP, console, friendly, namespace_option, parse_size
+from .._handle import Handle
+from ..senders import active_sender, list_senders, watch_senders
+from ._common import BACKEND_HELP, console, friendly, json_option, namespace_option, parse_size, print_json
 
 
 def _info_row(info: Any, status: str = "live") -> tuple[str, ...]:
@@ -69,10 +71,20 @@ def send_test(name: str, size: tuple[int, int], fps: float, frames: int | None, 
 
 @click.command("senders")
 @click.option("--once", is_flag=True, help="Print the list once and exit (no live view).")
+@json_option
 @namespace_option
 @friendly
-def senders(once: bool) -> None:
-    """List senders live (name, app, pid, size, format, backend, fps, frames), from broker events."""
+def senders(once: bool, as_json: bool) -> None:
+    """List senders live (name, app, pid, size, format, backend, fps, frames), from broker events.
+
+    Piped (not a terminal), the table is printed once and then one line per change, so columns stay readable;
+    --json prints the list once as JSON (with "active": true on the active sender)."""
+    if as_json:
+        with texbridge.connect(app_name="texbridge senders") as session:
+            active = active_sender(session)
+            print_json([{**dataclasses.asdict(i), "handle": str(Handle(i.handle)), "active": i.name == active}
+                        for i in list_senders(session)])
+        return
     with texbridge.connect(app_name="texbridge senders") as session:
         with watch_senders(session, initial=True) as watch:
             rows: dict[str, tuple[str, ...]] = {}
@@ -92,6 +104,21 @@ def senders(once: bool) -> None:
             title = f"senders in namespace {session.namespace!r}"
             if once:
                 console.print(_senders_table(rows, active_sender(session), title))
+                return
+            if not sys.stdout.isatty():  # a pipe or a file: no live redraws, one line per change after the table
+                console.print(_senders_table(rows, active_sender(session), title))
+                sys.stdout.flush()
+                try:
+                    while True:
+                        ev = watch.next(1.0)
+                        if ev is None or ev.kind == "updated":
+                            continue
+                        what = "  ".join(_info_row(ev.info)[:-1]) if ev.info is not None else ev.name
+                        console.print(f"{time.strftime('%H:%M:%S')} {ev.kind:<9} {what}",
+                                      markup=False, soft_wrap=True)
+                        sys.stdout.flush()
+                except KeyboardInterrupt:
+                    pass
                 return
             active = active_sender(session)
             try:
