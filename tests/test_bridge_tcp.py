@@ -934,3 +934,110 @@ def delta_pair():
     yield pairs
     for x in made:
         x.close()
+
+
+# -- across network namespaces (veth), mDNS ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def netns_pair():
+    """Two network namespaces joined by a veth pair, made here and removed after: addresses exist only inside them
+    (10.231.N.1 and .2), never on this host's own interfaces."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_NET_ADMIN) to create network namespaces")
+    if not shutil.which("ip"):
+        pytest.skip("needs the ip command (iproute2)")
+    tag = os.urandom(3).hex()
+    a, b = f"tb-a-{tag}", f"tb-b-{tag}"
+    net = 10 + int(tag[:2], 16) % 200
+    made: list[str] = []
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    try:
+        for ns in (a, b):
+            try:
+                ip("netns", "add", ns)
+            except subprocess.CalledProcessError as e:
+                pytest.skip(f"cannot create a network namespace here (CAP_SYS_ADMIN/CAP_NET_ADMIN): {e.stderr}")
+            made.append(ns)
+        ip("-n", a, "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b", "netns", b)
+        ip("-n", a, "addr", "add", f"10.231.{net}.1/24", "dev", "veth-a")
+        ip("-n", b, "addr", "add", f"10.231.{net}.2/24", "dev", "veth-b")
+        for ns, dev in ((a, "veth-a"), (b, "veth-b")):
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield a, b, f"10.231.{net}.1"
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_link_across_a_veth_pair_between_namespaces(peers, netns_pair):
+    a, b, server_ip = netns_pair
+    in_a, in_b = ["ip", "netns", "exec", a], ["ip", "netns", "exec", b]
+    # a real non-loopback address: serving there without a secret is refused
+    refused = peers("serve", "--host", server_ip, "--port", "7411", prefix=in_a)
+    assert "without a shared secret" in refused.wait_line("REFUSED")
+    srv = peers("serve", "--host", server_ip, "--port", "7411", "--secret", SECRET, "--label", "host-a", prefix=in_a)
+    srv.port()
+    driver = peers("join", "--host", server_ip, "--port", "7411", "--secret", SECRET, "--label", "host-b",
+                   "--drive", "25", "--size", "640x360", prefix=in_b)
+    assert driver.wait_line("LINKED", timeout=30) == "LINKED host-a lz4"
+    assert driver.wait_line("VERIFIED", timeout=60) == "VERIFIED 25"
+    # a wrong secret from the other namespace is refused
+    wrong = peers("join", "--host", server_ip, "--port", "7411", "--secret", "a wrong secret, long enough",
+                  prefix=in_b)
+    assert "refused" in wrong.wait_line("AUTH", timeout=30)
+
+
+def test_mdns_advertise_and_find_by_label():
+    zeroconf = pytest.importorskip("zeroconf", reason="mDNS discovery needs zeroconf (the [net] extra)")
+    from texbridge.bridge._tcp import discover, find_peer
+
+    label = "tb-" + os.urandom(4).hex()
+    try:
+        srv = TcpEndpoint("serve", "127.0.0.1", 0, label=label, advertise=True, mdns_interfaces=["127.0.0.1"])
+    except (OSError, zeroconf.Error) as e:
+        pytest.skip(f"no multicast on loopback here: {e}")
+    try:
+        found = find_peer(label, timeout=5.0, interfaces=["127.0.0.1"])
+        assert found == ("127.0.0.1", srv.port)
+        assert discover(timeout=3.0, interfaces=["127.0.0.1"]).get(label) == ("127.0.0.1", srv.port)
+        got: dict = {}
+        t = threading.Thread(target=lambda: got.setdefault("s", srv.establish(15)))
+        t.start()
+        link = establish(TcpEndpoint("join", "", 0, find=label, mdns_interfaces=["127.0.0.1"]), 15)
+        t.join()
+        assert link.peer_label == label and got["s"] is not None
+        link.close(), got["s"].close()
+        assert find_peer("tb-nobody-" + label, timeout=0.5, interfaces=["127.0.0.1"]) is None
+    finally:
+        srv.close()
+
+
+def test_floods_are_bounded():
+    """A peer flooding control messages the engine has not taken yet loses its link; a flood of keyframe requests
+    costs at most one keyframe per stream in the queue."""
+    sock, link, srv = hostile_link()
+    try:
+        w = link.open_writer(0, SMALL)
+        w.begin()[:] = 3
+        w.commit(FrameMeta(1))
+        time.sleep(0.2)
+        sock.sendall((C.header(C.RESYNC, 4) + (0).to_bytes(4, "little")) * 20000)
+        time.sleep(0.5)
+        assert link.alive and len(link._queue) <= 2
+        msg = msgpack.packb({"x": b"y" * 60000})
+        try:
+            sock.sendall((C.header(C.CTRL, len(msg)) + msg) * 300)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        deadline = time.monotonic() + 5  # (not wait_dead: its receive() would take the messages)
+        while link.alive and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(BridgePeerError, match="not yet received"):
+            link.receive()
+    finally:
+        sock.close(), link.close(), srv.close()

@@ -59,6 +59,8 @@ T = TypeVar("T")
 HANDSHAKE_S = 5.0  # a peer that has not finished the handshake by then is dropped
 SEND_STALL_S = 10 * PEER_TIMEOUT_S  # a peer that reads nothing for this long (while still alive) is dropped
 MAX_QUEUED_CTRL = 4096  # control messages waiting for the socket; more = the peer is not reading: link dies
+MAX_INBOX = 4096  # control messages received but not yet taken by receive(); more = a flooding peer: link dies
+MAX_INBOX_BYTES = 16 << 20
 RECV_CHUNK = 256 * 1024
 SEND_CHUNK = 1 << 20
 MIN_SECRET = 16
@@ -641,6 +643,7 @@ class TcpLink:
         self._queue: collections.deque[Any] = collections.deque()  # _OutStream tokens and bytes (control)
         self._ctrl_queued = 0
         self._inbox: collections.deque[dict[str, Any]] = collections.deque()
+        self._inbox_bytes = 0
         self._wake = threading.Event()
         self._out: dict[int, _OutStream] = {}
         self._in: dict[int, _InStream] = {}
@@ -691,6 +694,7 @@ class TcpLink:
             self._check_alive()
             out = list(self._inbox)
             self._inbox.clear()
+            self._inbox_bytes = 0
         return out
 
     def open_writer(self, stream: int, fmt: StreamFormat) -> _OutStream:
@@ -797,16 +801,8 @@ class TcpLink:
                         item = C.header(C.CTRL, len(item)) + item
                     elif isinstance(item, _OutStream):
                         frame = item.take()
-                    elif isinstance(item, tuple) and item[0] == "ask-key":
+                    elif isinstance(item, tuple):  # our reader asks the peer for a keyframe
                         item = C.header(C.RESYNC, 4) + item[1].to_bytes(4, "little")
-                    elif isinstance(item, tuple):  # the peer asked for a keyframe of our stream
-                        w = self._out.get(item[1])
-                        if w is not None:
-                            w.need_key = True
-                            if w.pending is None and not w.queued:
-                                w.rekey = w.queued = True
-                                self._queue.append(w)
-                        item = None
                 if isinstance(item, bytes):
                     self._send([item], alive)
                 elif frame is not None:
@@ -842,7 +838,11 @@ class TcpLink:
                 if kind == C.CTRL:
                     msg = C.unpack_map(self._inp.read(length), "control message")
                     with self._lock:
+                        if len(self._inbox) >= MAX_INBOX or self._inbox_bytes + length > MAX_INBOX_BYTES:
+                            raise BridgePeerError(f"the peer sent more than {MAX_INBOX} control messages or "
+                                                  f"{MAX_INBOX_BYTES >> 20} MiB not yet received")
                         self._inbox.append(msg)
+                        self._inbox_bytes += length
                     self._wake.set()
                 elif kind == C.PING:
                     pass
@@ -850,9 +850,14 @@ class TcpLink:
                     stream = int.from_bytes(self._inp.read(4), "little")
                     if stream >= MAX_STREAMS:
                         raise BridgePeerError(f"resync of stream {stream}")
-                    with self._lock:
-                        self._queue.append(("rekey", stream))
-                        self._cond.notify()
+                    with self._lock:  # coalesced: a stream is queued at most once, however often asked
+                        w = self._out.get(stream)
+                        if w is not None:
+                            w.need_key = True
+                            if w.pending is None and not w.queued:
+                                w.rekey = w.queued = True
+                                self._queue.append(w)
+                                self._cond.notify()
                 elif kind == C.FRAME:
                     self._read_frame(length)
                 else:
@@ -1090,8 +1095,9 @@ class TcpEndpoint:
         host = self.address[0]
         if ipaddress.ip_address(host).is_unspecified:
             host = socket.gethostbyname(socket.gethostname())
+        hostname = "".join(c if c.isalnum() or c == "-" else "-" for c in self.label)[:60]
         info = zeroconf.ServiceInfo(MDNS_TYPE, f"{self.label}.{MDNS_TYPE}", port=self.port,
-                                    parsed_addresses=[host],
+                                    parsed_addresses=[host], server=f"texbridge-{hostname}.local.",
                                     properties={"label": self.label, "version": str(C.PROTOCOL_VERSION),
                                                 "tls": "1" if self._tls else "0",
                                                 "auth": "1" if self._secret else "0"})
