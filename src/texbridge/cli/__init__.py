@@ -4,6 +4,7 @@
     senders    send-test, senders, view     demo    demo (and the two processes it runs)
     doctor     doctor (and what it gathers) bench   bench (runs texbridge.benchmarks)
     viewer     the GLFW window and test pattern behind view and send-test
+    mps        mps start|stop|status|env (a per-user CUDA MPS daemon)
 
 Only the public Session API is used (plus the broker launcher and diagnostics), so the CLI exercises exactly what
 applications use. Commands that only look (ls, info, broker status/stop) never auto-start a broker.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import click
 
-from . import bench, broker, demo, doctor, resources, senders
+from . import bench, broker, demo, doctor, mps, resources, senders
 from ._common import namespace_option
 
 
@@ -27,7 +28,7 @@ def main() -> None:
 
 
 for _command in (demo.demo, resources.ls, resources.info, broker.broker, doctor.doctor, bench.bench,
-                 senders.send_test, senders.senders, senders.view):
+                 senders.send_test, senders.senders, senders.view, mps.mps):
     main.add_command(_command)
 
 __all__ = ["main"]

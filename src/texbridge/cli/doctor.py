@@ -98,8 +98,35 @@ def viewer_report() -> dict[str, Any]:
             "display": display or "-", **versions}
 
 
+def mps_report(cuda: dict[str, Any] | None) -> dict[str, Any]:
+    """Whether a CUDA MPS daemon serves this user's CUDA processes, and what starting one would gain: one line and
+    the command. Only looks: never starts a daemon, never initializes CUDA (the cuda topic did)."""
+    from .. import _mps
+
+    if not cuda or not cuda.get("available"):
+        why = (cuda or {}).get("detail", "the cuda backend is not loaded")
+        return {"available": False, "detail": f"not applicable: MPS serves CUDA only, and CUDA is unavailable ({why})"}
+    mine = _mps.status(_mps.directories().pipe)
+    serving = _mps.status()
+    if serving.running:
+        return {"available": True, "detail": f"CUDA processes started from this shell are MPS clients: "
+                                             f"{serving.detail}"}
+    report: dict[str, Any] = {"available": False}
+    if mine.running:
+        report["detail"] = ("texbridge's MPS daemon runs, but this shell's CUDA processes do not use it "
+                            f"(CUDA_MPS_PIPE_DIRECTORY is not {mine.pipe}): {_mps.MEASURED_GAIN}")
+        report["command"] = 'eval "$(texbridge mps env)"'
+    else:
+        report["detail"] = (f"no MPS daemon serves this user: GPU frames handed between CUDA processes pay a context "
+                            f"switch each way ({_mps.MEASURED_GAIN})")
+        report["command"] = 'texbridge mps start && eval "$(texbridge mps env)"'
+    if _mps.control_path() is None:
+        report["note"] = f"{_mps.CONTROL} is not on PATH (NVIDIA compute utilities): install it first"
+    return report
+
+
 def collect() -> dict[str, dict[str, Any]]:
-    """Every topic, in display order: platform, keyed mutex, each backend, then the viewer."""
+    """Every topic, in display order: platform, keyed mutex, each backend, CUDA MPS, then the viewer."""
     topics: dict[str, dict[str, Any]] = {}
     for name, probe in (("platform", platform_report), ("keyed mutex", keyed_mutex_report)):
         try:
@@ -108,6 +135,10 @@ def collect() -> dict[str, dict[str, Any]]:
             topics[name] = {"available": False, "detail": f"{type(e).__name__}: {e}"}
     for name in BACKENDS:
         topics[name] = backend_report(name)
+    try:
+        topics["mps"] = mps_report(topics.get("cuda"))
+    except Exception as e:  # doctor never crashes (a broken control binary, an unreadable directory)
+        topics["mps"] = {"available": False, "detail": f"{type(e).__name__}: {e}"}
     try:
         topics["viewer"] = viewer_report()
     except Exception as e:
@@ -143,7 +174,7 @@ def _scalar(v: Any) -> str:
 @click.command()
 @json_option
 def doctor(as_json: bool) -> None:
-    """What this machine can share: memfd, Vulkan, EGL/GL, CUDA, the keyed mutex core, and whether `view` can run."""
+    """What this machine can share: memfd, Vulkan, EGL/GL, CUDA (and whether an MPS daemon serves it), the keyed mutex core, and whether `view` can run."""
     topics = collect()
     if as_json:
         print_json(topics)
