@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from texbridge.bridge import _ivshmem as iv
@@ -521,3 +523,332 @@ def test_a_second_server_on_one_file_is_refused(tmp_path):
             ShmEndpoint(tmp_path / "f", "serve", size=SIZE).establish(0)
     finally:
         a.close()
+
+
+# -- hostile bytes: the peer can write anything anywhere at any time --------------------------------------------------
+def _word(mem: np.ndarray, off: int, value: int) -> None:
+    mem[off:off + 8].view(np.uint64)[0] = value
+
+
+def _record(mem: np.ndarray, lay: L.Layout, payload: bytes, length: int | None = None) -> None:
+    """Put one record into side 0's message ring as a hostile producer would (length word may lie)."""
+    ring = lay.ring(0)
+    _word(mem, ring, len(payload) if length is None else length)
+    mem[ring + 8:ring + 8 + len(payload)] = np.frombuffer(payload, np.uint8)
+    _word(mem, lay.side(0) + 8 * L.S_HEAD, 8 + L.pad8(len(payload)))
+
+
+def _table(lay: L.Layout, word: int) -> int:
+    return lay.table(0) + 8 * word
+
+
+def _regen(mem: np.ndarray, lay: L.Layout) -> None:
+    from texbridge.senders import ring as rg
+
+    gen = int(mem[_table(lay, rg._GEN):_table(lay, rg._GEN) + 8].view(np.uint64)[0])
+    _word(mem, _table(lay, rg._GEN), gen + 1)
+
+
+def _hostile_cases():  # type: ignore[no-untyped-def]
+    import msgpack
+
+    from texbridge.senders import ring as rg
+
+    def slot0(lay: L.Layout, w: int) -> int:
+        return lay.area(0) + 8 * w
+
+    def latest_meta(lay: L.Layout, mem: np.ndarray, w: int) -> int:
+        slot = int(mem[_table(lay, rg._LATEST):_table(lay, rg._LATEST) + 8].view(np.uint64)[0]) & rg._SLOT_MASK
+        return lay.area(0) + slot * L.slot_stride(FMT) + 8 * w
+
+    return {
+        "slot offset past the area": (lambda mem, lay: (_word(mem, _table(lay, rg._HANDLES), lay.area_size), _regen(mem, lay)),
+                                      "read", "outside the frame area"),
+        "slot offset not page-aligned": (lambda mem, lay: (_word(mem, _table(lay, rg._HANDLES + 1), 4095), _regen(mem, lay)),
+                                         "read", "outside the frame area"),
+        "too many slots": (lambda mem, lay: (_word(mem, _table(lay, rg._NSLOTS), 16), _regen(mem, lay)), "read", "slots"),
+        "too few slots": (lambda mem, lay: (_word(mem, _table(lay, rg._NSLOTS), 2), _regen(mem, lay)), "read", "slots"),
+        "damage count": (lambda mem, lay: _word(mem, latest_meta(lay, mem, L.M_NDAMAGE), 65), "read", "frame meta"),
+        "huge damage count": (lambda mem, lay: _word(mem, latest_meta(lay, mem, L.M_NDAMAGE), 2**64 - 1), "read", "frame meta"),
+        "user data length": (lambda mem, lay: _word(mem, latest_meta(lay, mem, L.M_ULEN), 4097), "read", "frame meta"),
+        "damage outside the frame": (lambda mem, lay: (_word(mem, latest_meta(lay, mem, L.M_NDAMAGE), 1),
+                                     mem.__setitem__(slice(latest_meta(lay, mem, 0) + L.M_DAMAGE,
+                                                           latest_meta(lay, mem, 0) + L.M_DAMAGE + 16),
+                                                     np.array([60, 0, 10, 1], np.uint32).view(np.uint8))),
+                                     "read", "frame meta"),
+        "empty record": (lambda mem, lay: _record(mem, lay, b"", 0), "receive", "record of 0 bytes"),
+        "record longer than allowed": (lambda mem, lay: _record(mem, lay, b"\x80", MAX_MESSAGE + 1), "receive", "record"),
+        "record longer than written": (lambda mem, lay: _record(mem, lay, b"\x80", 100), "receive", "record"),
+        "head a ring ahead": (lambda mem, lay: _word(mem, lay.side(0) + 8 * L.S_HEAD, L.RING_SIZE + 8), "receive", "head"),
+        "not msgpack": (lambda mem, lay: _record(mem, lay, b"\xc1"), "receive", "undecodable"),
+        "not a map": (lambda mem, lay: _record(mem, lay, msgpack.packb([1, 2])), "receive", "must be a map"),
+        "tail past head": (lambda mem, lay: _word(mem, lay.side(0) + 8 * L.S_TAIL, 4096), "send", "tail"),
+        "tail going back": (lambda mem, lay: _word(mem, lay.side(0) + 8 * L.S_TAIL, 2**63), "send", "tail"),
+        "progress past the frame": (lambda mem, lay: None, "progress", "progress"),
+        "header overwritten": (lambda mem, lay: _word(mem, 8 * L.H_SESSION, 5), "alive", "header"),
+    }, slot0
+
+
+HOSTILE = _hostile_cases()[0]
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_value_ends_the_session_with_a_peer_error(case):
+    """One bad word from the peer: the operation that meets it raises BridgePeerError naming it; the link is then
+    dead (every later call says so), and nothing else broke."""
+    from texbridge.bridge._link import read_into
+
+    scribble, op, match = HOSTILE[case]
+    s, j, srv, jn = pair()
+    try:
+        w, r = s.open_writer(0, FMT), j.open_reader(0, FMT)
+        send(w, FMT, 1)
+        assert take(r)[1].frame == 1
+        send(w, FMT, 2)
+        j.send({"op": "x"})
+        assert s.receive() == [{"op": "x"}]
+        mem, lay = s._m.mem, s._lay
+        scribble(mem, lay)
+        with pytest.raises(BridgePeerError, match=match):
+            if op == "read":
+                take(r, 1 if "slot" not in case else 0)
+            elif op == "receive":
+                j.receive()
+            elif op == "send":
+                j.send({"op": "y"})
+            elif op == "progress":
+                view = w.begin()
+                w.progress(3)
+                mu = w._metau[w._slot]
+                mu[L.M_PROGRESS] = FMT.height + 1
+                read_into(r, np.empty_like(view), 2)
+            elif op == "alive":
+                wait_for(lambda: not s.alive, within=2)
+                s.receive()
+        assert not (j if op != "alive" else s).alive
+        assert "peer protocol error" in (j if op != "alive" else s).stats().errors[-1] or op == "alive"
+    finally:
+        jn.close()
+        srv.close()
+
+
+def test_a_second_joiner_cannot_take_a_joined_session(ends):
+    """A joiner arriving while a session is joined (a restarted guest before the server noticed the old one died)
+    waits for the server to reformat; it never shares the old session's rings."""
+    s, _ = ends
+    other = ShmEndpoint(s._m.mem, "join", label="late")
+    assert other.establish(0.4) is None and "already joined" in other.last_problem
+    other.close()
+
+
+def test_a_followed_slot_rewritten_meanwhile_is_dropped(ends):
+    """read_into follows a frame being written; if the slot's sequence then moves by more than that frame's commit
+    (committed and rewritten), the rows copied are not returned as that frame."""
+    import threading
+
+    from texbridge.senders import ring as rg
+
+    s, j = ends
+    w, r = s.open_writer(0, FMT), j.open_reader(0, FMT)
+    out = np.zeros((FMT.height, FMT.row_bytes), np.uint8)
+    w.begin()
+    slot = w._slot
+    w.progress(4)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(r.read_into(out, 0, timeout=5)))
+    t.start()
+    rr = r._rr
+    wait_for(lambda: int(rr.rows[rr.row, rg._R_PIN]) == 1 << slot, within=5, step=0.001)  # following the slot
+    u = w._u
+    u[rg._SLOT_FRAME + slot] = 7
+    u[rg._SEQ + slot] += 3  # committed, begun again, committed: not the frame we followed
+    t.join(5)
+    assert result == [None]
+def regions(size: int = SIZE) -> dict[str, tuple[int, int]]:
+    """(start, length) of everything but pixel rows: header, side pages, rings, stream tables, slot meta blocks."""
+    lay = L.Layout.for_size(size)
+    out = {"header": (0, L.PAGE)}
+    for side in (0, 1):
+        out[f"page{side}"] = (lay.side(side), L.PAGE)
+        out[f"ring{side}"] = (lay.ring(side), L.RING_SIZE)
+        out[f"table{side}"] = (lay.table(side), 2 * 4096)  # the entries in use (streams open first take 0, 1)
+        out[f"meta{side}"] = (lay.area(side), L.META_USED)  # the first slot's meta block
+        out[f"meta{side}b"] = (lay.area(side) + L.slot_stride(FMT), L.META_USED)
+    return out
+
+
+REGIONS = regions()
+
+
+def hot_words(size: int = SIZE) -> list[int]:
+    """Byte offsets of the words the ends actually use (a blind scribble mostly hits unused bytes)."""
+    from texbridge.senders import ring as rg
+
+    lay = L.Layout.for_size(size)
+    out = [8 * i for i in range(4)]
+    for side in (0, 1):
+        page = lay.side(side)
+        out += [page + 8 * w for w in (L.S_BEAT, L.S_SESSION, L.S_CLOSING, L.S_HEAD, L.S_TAIL)] + [page + L.S_LABEL]
+        out += [lay.ring(side) + 8 * i for i in range(8)]  # record lengths at the start
+        for entry in (0, 1):
+            base = lay.table(side) + entry * 4096
+            out += [base + 8 * w for w in (rg._MAGIC, rg._HSEQ, rg._GEN, rg._WIDTH, rg._HEIGHT, rg._NSLOTS, rg._LATEST,
+                                           rg._CLOSED, rg._SYNC, rg._FMT, L.C_STREAM, L.C_WRITING)]
+            out += [base + 8 * (rg._HANDLES + i) for i in range(3)] + [base + 8 * (rg._SEQ + i) for i in range(3)]
+            out += [base + 8 * (rg._SLOT_FRAME + i) for i in range(3)]
+            out += [base + 8 * (rg._READERS + i) for i in range(8)]  # the first reader rows (pid, pin, ...)
+        for slot in range(3):
+            meta = lay.area(side) + slot * L.slot_stride(FMT)
+            out += [meta + 8 * w for w in (L.M_PROGRESS, L.M_TIMESTAMP, L.M_NDAMAGE, L.M_ULEN)]
+            out += [meta + L.M_DAMAGE + 8 * i for i in range(4)]
+    return out
+
+
+HOT = hot_words()
+U64 = st.one_of(st.sampled_from([0, 1, 2, 3, 7, 15, 16, 64, 65, 4096, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1]),
+                st.integers(0, 2**64 - 1))
+SCRIBBLE = st.one_of(
+    st.tuples(st.just("word"), st.sampled_from(HOT), U64),
+    st.tuples(st.sampled_from(sorted(REGIONS)), st.integers(0, 2**22), st.binary(min_size=1, max_size=24)))
+
+
+def moves_slots(scribble: tuple) -> bool:  # type: ignore[type-arg]
+    """Whether a scribble may have changed a stream's slot offsets (handles: words 16..31 of a table entry)."""
+    from texbridge.senders import ring as rg
+
+    where, off, value = scribble
+    if where == "word":
+        for side in (0, 1):
+            rel = off - L.Layout.for_size(SIZE).table(side)
+            if 0 <= rel < L.TABLE_SIZE and rg._HANDLES <= (rel % 4096) // 8 < rg._HANDLES + 16:
+                return True
+        return False
+    return where.startswith("table")
+
+
+def apply(mem: np.ndarray, scribble: tuple) -> None:  # type: ignore[type-arg]
+    where, off, value = scribble
+    if where == "word":
+        mem[off:off + 8].view(np.uint64)[0] = value
+    else:
+        start, length = REGIONS[where]
+        pos = start + off % max(1, length - len(value))
+        mem[pos:pos + len(value)] = np.frombuffer(value, np.uint8)
+
+
+class Exercise:
+    """Both ends of a running link doing everything they do (messages, frames both ways, reads both ways, waits)
+    and checking the one promise that survives hostile bytes: a read result is an untorn frame that was sent."""
+
+    def __init__(self, s: ShmLink, j: ShmLink, strict: bool = True) -> None:
+        # strict: returned frames must be ones we sent. Not when slot offsets were scribbled: the peer owns its frame
+        # area and may point its slots anywhere inside it (garbage pixels, never out of bounds).
+        self.strict = strict
+        self.ends = [(s, s.open_writer(0, FMT), s.open_reader(1, FMT)), (j, j.open_writer(1, FMT), j.open_reader(0, FMT))]
+        self.n = 0
+        self.last = [0, 0]
+        self.out = np.empty((FMT.height, FMT.row_bytes), np.uint8)
+
+    def step(self) -> None:
+        self.n += 1
+        for k, (link, w, r) in enumerate(self.ends):
+            for op in (lambda: link.send({"op": "tick", "n": self.n}), link.receive, lambda: link.wait(0),
+                       lambda: self._read(k, r), lambda: self._write(w), lambda: link.alive, link.stats):
+                t = time.monotonic()
+                try:
+                    op()
+                except BridgeError:
+                    pass  # the only error a hostile peer may cause (BridgePeerError is one)
+                assert time.monotonic() - t < 3, "an operation took too long (a hang in the making)"
+
+    def _write(self, w: StreamWriter) -> None:
+        view = w.begin()
+        view[...] = self.n % 251
+        w.commit(FrameMeta(self.n, user_data=b"%d" % self.n))
+
+    def _read(self, k: int, r: StreamReader) -> None:
+        if self.n % 2:
+            got = r.read(lambda v, m: (int(v.min()), int(v.max()), m), 0)
+        else:
+            m = r.read_into(self.out, 0, timeout=0.01)  # type: ignore[attr-defined]
+            got = None if m is None else (int(self.out.min()), int(self.out.max()), m)
+        if got is not None:
+            lo, hi, meta = got
+            if self.strict:
+                assert lo == hi, f"torn frame: bytes {lo}..{hi}"
+                assert lo in {n % 251 for n in range(1, self.n + 1)}, f"a frame never sent: {lo}"
+            assert len(meta.damage) <= 64 and len(meta.user_data) <= 4096
+            assert all(x + w <= FMT.width and y + h <= FMT.height for x, y, w, h in meta.damage)
+
+
+@given(st.lists(SCRIBBLE, min_size=1, max_size=8), st.integers(0, 3))
+@settings(max_examples=80)
+@pytest.mark.filterwarnings("error")
+def test_fuzz_scribbled_file_gives_only_bridge_errors_or_clean_frames(scribbles, when):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="texbridge-fuzz-") as f:
+        f.truncate(SIZE)
+        s, j, srv, jn = pair(f.name)
+        try:
+            ex = Exercise(s, j, strict=not any(moves_slots(sc) for sc in scribbles))
+            for i in range(4):
+                if i == when:
+                    for scribble in scribbles:
+                        apply(s._m.mem, scribble)
+                ex.step()
+        finally:
+            jn.close()
+            srv.close()
+
+
+@pytest.mark.filterwarnings("error")
+def test_fuzz_concurrent_scribbler_then_the_ends_recover(tmp_path):
+    """A thread scribbles random bytes into the header, pages, rings, tables and meta while both ends run; then the
+    server reformats and a fresh session carries a clean frame (the file itself is never the problem)."""
+    import random
+    import threading
+
+    path = tmp_path / "shm"
+    path.write_bytes(b"")
+    os.truncate(path, SIZE)
+    s, j, srv, jn = pair(str(path))
+    rng = random.Random(12)
+    stop = threading.Event()
+    mem = s._m.mem
+    names = sorted(REGIONS)
+
+    def scribble() -> None:
+        while not stop.is_set():
+            if rng.random() < 0.5:
+                apply(mem, ("word", rng.choice(HOT), rng.choice([0, 1, 2**64 - 1, rng.getrandbits(64)])))
+            else:
+                apply(mem, (rng.choice(names), rng.randrange(2**22), rng.randbytes(8)))
+            time.sleep(0.002)
+
+    t = threading.Thread(target=scribble)
+    t.start()
+    try:
+        ex = Exercise(s, j, strict=False)  # the scribbler also moves slot offsets (see Exercise)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            ex.step()
+    finally:
+        stop.set()
+        t.join()
+    assert s.stats().errors or j.stats().errors, "the scribbles never broke the session: the fuzzer hit nothing"
+    try:
+        s.close()
+        j.close()
+        j2 = s2 = None
+        deadline = time.monotonic() + 10
+        while (j2 is None or s2 is None) and time.monotonic() < deadline:
+            s2 = s2 or srv.establish(0.05)
+            j2 = j2 or jn.establish(0.05)
+        assert s2 is not None and j2 is not None
+        w, r = s2.open_writer(9, FMT), j2.open_reader(9, FMT)
+        send(w, FMT, 1)
+        assert np.array_equal(take(r)[0], frame_of(FMT, 1))
+    finally:
+        jn.close()
+        srv.close()

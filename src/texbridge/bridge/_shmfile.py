@@ -39,6 +39,7 @@ T = TypeVar("T")
 SERVE, JOIN = 0, 1
 BEAT_S = HEARTBEAT_S / 2.5  # our beat: well inside the 250 ms promise even when the GIL is busy
 _WORDS = CONTROL_SIZE // 8
+_U64 = (1 << 64) - 1
 _BAD = object()  # a copy callback's marker: the slot's meta was invalid (judged only once the read is untorn)
 
 
@@ -239,15 +240,18 @@ class ShmEndpoint:
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(BEAT_S):
-            with self._lock:
-                m = self._map
-                if m is None:
-                    continue
-                page = m.u64(L.Layout.side(self.side), 1)
-                page[0] = int(page[0]) + 1
-                link = self._link
-            if link is not None:
-                link._watch(time.monotonic())
+            try:
+                with self._lock:
+                    m = self._map
+                    if m is None:
+                        continue
+                    page = m.u64(L.Layout.side(self.side), 1)
+                    page[0] = (int(page[0]) + 1) & _U64  # the peer may have left any value in it
+                    link = self._link
+                if link is not None:
+                    link._watch(time.monotonic())
+            except Exception:  # never let the heart stop silently: the peer would declare us dead
+                log.exception("shm heartbeat")
 
     # -- establishing -------------------------------------------------------------------------------------------------
     def establish(self, timeout: float) -> "ShmLink | None":
@@ -589,7 +593,7 @@ class _ShmWriter:
         slot = self._ring.begin()
         self._begins += 1
         self._metau[slot][L.M_PROGRESS] = 0
-        self._u[L.C_WRITING] = (self._begins << _SLOT_BITS) | slot
+        self._u[L.C_WRITING] = ((self._begins << _SLOT_BITS) | slot) & _U64
         self._slot = slot
         return self._pixels[slot]
 

@@ -47,6 +47,13 @@ T = TypeVar("T")
 # A full memory barrier, where a store must be visible before a later load (pin, then check the slot; mark the slot,
 # then check the pins). Bound directly (no Python wrapper): it is on every frame's path.
 _fence = _core.fence
+_U64 = (1 << 64) - 1
+
+
+def _bump(u: np.ndarray, index: int, by: int = 1) -> None:
+    """Add to a shared word, wrapping silently: across a VM the other side may have left any value in it (NumPy's
+    scalar `+= 1` would warn on overflow)."""
+    u[index] = (int(u[index]) + by) & _U64
 
 
 # -- the transport seam -------------------------------------------------------------------------------------------------
@@ -185,15 +192,15 @@ class RingWriter:
             raise InvalidArgument(f"{len(handles)} slot handles for a ring of {self.nslots}")
         u, n = self.u, self.nslots
         u[_SEQ:_SEQ + n] += 1  # odd: a receiver mid-copy of an old slot will retry
-        u[_HSEQ] += 1
+        _bump(u, _HSEQ)
         for i, h in enumerate(handles):
             u[_HANDLES + i] = h
         u[_WIDTH], u[_HEIGHT], u[_NSLOTS] = width, height, n
         u[_FMT] = _format_word(format)
         u[_SLOT_FRAME:_SLOT_FRAME + MAX_SLOTS] = 0
         u[_MIRROR_GEN] = 0
-        u[_GEN] += 1
-        u[_HSEQ] += 1
+        _bump(u, _GEN)
+        _bump(u, _HSEQ)
         u[_SEQ:_SEQ + n] += 1
         self._last = -1
 
@@ -221,16 +228,16 @@ class RingWriter:
             cand = (last + k) % n
             if (pinned >> cand) & 1:
                 continue
-            u[_SEQ + cand] += 1  # odd: writing
+            _bump(u, _SEQ + cand)  # odd: writing
             _fence()
             # Dekker with the reader (pin, fence, read seq): either it sees the odd seq, or we see its pin.
             pinned = self._pins()
             if not (pinned >> cand) & 1:
                 return cand
-            u[_SEQ + cand] -= 1  # pinned meanwhile: untouched, restore the exact even value it read
+            _bump(u, _SEQ + cand, -1)  # pinned meanwhile: untouched, restore the exact even value it read
         slot = (last + 1) % n  # every slot is pinned: overwrite the oldest; its readers see the seq move
         self.overwrites += 1
-        u[_SEQ + slot] += 1
+        _bump(u, _SEQ + slot)
         return slot
 
     def commit(self, slot: int) -> int:
@@ -238,7 +245,7 @@ class RingWriter:
         u = self.u
         self.frame += 1
         u[_SLOT_FRAME + slot] = self.frame
-        u[_SEQ + slot] += 1  # even: complete
+        _bump(u, _SEQ + slot)  # even: complete
         u[_SENT_NS] = time.monotonic_ns()
         u[_LATEST] = (self.frame << _SLOT_BITS) | slot
         self._last = slot
@@ -249,7 +256,7 @@ class RingWriter:
         """The write failed: the slot holds no frame (and its sequence moved, so no reader keeps a half copy)."""
         u = self.u
         u[_SLOT_FRAME + slot] = 0
-        u[_SEQ + slot] += 1
+        _bump(u, _SEQ + slot)
 
     def set_fps(self, fps: float) -> None:
         self.ctl.f[_FPS] = fps
@@ -365,7 +372,7 @@ class RingReader:
                 r[i, _R_PIN] = r[i, _R_FLAGS] = 0
                 r[i, _R_CONSUMED] = 0
                 r[i, _R_PID] = pid
-                ctl.u[_ACK] += 1
+                _bump(ctl.u, _ACK)
                 ctl.wake(_ACK)  # wait_for_receivers()
                 self.row = i
                 return True
@@ -413,7 +420,7 @@ class RingReader:
                 rows[row, _R_PIN] = 0
             rows[row, _R_CONSUMED] = frame
             if int(u[_SYNC]):
-                u[_ACK] += 1
+                _bump(u, _ACK)
                 self.ctl.wake(_ACK)
             return Read(frame, slot, s1, data)
         return None
