@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from texbridge._errors import ClosedError, InvalidArgument
 from texbridge.senders import FrameSink, FrameSource
 from texbridge.senders import ring as rg
-from texbridge.senders.ring import (CONTROL_SIZE, MAX_READERS, ControlWords, Read, RingReader, RingWriter, Stale)
+from texbridge.senders.ring import (CONTROL_SIZE, MAX_READERS, SENDER_CONTROL_SIZE, ControlWords, Read, RingReader,
+                                    RingWriter, Stale)
 
 SHAPE = (4, 4)
 
@@ -31,7 +32,8 @@ class Ring:
     """A ring over a bytearray with NumPy slots, as a Sender lays it out (the writer fills a slot with one value)."""
 
     def __init__(self, nslots: int = 3, buffer: object = None, frame_sync: bool = False) -> None:
-        self.ctl = ControlWords(buffer if buffer is not None else bytearray(CONTROL_SIZE))
+        buffer = buffer if buffer is not None else bytearray(SENDER_CONTROL_SIZE)
+        self.ctl = ControlWords(buffer, user_data=len(buffer) >= SENDER_CONTROL_SIZE)  # type: ignore[arg-type]
         self.nslots = nslots
         self.w = RingWriter(self.ctl, nslots, pid=os.getpid(), frame_sync=frame_sync)
         self.slots = [np.zeros(SHAPE, np.uint8) for _ in range(nslots)]
@@ -289,28 +291,30 @@ def test_control_words_refuse_a_short_buffer_and_waits_after_close() -> None:
 WRITER = """
 import mmap, os, sys
 import numpy as np
-from texbridge.senders.ring import CONTROL_SIZE, ControlWords, RingWriter
+from texbridge.senders.ring import SENDER_CONTROL_SIZE as C, ControlWords, RingWriter
 fd, frames = int(sys.argv[1]), int(sys.argv[2])
 m = mmap.mmap(fd, 0)
 buf = np.frombuffer(m, np.uint8)
-ctl = ControlWords(buf[:CONTROL_SIZE])
+ctl = ControlWords(buf[:C], user_data=True)
 w = RingWriter(ctl, 3, pid=os.getpid())
-slots = [buf[CONTROL_SIZE + i * 65536:CONTROL_SIZE + (i + 1) * 65536] for i in range(3)]
+slots = [buf[C + i * 65536:C + (i + 1) * 65536] for i in range(3)]
 w.publish_ring(256, 256, "r8", [1, 2, 3])
 print("ready", flush=True)
 sys.stdin.readline()
 for _ in range(frames):
     slot = w.begin()
-    slots[slot][...] = (w.frame + 1) & 0xFF
-    w.commit(slot)
+    n = w.frame + 1
+    slots[slot][...] = n & 0xFF
+    w.commit(slot, timestamp_ns=n, realtime_offset_ns=-n, user_data=bytes([n & 0xFF]) * (n % 97))
 w.close()
 """
 
 
 def test_a_writer_process_and_a_reader_over_a_shared_memfd_never_hand_over_a_torn_frame() -> None:
     """The algorithm across processes, over a plain mapped memfd: every frame the reader keeps is uniform (one
-    frame's value) and frame numbers only grow."""
-    size = CONTROL_SIZE + 3 * 65536
+    frame's value), its metadata is that frame's (timestamp, offset and user data derive from the frame number),
+    and frame numbers only grow."""
+    size = SENDER_CONTROL_SIZE + 3 * 65536
     fd = os.memfd_create("ring-test")
     try:
         os.ftruncate(fd, size)
@@ -320,10 +324,10 @@ def test_a_writer_process_and_a_reader_over_a_shared_memfd_never_hand_over_a_tor
                                 pass_fds=(fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
-            ctl = ControlWords(buf[:CONTROL_SIZE])
+            ctl = ControlWords(buf[:SENDER_CONTROL_SIZE], user_data=True)
             r = RingReader(ctl)
             assert r.valid and r.attach(os.getpid(), lambda p: True)
-            slots = [buf[CONTROL_SIZE + i * 65536:CONTROL_SIZE + (i + 1) * 65536] for i in range(3)]
+            slots = [buf[SENDER_CONTROL_SIZE + i * 65536:SENDER_CONTROL_SIZE + (i + 1) * 65536] for i in range(3)]
             gen = r.layout().generation  # type: ignore[union-attr]
             proc.stdin.write("go\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
@@ -335,6 +339,9 @@ def test_a_writer_process_and_a_reader_over_a_shared_memfd_never_hand_over_a_tor
                     assert got.frame >= last
                     assert int(got.data.min()) == int(got.data.max()) == got.frame & 0xFF, \
                         f"torn frame {got.frame}: values {np.unique(got.data)[:8]}"
+                    n = got.frame
+                    assert (got.timestamp_ns, got.realtime_offset_ns) == (n, -n), f"frame {n}: torn metadata"
+                    assert got.user_data == bytes([n & 0xFF]) * (n % 97), f"frame {n}: another frame's user data"
                     last, kept = got.frame, kept + 1
             assert proc.wait(60) == 0
             assert r.closed and kept > 0 and last <= 20000
@@ -411,3 +418,90 @@ def test_no_interleaving_hands_a_reader_a_torn_or_older_frame(nslots, nreaders, 
         if release:
             r.release()
             kept[who] = (kept[who][0], None)
+
+
+# -- per-frame metadata ---------------------------------------------------------------------------------------------------
+def test_each_slot_carries_its_own_frames_metadata() -> None:
+    """Metadata lives per slot: a reader of an older pinned slot keeps that frame's timestamp and user data while
+    newer frames go to other slots, and a frame without user data has none (no leftover from the slot's past)."""
+    ring = Ring(nslots=3)
+    a, b = ring.reader(), ring.reader()
+    slot = ring.w.begin()
+    ring.slots[slot][...] = 1
+    ring.w.commit(slot, timestamp_ns=111, realtime_offset_ns=5, user_data=b"first")
+    held = ring.read(a, keep_pin=True)
+    assert isinstance(held, Read)
+    assert (held.timestamp_ns, held.realtime_offset_ns, held.user_data) == (111, 5, b"first")
+    for n in (2, 3, 4):  # slot of frame 1 is pinned by a: these go elsewhere
+        s2 = ring.w.begin()
+        assert s2 != held.slot
+        ring.slots[s2][...] = n
+        ring.w.commit(s2, timestamp_ns=n * 100, user_data=b"x" * n if n != 4 else b"")
+    got = ring.read(b)
+    assert isinstance(got, Read) and got.frame == 4 and got.timestamp_ns == 400 and got.user_data == b""
+    assert a.still_valid(held, ring.ctl.u[rg._GEN])
+    assert ring.read(a, copy=lambda s: s).frame == 4
+
+
+def test_metadata_is_read_under_the_slots_seqlock() -> None:
+    """The torn read again, now with metadata: the writer rewrites the slot (pixels and metadata) in the middle of
+    the reader's copy; the read that is kept pairs pixels and metadata of one frame."""
+    ring = Ring(nslots=2)
+    a, b = ring.reader(), ring.reader()
+
+    def send(value: int) -> int:
+        slot = ring.w.begin()
+        ring.slots[slot][...] = value
+        ring.w.commit(slot, timestamp_ns=value, user_data=bytes([value]))
+        return slot
+
+    send(1)
+    assert isinstance(ring.read(a, keep_pin=True), Read)  # a pins slot 0
+    torn_slot = send(2)
+    calls: list[int] = []
+
+    def copy_interrupted(slot: int) -> np.ndarray:
+        calls.append(slot)
+        data = ring.slots[slot].copy()
+        if len(calls) == 1:  # every slot pinned: the writer overwrites frame 2's slot with frame 3 as we copy
+            assert send(3) == 0
+            victim = ring.w.begin()
+            assert victim == torn_slot
+            ring.slots[victim][...] = 4
+            ring.w.commit(victim, timestamp_ns=4, user_data=bytes([4]))
+        return data
+
+    got = ring.read(b, copy=copy_interrupted)
+    assert isinstance(got, Read) and len(calls) == 2
+    value = int(got.data[0, 0])
+    assert (got.timestamp_ns, got.user_data) == (value, bytes([value])), "pixels of one frame, metadata of another"
+
+
+def test_a_hostile_user_data_length_is_clamped_to_the_slots_block() -> None:
+    """The length word is in memory the sender (any process) writes: a reader never reads past the slot's block."""
+    ring = Ring()
+    r = ring.reader()
+    slot = ring.w.begin()
+    ring.w.commit(slot, user_data=b"ok")
+    ring.ctl.u[rg._SLOT_UDLEN + slot] = 2**64 - 1
+    got = ring.read(r)
+    assert isinstance(got, Read) and len(got.user_data) == rg.MAX_USER_DATA
+    assert got.user_data.startswith(b"ok")
+
+
+def test_a_ring_without_user_data_blocks_refuses_user_data_and_reads_none() -> None:
+    """A bare control page (a bridge stream's) has the metadata words but no user-data blocks: the bytes after the
+    page belong to someone else, so nothing is written there."""
+    buf = bytearray(CONTROL_SIZE + 64)
+    ring = Ring(buffer=memoryview(buf)[:CONTROL_SIZE])
+    assert not ring.ctl.user_data
+    r = ring.reader()
+    slot = ring.w.begin()
+    with pytest.raises(InvalidArgument, match="no user-data blocks"):
+        ring.w.commit(slot, user_data=b"x")
+    ring.w.commit(slot, timestamp_ns=5)
+    got = ring.read(r)
+    assert isinstance(got, Read) and got.timestamp_ns == 5 and got.user_data == b""
+    assert buf[CONTROL_SIZE:] == bytearray(64)
+    with pytest.raises(InvalidArgument):
+        ControlWords(bytearray(CONTROL_SIZE), user_data=True)

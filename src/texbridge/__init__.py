@@ -49,6 +49,8 @@ from ._handle import Handle as Handle
 from ._resources import Resource as Resource
 from .keyed_mutex import KeyedMutex as KeyedMutex
 from .keyed_mutex import KeyedMutexStats as KeyedMutexStats
+from .senders import MAX_USER_DATA as MAX_USER_DATA
+from .senders import Frame as Frame
 from .senders import Receiver as Receiver
 from .senders import Sender as Sender
 from .senders import SenderEvent as SenderEvent
@@ -64,7 +66,7 @@ __all__ = [
     # synchronisation
     "KeyedMutex", "KeyedMutexStats",
     # senders and receivers
-    "Sender", "Receiver", "SenderInfo", "SenderEvent", "list_senders", "watch_senders",
+    "Sender", "Receiver", "Frame", "MAX_USER_DATA", "SenderInfo", "SenderEvent", "list_senders", "watch_senders",
     # errors
     "TexbridgeError", "AccessDenied", "BackendError", "BrokenError", "BrokerBusy", "BrokerUnavailable", "ClosedError",
     "IncompatibleDevice", "InvalidArgument", "InvalidDescriptor", "KeyedMutexAbandoned", "KeyedMutexError",

@@ -7,11 +7,14 @@ following the sender (directory events), opening slots (and the copy path), and 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +29,8 @@ from .._memory_types import get_memory_type
 from .._resources import Resource
 from ._gpu import GPU_BACKENDS, GpuFrames, is_gpu_target
 from .directory import SenderEvent, SenderInfo, active_sender, is_sender, list_senders, watch_senders
-from .ring import CONTROL_SIZE, MAX_READERS, READ_ATTEMPTS, ControlWords, Read, RingReader, Stale
+from .frame import Frame
+from .ring import MAX_READERS, READ_ATTEMPTS, SENDER_CONTROL_SIZE, ControlWords, Read, RingReader, Stale
 
 
 @dataclass
@@ -96,6 +100,7 @@ class Receiver:
         self.copy_path_reason: str | None = None
         self._last: np.ndarray | None = None
         self._pinned: Read[Any] | None = None  # the last zero-copy read, its slot still pinned
+        self._got: Read[Any] | None = None  # the last read: its frame's metadata
         self._retry = False
         self._followed = 0  # control handle of the sender instance connected last
         self._watch = watch_senders(self._session, initial=False)
@@ -227,10 +232,10 @@ class Receiver:
             res = self._session.open(name, backend="memfd")
         except NotFound:
             return False
-        if res.descriptor.kind != "buffer" or res.descriptor.size != CONTROL_SIZE:
+        if res.descriptor.kind != "buffer" or res.descriptor.size != SENDER_CONTROL_SIZE:  # or another layout
             res.close()
             raise NotASender(_not_a_sender(name, summary, self._session))
-        ctl = ControlWords(res.numpy(), res)
+        ctl = ControlWords(res.numpy(), res, user_data=True)
         ring = RingReader(ctl)
         if not ring.valid:
             ctl.close()
@@ -419,6 +424,7 @@ class Receiver:
         if self.frame_number and got.frame > self.frame_number + 1:
             self.frames_dropped += got.frame - self.frame_number - 1
         self.frame_number = got.frame
+        self._got = got
         self.frames_received += 1
         self.is_new = True
         self._last = data
@@ -453,6 +459,58 @@ class Receiver:
             self._pinned = None if copy else got
             return self._received(got, got.data)
         return None
+
+    # -- frames with their metadata ---------------------------------------------------------------------------------
+    def _frame(self, pixels: Any) -> Frame | None:
+        got, link = self._got, self._link
+        if pixels is None or got is None or link is None:
+            return None
+        fmt = link.ring.format
+        return Frame(pixels, got.frame, got.timestamp_ns, got.realtime_offset_ns, got.user_data, link.shape[1],
+                     link.shape[0], fmt, fmt, link.name)
+
+    def receive_frame(self, *, copy: bool = True, out: np.ndarray | None = None) -> Frame | None:
+        """receive() as a Frame: the newest frame's pixels with its number, timestamp and user data (read under the
+        same seqlock as the pixels). None before the first frame / with no sender; `is_new` as for receive()."""
+        with self._lock:
+            return self._frame(self.receive(copy=copy, out=out))
+
+    def next_frame(self, timeout: float | None = None, *, copy: bool = True,
+                   out: np.ndarray | None = None) -> Frame | None:
+        """wait_frame() as a Frame: block until a frame newer than the last one returned (None after `timeout`)."""
+        pixels = self.wait_frame(timeout, copy=copy, out=out)
+        with self._lock:
+            return self._frame(pixels)
+
+    _POLL = 0.25  # how often a blocked iterator notices close() (its futex wait is bounded by this)
+
+    def __iter__(self) -> Iterator[Frame]:
+        """`for frame in receiver:` every new frame (skipping those the sender replaced before we looked), following
+        the sender across resizes and restarts, until the receiver is closed."""
+        while not self._closed:
+            try:
+                frame = self.next_frame(self._POLL)
+            except ClosedError:
+                return
+            if frame is not None:
+                yield frame
+
+    async def frames(self, *, copy: bool = True) -> AsyncIterator[Frame]:
+        """`async for frame in receiver.frames():` as iteration, for asyncio programs: the futex wait runs on a
+        worker thread of its own, so the event loop never blocks. Ends when the receiver is closed; cancelling the
+        consumer leaves the worker to finish its current bounded wait (≤ 0.25 s)."""
+        loop = asyncio.get_running_loop()
+        worker = ThreadPoolExecutor(1, thread_name_prefix="texbridge-frames")
+        try:
+            while not self._closed:
+                try:
+                    frame = await loop.run_in_executor(worker, lambda: self.next_frame(self._POLL, copy=copy))
+                except ClosedError:
+                    return
+                if frame is not None:
+                    yield frame
+        finally:
+            worker.shutdown(wait=False)
 
     def still_valid(self) -> bool:
         """Whether the zero-copy view from the last receive(copy=False) still holds that frame's pixels."""

@@ -25,15 +25,22 @@ import numpy as np
 from .. import _synccore as _core
 from .._errors import ClosedError, InvalidArgument
 
-# -- control buffer layout: u64 words ---------------------------------------------------------------------------------
-CONTROL_SIZE = 4096
+# -- control buffer layout: u64 words in a 4 KiB page; a Sender's buffer adds each slot's user-data block -------------
+CONTROL_SIZE = 4096  # the control page (all the words): enough for a ring without user data (a bridge stream)
 MAGIC = 0x54425344_52303031  # "TBSDR001"
+VERSION = 2  # 2: per-slot frame metadata (timestamp, realtime offset, user data)
 MAX_SLOTS = 15
 MAX_READERS = 64
+MAX_USER_DATA = 4096  # bytes of user data per frame (the bridge carries the same bound)
+_USER_DATA = CONTROL_SIZE  # byte offset of slot 0's user-data block; slot i's is at _USER_DATA + i * MAX_USER_DATA
+SENDER_CONTROL_SIZE = _USER_DATA + MAX_SLOTS * MAX_USER_DATA  # 64 KiB: what a Sender publishes
 _MAGIC, _VERSION, _HSEQ, _GEN, _WIDTH, _HEIGHT, _NSLOTS, _LATEST = range(8)
 _CLOSED, _FPS, _SYNC, _ACK, _PID, _SENT_NS, _MIRROR_GEN, _FMT = range(8, 16)
 _HANDLES, _SEQ, _SLOT_FRAME, _MIRROR = 16, 32, 48, 64
 TRANSPORT_WORDS = 80  # words 80..127 are left to a transport's own per-stream words (bridge/_shmlayout.py)
+# Per-slot frame metadata, written while the slot's sequence is odd and read inside the same seqlock window as the
+# pixels: capture time (sender's CLOCK_MONOTONIC ns), CLOCK_REALTIME - CLOCK_MONOTONIC at send, user-data length.
+_SLOT_TS, _SLOT_RT, _SLOT_UDLEN = 384, 399, 414  # after the reader rows; up to word 428
 _READERS, _READER_WORDS = 128, 4  # per reader: pid, pin mask, consumed frame, flags
 _R_PID, _R_PIN, _R_CONSUMED, _R_FLAGS = range(4)
 _WANT_COPY = 1
@@ -63,12 +70,16 @@ class Stale:
 
 class Read(NamedTuple, Generic[T]):
     """One frame a FrameSource read without tearing: `data` is what the copy callback returned for `slot`, and
-    `seq` the slot's sequence it was verified against (for still_valid() on zero-copy views)."""
+    `seq` the slot's sequence it was verified against (for still_valid() on zero-copy views). The metadata was read
+    under the same sequence check as the pixels, so it belongs to this frame."""
 
     frame: int
     slot: int
     seq: int
     data: T
+    timestamp_ns: int = 0
+    realtime_offset_ns: int = 0
+    user_data: bytes = b""
 
 
 @runtime_checkable
@@ -81,7 +92,8 @@ class FrameSink(Protocol):
 
     def begin(self) -> int: ...
 
-    def commit(self, slot: int) -> int: ...  # returns the new frame number
+    def commit(self, slot: int, *, timestamp_ns: int = 0, realtime_offset_ns: int = 0,
+               user_data: bytes = b"") -> int: ...  # returns the new frame number
 
     def abort(self, slot: int) -> None: ...
 
@@ -121,16 +133,20 @@ class ControlWords:
 
     `owner` (optional) is what holds the mapping, e.g. the broker resource: wait() refuses once it is closed, and
     close() closes it. The views stay valid after close (they keep the mapping alive), so a thread still inside a
-    wait or a read cannot touch unmapped memory."""
+    wait or a read cannot touch unmapped memory. user_data=True: the buffer is a Sender's (SENDER_CONTROL_SIZE
+    bytes, the per-slot user-data blocks after the page); else only the page is used and frames carry no user data."""
 
-    def __init__(self, buffer: Any, owner: _Owner | None = None) -> None:
+    def __init__(self, buffer: Any, owner: _Owner | None = None, *, user_data: bool = False) -> None:
         raw = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, np.uint8)
-        if raw.nbytes < CONTROL_SIZE or raw.dtype != np.uint8 or raw.ndim != 1:
-            raise InvalidArgument(f"a control buffer is {CONTROL_SIZE} bytes of uint8, got {raw.dtype} {raw.shape}")
-        raw = raw[:CONTROL_SIZE]
+        size = SENDER_CONTROL_SIZE if user_data else CONTROL_SIZE
+        if raw.nbytes < size or raw.dtype != np.uint8 or raw.ndim != 1:
+            raise InvalidArgument(f"a control buffer is {size} bytes of uint8, got {raw.dtype} {raw.shape}")
+        raw = raw[:size]
+        self.user_data = user_data
         self.res: Any = owner  # the Sender's / Receiver's control resource (handle, mutex, publish) or None
         self.raw = raw
         self.u = raw.view(np.uint64)
+        self.i = raw.view(np.int64)
         self.f = raw.view(np.float64)
         self.readers = self.u[_READERS:_READERS + MAX_READERS * _READER_WORDS].reshape(MAX_READERS, _READER_WORDS)
         self._closed = False
@@ -182,7 +198,7 @@ class RingWriter:
         self.overwrites = 0  # frames written into a slot a receiver had pinned (every slot was pinned)
         self._last = -1  # slot of the latest frame (-1: none in this ring generation)
         u = ctl.u
-        u[_MAGIC], u[_VERSION], u[_PID], u[_SYNC] = MAGIC, 1, pid, int(frame_sync)
+        u[_MAGIC], u[_VERSION], u[_PID], u[_SYNC] = MAGIC, VERSION, pid, int(frame_sync)
 
     # -- ring generations ---------------------------------------------------------------------------------------------
     def publish_ring(self, width: int, height: int, format: str, handles: list[int]) -> None:
@@ -240,9 +256,21 @@ class RingWriter:
         _bump(u, _SEQ + slot)
         return slot
 
-    def commit(self, slot: int) -> int:
-        """Publish the slot begun last as the next frame: slot frame, sequence even, then `latest`, then wake."""
+    def commit(self, slot: int, *, timestamp_ns: int = 0, realtime_offset_ns: int = 0, user_data: bytes = b"") -> int:
+        """Publish the slot begun last as the next frame: its metadata and slot frame (the sequence still odd, so a
+        reader never pairs them with other pixels), sequence even, then `latest`, then wake. user_data: at most
+        MAX_USER_DATA bytes (the Sender checks; here it is cut to the block), and only in a buffer that has them."""
         u = self.u
+        n = min(len(user_data), MAX_USER_DATA)
+        if n and not self.ctl.user_data:
+            raise InvalidArgument("this ring's control buffer has no user-data blocks (ControlWords(user_data=True))")
+        if n:
+            base = _USER_DATA + slot * MAX_USER_DATA
+            self.ctl.raw[base:base + n] = np.frombuffer(user_data, np.uint8, n)
+        u[_SLOT_UDLEN + slot] = n
+        i = self.ctl.i
+        i[_SLOT_TS + slot] = timestamp_ns
+        i[_SLOT_RT + slot] = realtime_offset_ns
         self.frame += 1
         u[_SLOT_FRAME + slot] = self.frame
         _bump(u, _SEQ + slot)  # even: complete
@@ -327,6 +355,10 @@ class RingReader:
         return int(self.u[_FMT]).to_bytes(8, "little").rstrip(b"\0").decode()
 
     @property
+    def version(self) -> int:
+        return int(self.u[_VERSION])
+
+    @property
     def fps(self) -> float:
         return float(self.ctl.f[_FPS])
 
@@ -399,6 +431,7 @@ class RingReader:
         leaves the slot pinned (a zero-copy view: release() unpins). Stale: the ring was rebuilt since
         `generation` (whose `nslots` slots the caller opened). None: the sender is closing, or every attempt lost."""
         u, rows, row = self.u, self.rows, self.row
+        i, raw, has_user_data = self.ctl.i, self.ctl.raw, self.ctl.user_data
         for _ in range(READ_ATTEMPTS):
             if int(u[_GEN]) != generation:
                 return Stale
@@ -414,6 +447,12 @@ class RingReader:
             if s1 & 1 or int(u[_SLOT_FRAME + slot]) != frame:
                 continue
             data = copy(slot)
+            # The metadata inside the same window: a sender's length word is untrusted, so the read is clamped to
+            # the slot's block.
+            n = min(int(u[_SLOT_UDLEN + slot]), MAX_USER_DATA) if has_user_data else 0
+            base = _USER_DATA + slot * MAX_USER_DATA
+            user_data = raw[base:base + n].tobytes() if n else b""
+            ts, rt = int(i[_SLOT_TS + slot]), int(i[_SLOT_RT + slot])
             if int(u[_SEQ + slot]) != s1 or int(u[_GEN]) != generation:
                 continue  # overwritten while we copied: the next attempt takes the (newer) latest
             if not keep_pin:
@@ -422,7 +461,7 @@ class RingReader:
             if int(u[_SYNC]):
                 _bump(u, _ACK)
                 self.ctl.wake(_ACK)
-            return Read(frame, slot, s1, data)
+            return Read(frame, slot, s1, data, ts, rt, user_data)
         return None
 
     def pin(self, slot: int) -> int:

@@ -1,6 +1,6 @@
 """Sender: publishes frames under a name through a ring of shared textures (design: docs/senders.md).
 
-The sender owns the slot textures and the control buffer (a 4 KiB memfd published under its name); the handoff
+The sender owns the slot textures and the control buffer (a 64 KiB memfd published under its name); the handoff
 itself (which slot to write, the seqlock, `latest`, the futex wake) is the ring's (ring.RingWriter). Here: the
 resources, frame coercion and copies, resize, frame_sync, fps and the metadata thread.
 """
@@ -21,7 +21,8 @@ from .._errors import BrokenError, ClosedError, InvalidArgument, InvalidDescript
 from .._formats import get_format
 from .._resources import Resource, check_frame
 from .directory import META_KEY
-from .ring import CONTROL_SIZE, MAX_SLOTS, ControlWords, RingWriter
+from .frame import check_metadata, realtime_offset_ns
+from .ring import MAX_SLOTS, SENDER_CONTROL_SIZE, ControlWords, RingWriter
 
 META_INTERVAL = 0.5  # seconds between metadata pushes (≤ 2 Hz)
 
@@ -55,8 +56,8 @@ class Sender:
         self._ring: RingWriter | None = None
         self._frame = 0  # the last frame's number, kept here too: it outlives the ring at close()
         try:
-            ctl = self._session.create_buffer(CONTROL_SIZE, keyed_mutex=True)
-            self._ctl = ControlWords(ctl.numpy(), ctl)
+            ctl = self._session.create_buffer(SENDER_CONTROL_SIZE, keyed_mutex=True)
+            self._ctl = ControlWords(ctl.numpy(), ctl, user_data=True)
             self._ring = RingWriter(self._ctl, buffers, pid=os.getpid(), frame_sync=self.frame_sync)
             self._make_ring(width, height, format)
             self._announced = time.time()
@@ -198,12 +199,13 @@ class Sender:
             self._make_mirror()
         return self._ring.begin()
 
-    def _end(self, slot: int, ok: bool = True) -> None:
+    def _end(self, slot: int, ok: bool, timestamp_ns: int, user_data: bytes) -> None:
         ring = self._ring
         if not ok:
             ring.abort(slot)
             return
-        self._frame = ring.commit(slot)
+        self._frame = ring.commit(slot, timestamp_ns=timestamp_ns, realtime_offset_ns=realtime_offset_ns(),
+                                  user_data=user_data)
         now = time.monotonic()
         if self._last_t:
             dt = now - self._last_t
@@ -230,10 +232,14 @@ class Sender:
         return check_frame(frame, self._shape, get_format(self._format).numpy_dtype,
                            lambda: f"sender {self.name!r} ({self._width}x{self._height} {self._format})")
 
-    def send(self, frame: Any) -> int:
+    def send(self, frame: Any, *, timestamp_ns: int | None = None, user_data: bytes | None = None) -> int:
         """Publish `frame`: a NumPy array of the sender's shape, a texbridge Resource (GL texture, Vulkan image,
-        CUDA array), or a torch/CuPy CUDA array (copied on the GPU into CUDA slots). Returns its frame number."""
+        CUDA array), or a torch/CuPy CUDA array (copied on the GPU into CUDA slots). Returns its frame number.
+
+        timestamp_ns: the capture time on CLOCK_MONOTONIC (time.monotonic_ns()); None = now. user_data: up to
+        MAX_USER_DATA (4096) bytes that travel with this frame (Receiver frames' `.user_data`)."""
         self._check_open()
+        meta = check_metadata(timestamp_ns, user_data)
         arr = self._coerce(frame)
         slot = self._begin()
         ok = False
@@ -241,7 +247,7 @@ class Sender:
             self._write(slot, arr)
             ok = True
         finally:
-            self._end(slot, ok)
+            self._end(slot, ok, *meta)
         return self._frame
 
     def _write(self, slot: int, arr: Any) -> None:
@@ -260,10 +266,12 @@ class Sender:
             np.copyto(self._mirror_views[slot], arr)
 
     @contextmanager
-    def writing(self) -> Iterator[np.ndarray]:
+    def writing(self, *, timestamp_ns: int | None = None, user_data: bytes | None = None) -> Iterator[np.ndarray]:
         """Zero-copy production: `with sender.writing() as buf: buf[...] = ...` writes straight into the next slot
-        (memfd) and publishes it on exit. The buffer holds an older frame's pixels, not zeros."""
+        (memfd) and publishes it on exit. The buffer holds an older frame's pixels, not zeros. timestamp_ns and
+        user_data as for send() (None: the time writing() was entered)."""
         self._check_open()
+        meta = check_metadata(timestamp_ns, user_data)
         slot = self._begin()
         ok = False
         try:
@@ -276,7 +284,7 @@ class Sender:
                 np.copyto(self._mirror_views[slot], buf)
             ok = True
         finally:
-            self._end(slot, ok)
+            self._end(slot, ok, *meta)
 
     # -- metadata -----------------------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
