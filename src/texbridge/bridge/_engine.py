@@ -41,7 +41,7 @@ from ..senders.directory import SenderInfo, is_sender, watch_senders
 from ..senders.receiver import Receiver
 from ..senders.sender import Sender
 from . import _wire
-from ._link import (MAX_STREAMS, BridgeError, BridgePeerError, Endpoint, FrameMeta, Link, StreamFormat,
+from ._link import (MAX_STREAMS, Backoff, BridgeAuthError, BridgeError, BridgePeerError, Endpoint, FrameMeta, Link, StreamFormat,
                     StreamReader, StreamWriter)
 
 log = logging.getLogger("texbridge.bridge")
@@ -49,7 +49,6 @@ log = logging.getLogger("texbridge.bridge")
 STATUS_INTERVAL = 0.5  # seconds between status-file writes
 RESOURCE_POLL = 0.5  # seconds between looks for keyed-mutex resources to share
 HELLO_TIMEOUT = 5.0  # a peer that sends no hello this long after the link is up is dropped
-BACKOFF = (0.05, 0.5)  # reconnect backoff: first and longest wait between establish() attempts
 MAX_ERRORS = 8  # peer errors kept for status
 
 
@@ -241,24 +240,29 @@ class Bridge:
         return self._current is not None and self.state == "connected"
 
     def run(self) -> None:
-        """Serve until stop(): establish a link, mirror over it, reconnect with backoff when it dies."""
+        """Serve until stop(): establish a link, mirror over it, reconnect with backoff when it dies. Raises
+        BridgeError when the very first attempt fails (a setup error) and BridgeAuthError whenever the peer
+        refuses our secret or we refuse its (a wrong secret does not fix itself)."""
         if self._session is None:
             self._session = connect(self.namespace, app_name=f"texbridge-bridge:{self.label}")
-        backoff = BACKOFF[0]
+        backoff = Backoff()
+        first = True
         try:
             while not self._stop.is_set():
                 self.state = "waiting"
                 self._write_status(force=True)
                 try:
-                    link = self.endpoint.establish(min(0.5, backoff * 4))
+                    link = self.endpoint.establish(0.5)  # waits for the peer meanwhile
                 except BridgeError as e:
+                    if first or isinstance(e, BridgeAuthError):
+                        raise  # a setup error (file too small, address in use) or a wrong secret: not transient
                     self._note(f"connect: {e}")
                     link = None
+                first = False
                 if link is None:
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF[1])
+                    self._stop.wait(backoff.next())
                     continue
-                backoff = BACKOFF[0]
+                backoff.reset()
                 self.connects += 1
                 try:
                     self._serve(link)
