@@ -159,6 +159,22 @@ def test_frames_cross_both_ways_pixel_exact_with_resize_and_restart(bridged, tra
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_timestamp_and_user_data_cross_with_their_frame(bridged, transport):
+    b = bridged(transport)
+    b.linked()
+    with Sender("cam", 24, 16, session=b.sa) as a, Receiver("cam@A", session=b.sb) as rx:
+        deliver(a, rx, pattern(a.shape, 0))
+        for i in range(1, 4):
+            stamp = time.monotonic_ns() - 1_000_000
+            a.send(pattern(a.shape, i), timestamp_ns=stamp, user_data=b"frame %d" % i)
+            f = rx.next_frame(10)
+            while f is not None and f.user_data != b"frame %d" % i:
+                f = rx.next_frame(10)
+            assert f is not None and np.array_equal(f.pixels, pattern(a.shape, i))
+            assert abs(f.timestamp_ns - stamp) < 2_000_000  # one host: the same monotonic time on both sides
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_slow_receiver_blocks_neither_the_sender_nor_a_fast_receiver(bridged, transport):
     b = bridged(transport)
     b.linked()

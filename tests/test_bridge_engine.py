@@ -216,3 +216,20 @@ def test_a_malformed_peer_costs_its_session_not_the_bridge(runtime, garbage):
         bridge.stop()
         th.join(10)
         s.close()
+
+
+def test_timestamps_and_user_data_travel_with_their_frames(pair):
+    p = pair()
+    with Sender("cam", 16, 8, session=p.sa) as a, Receiver("cam@hostA", session=p.sb) as rx:
+        px = frames((8, 16, 4), 1)[0]
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            stamp = time.monotonic_ns() - 5_000_000
+            a.send(px, timestamp_ns=stamp, user_data=b"meta %d" % stamp)
+            f = rx.next_frame(0.05)
+            if f is not None:
+                break
+        assert f is not None and np.array_equal(f.pixels, px)
+        sent = int(f.user_data.split()[1])  # the user data of the very frame these pixels came with
+        # one host, one monotonic clock: the mirror's timestamp is the original's (to the µs of clock reads)
+        assert abs(f.timestamp_ns - sent) < 2_000_000, (f.timestamp_ns, sent)

@@ -38,6 +38,7 @@ from .._errors import KeyedMutexAbandoned, KeyedMutexTimeout, TexbridgeError
 from .._formats import get_format
 from .._resources import Resource
 from ..senders.directory import SenderInfo, is_sender, watch_senders
+from ..senders.frame import realtime_offset_ns
 from ..senders.receiver import Receiver
 from ..senders.sender import Sender
 from . import _wire
@@ -522,9 +523,14 @@ class Bridge:
         state: dict[str, Any] = {}
 
         def copy(view: np.ndarray, meta: FrameMeta) -> FrameMeta:
+            if "ctx" in state and state["meta"] is not meta:  # a retry found a newer frame: its own metadata
+                state.pop("ctx").__exit__(_Torn, _Torn(), None)
             if "ctx" not in state:
-                state["ctx"] = ctx = imp.mirror.writing()
-                state["buf"] = ctx.__enter__()
+                # wall clock on the wire -> this side's CLOCK_MONOTONIC (exact on one host, NTP-close across hosts)
+                ts = meta.timestamp_ns - realtime_offset_ns() if meta.timestamp_ns else None
+                state["ctx"] = ctx = imp.mirror.writing(timestamp_ns=ts if ts and ts > 0 else None,
+                                                        user_data=meta.user_data or None)
+                state["buf"], state["meta"] = ctx.__enter__(), meta
             np.copyto(state["buf"], _pixels(view, imp.fmt))
             return meta
 
@@ -602,7 +608,8 @@ class Bridge:
         try:
             rx = Receiver(ex.name, session=self._session, app_name="texbridge-bridge")
             while not ex.stop.is_set() and not ses.stopping:
-                frame = rx.wait_frame(0.1, copy=False)
+                got = rx.next_frame(0.1, copy=False)
+                frame = None if got is None else got.pixels
                 if frame is None:
                     if rx.status == "no_sender" and rx.events and rx.events[-1].kind == "retired":
                         break
@@ -628,11 +635,11 @@ class Bridge:
                     ex.error = ""
                 buf = writer.begin()
                 np.copyto(_pixels(buf, fmt), frame)
-                sent_ns = rx.sent_ns
                 if rx.still_valid():
                     frames += 1
-                    writer.commit(FrameMeta(frames, timestamp_ns=sent_ns))
-                    ex.latency_ns.append(time.monotonic_ns() - sent_ns)
+                    # the wire carries wall-clock time: the peer's CLOCK_MONOTONIC is another clock
+                    writer.commit(FrameMeta(frames, timestamp_ns=got.realtime_ns, user_data=got.user_data))
+                    ex.latency_ns.append(time.monotonic_ns() - got.timestamp_ns)
                     ex.rate.add(fmt.nbytes)
                 else:
                     writer.abort()
