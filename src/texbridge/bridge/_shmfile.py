@@ -40,25 +40,33 @@ SERVE, JOIN = 0, 1
 BEAT_S = HEARTBEAT_S / 2.5  # our beat: well inside the 250 ms promise even when the GIL is busy
 _WORDS = CONTROL_SIZE // 8
 _U64 = (1 << 64) - 1
+_CLOSED_HERE = "closed by this end"
 _BAD = object()  # a copy callback's marker: the slot's meta was invalid (judged only once the read is untorn)
 
 
 class _Poller:
-    """Adaptive polling (no futex crosses a VM): spin briefly, then sleep in steps that grow to `max_sleep`, so an
-    idle end costs little and a busy one adds microseconds. Added latency is bounded by max_sleep (+ wake-up)."""
+    """Adaptive polling (no futex crosses a VM): spin briefly, then sleep in steps that grow to a cap: `active_sleep`
+    while events came within the last `idle_after` seconds (a stream is flowing: ~half of it is the added latency),
+    `idle_sleep` once quiet (an idle bridge costs little; the first frame after a pause waits at most that long)."""
 
-    def __init__(self, spin_s: float = 50e-6, min_sleep: float = 20e-6, max_sleep: float = 200e-6) -> None:
-        self.spin_s, self.min_sleep, self.max_sleep = spin_s, min_sleep, max_sleep
+    def __init__(self, spin_s: float = 50e-6, min_sleep: float = 20e-6, active_sleep: float = 100e-6,
+                 idle_sleep: float = 1e-3, idle_after: float = 1.0) -> None:
+        self.spin_s, self.min_sleep, self.active_sleep, self.idle_sleep = spin_s, min_sleep, active_sleep, idle_sleep
+        self.idle_after = idle_after
+        self._last_event = 0.0
 
     def until(self, ready: Callable[[], bool], timeout: float) -> bool:
         if ready():
+            self._last_event = time.monotonic()
             return True
         start = time.monotonic()
         deadline = start + max(timeout, 0.0)
         spin_end = start + self.spin_s
         while time.monotonic() < spin_end:
             if ready():
+                self._last_event = time.monotonic()
                 return True
+        cap = self.active_sleep if start - self._last_event < self.idle_after else self.idle_sleep
         step = self.min_sleep
         while True:
             now = time.monotonic()
@@ -66,8 +74,9 @@ class _Poller:
                 return ready()
             time.sleep(min(step, deadline - now))
             if ready():
+                self._last_event = time.monotonic()
                 return True
-            step = min(step * 2, self.max_sleep)
+            step = min(step * 2, cap)
 
 
 class _Mapping:
@@ -434,7 +443,7 @@ class ShmLink:
         elif peer_session != self._session:
             self._die("the peer left the session")
         elif closing:
-            self._die("the peer closed the link")
+            self._die("the peer closed the link")  # (warning: on a bridge, the other side going away is news)
         elif beat != self._beat[0]:
             self._beat = (beat, now)
         elif now - self._beat[1] > PEER_TIMEOUT_S:
@@ -446,7 +455,8 @@ class ShmLink:
         self._dead, self._peer_error = why, peer
         self._stats.alive = False
         self._stats.errors = (self._stats.errors + [why])[-8:]
-        (log.error if peer else log.warning)("shm link to %r down: %s", self._stats.peer_label, why)
+        level = logging.ERROR if peer else logging.DEBUG if why == _CLOSED_HERE else logging.WARNING
+        log.log(level, "shm link to %r down: %s", self._stats.peer_label, why)
 
     def _fail(self, e: BridgePeerError) -> BridgePeerError:
         self._die(f"peer protocol error: {e}", peer=True)
@@ -553,7 +563,7 @@ class ShmLink:
             r.close()
         if int(self._own[L.S_SESSION]) == self._session:  # not if the file was reformatted meanwhile
             self._own[L.S_CLOSING] = 1
-        self._die("closed by this end")
+        self._die(_CLOSED_HERE)
         self._ep._link_closed(self)
 
 
