@@ -150,3 +150,32 @@ def test_a_cuda_process_with_the_client_env_becomes_a_client_of_the_daemon(runti
         assert _mps.stop()
     assert child.returncode == 0, child.stderr
     assert not _mps.status(dirs.pipe).running
+
+
+# -- the cuda benchmark's MPS rows ----------------------------------------------------------------------------------------
+def test_bench_mps_rows_need_a_daemon_or_the_users_leave(runtime, tmp_path, monkeypatch):
+    from texbridge.benchmarks import cuda
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "nothing"))
+    monkeypatch.delenv("TEXBRIDGE_BENCH_MPS", raising=False)
+    env, stop_after, why = cuda._mps_env(_mps)
+    assert env is None and not stop_after and "--mps" in why
+    monkeypatch.setenv("TEXBRIDGE_BENCH_MPS", "1")
+    env, stop_after, why = cuda._mps_env(_mps)
+    assert env is None and "not on PATH" in why
+
+
+def test_bench_rows_put_texbridge_under_mps_first_in_each_group():
+    from texbridge.benchmarks import cuda
+    from texbridge.benchmarks._report import Row
+
+    def rows():
+        return [Row("handoff", "texbridge keyed mutex", 1.0, "us"), Row("handoff", "torch.multiprocessing", 9.0, "us"),
+                Row("open", "texbridge: x", 2.0, "us")]
+
+    ordered = cuda._ordered({"no MPS": rows(), "MPS": rows()})
+    assert [(r.group, r.subject) for r in ordered] == [
+        ("handoff", "texbridge keyed mutex, MPS"), ("handoff", "texbridge keyed mutex, no MPS"),
+        ("handoff", "torch.multiprocessing, MPS"), ("handoff", "torch.multiprocessing, no MPS"),
+        ("open", "texbridge: x, MPS"), ("open", "texbridge: x, no MPS")]

@@ -16,7 +16,7 @@ BENCHMARKS = {
     "vulkan": "fd → VkImage, open → VkImage, upload/download throughput, keyed-mutex ping-pong",
     "gl": "exported fd → GL texture, against the raw GL calls",
     "gpu_receive": "GL receiver: receive() into a GL texture vs download + upload, 1080p and 4K",
-    "cuda": "open → torch tensor, keyed-mutex handoff (vs torch.multiprocessing)",
+    "cuda": "open → device pointer/torch, handoff with a kernel per side, Vulkan → CUDA chain; with and without MPS (vs torch.multiprocessing)",
     "multigpu": "GPU 0 memory used on GPU 1: peer-mapped cuda_vmm, peer_copy (vs cuMemcpyPeer, host-staged)",
 }
 

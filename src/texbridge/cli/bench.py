@@ -44,11 +44,15 @@ class _Source:
 @click.command()
 @click.option("--quick", is_flag=True, help="Fewer iterations: a smoke run, not figures to quote.")
 @click.option("--list", "list_only", is_flag=True, help="List the benchmark modules and exit.")
+@click.option("--mps", is_flag=True, help="Let the cuda benchmark start a per-user CUDA MPS daemon for its MPS rows "
+                                          "(stopped after them) when none runs.")
 @json_option
 @click.argument("names", nargs=-1)
-def bench(quick: bool, list_only: bool, as_json: bool, names: tuple[str, ...]) -> None:
+def bench(quick: bool, list_only: bool, mps: bool, as_json: bool, names: tuple[str, ...]) -> None:
     """Run the benchmarks shipped in texbridge.benchmarks (all, or NAMES) and print one table (--json: one JSON
     object with the rows and the failed benchmarks; progress goes to stderr)."""
+    if mps:
+        os.environ["TEXBRIDGE_BENCH_MPS"] = "1"  # read by benchmarks/cuda.py (run(quick) takes nothing else)
     source = _Source()
     available = list(source.names)
     out = err_console if as_json else console
