@@ -76,21 +76,20 @@ def test_view_renders_the_sender_pixel_exact(runtime, display, tmp_path):
         t = threading.Thread(target=pump, daemon=True)
         t.start()
         try:
-            res = _view(display, "viewer-test", "--size", "256x192", "--frames", "3", "--screenshot", str(shot),
+            res = _view(display, "viewer-test", "--size", "256x292", "--frames", "3", "--screenshot", str(shot),
                         "--timeout", "30")
         finally:
             stop.set()
             t.join()
     assert res.returncode == 0, res.stderr
     got = np.load(shot)
-    assert got.shape == (192, 256, 4)
+    assert got.shape == (292, 256, 4)
     expected = img.repeat(4, 0).repeat(4, 1)
-    bar = 7 * 2 + 8  # the overlay bar's height in window pixels (5x7 font at scale 2, 4 px padding)
-    np.testing.assert_array_equal(got[bar:, :, :3], expected[bar:, :, :3])
-    # the overlay is drawn over the top rows: white text on a darkened bar
-    top = got[:bar, :200, :3]
+    # the overlay is a bar above the image, never over it: the whole image is there, exactly, below the bar
+    at = [y for y in range(1, 101) if np.array_equal(got[y:y + 192, :, :3], expected[..., :3])]
+    assert at, "the image is not shown whole and unscaled below the overlay"
+    top = got[:at[0], :, :3]
     assert (top == 255).all(axis=-1).any(), "no overlay text"
-    assert not np.array_equal(top, expected[:bar, :200, :3])
 
 
 def test_view_without_overlay_and_resize(runtime, display, tmp_path):
@@ -145,3 +144,95 @@ def test_view_timeout_names_the_frames_it_missed(runtime, display):
     with texbridge.Sender("silent", 8, 8):  # connected, never sends
         res = _view(display, "silent", "--frames", "2", "--timeout", "1")
     assert res.returncode == 2 and "0 of 2 frame(s)" in res.stderr and "TexbridgeTimeout" in res.stderr
+
+
+def test_overlay_wraps_to_the_window_and_never_covers_the_image():
+    """The layout alone (no display): lines fit any window width, and the image rect starts below the bar."""
+    from texbridge.cli.viewer import LINE_GAP, overlay_layout, text_mask
+
+    items = [["a sender with a long name", "3840x2160 rgba16f"],
+             ["59.9 fps", "frame 123456789", "dropped 12345", "view 60 fps"]]
+    for width in (120, 200, 320, 480, 639, 640, 800, 1280, 1920):
+        for height in (90, 360, 1080):
+            lines, scale, bar, rect = overlay_layout(items, (width, height), (3840, 2160))
+            assert lines and all(text_mask(line, scale).shape[1] + 2 * LINE_GAP <= width for line in lines), \
+                (width, lines)
+            assert "".join(lines).replace(" ", "") == "".join(i for line in items for i in line).replace(" ", "")
+            if rect is not None:
+                x0, y0, x1, y1 = rect
+                assert y0 >= bar and y1 <= height + 1e-6 and x0 >= 0 and x1 <= width + 1e-6, (width, height, rect)
+    assert overlay_layout([], (640, 360), (64, 48))[2:] == (0, (80.0, 0.0, 560.0, 360.0))
+
+
+def test_view_window_title_is_the_sender_name(runtime, display):
+    if shutil.which("xwininfo") is None:
+        pytest.skip("xwininfo is not installed (apt package x11-utils)")
+    with texbridge.Sender("title check", 32, 16) as s:
+        s.send(np.zeros(s.shape, np.uint8))
+        env = dict(os.environ, DISPLAY=display)
+        env.pop("PYOPENGL_PLATFORM", None)
+        p = subprocess.Popen([sys.executable, "-m", "texbridge.cli", "view", "title check", "--timeout", "20"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline, tree = time.monotonic() + 20, ""
+            while time.monotonic() < deadline and '"title check - texbridge view"' not in tree:
+                tree = subprocess.run(["xwininfo", "-root", "-tree", "-display", display], capture_output=True,
+                                      text=True).stdout
+                time.sleep(0.2)
+            assert '"title check - texbridge view"' in tree, tree[-2000:]
+        finally:
+            p.terminate()
+            p.wait(10)
+
+
+# Runs the Viewer in its own process (GLFW needs GLX, which must be chosen before OpenGL is imported) and drives it
+# with its own key callback, as GLFW would: picker, sender list, fullscreen, waiting text, redraws only on change.
+VIEWER_KEYS = r"""
+import json, sys, time, numpy as np, glfw, texbridge
+from texbridge.cli.viewer import Viewer
+out = {}
+v = Viewer("nobody yet", overlay=True, size=(320, 200))
+out["waiting"] = v.overlay_items()
+out["waiting_title"] = v._title()
+a = texbridge.Sender("alpha", 16, 8); b = texbridge.Sender("beta", 16, 8)
+a.send(np.zeros(a.shape, np.uint8)); b.send(np.zeros(b.shape, np.uint8))
+def press(key, mods=0):
+    v._on_key(v.window, key, 0, glfw.PRESS, mods)
+press(glfw.KEY_TAB); out["after_tab"] = v.receiver.name
+press(glfw.KEY_TAB); out["after_tab2"] = v.receiver.name
+press(glfw.KEY_TAB, glfw.MOD_SHIFT); out["after_shift_tab"] = v.receiver.name
+out["title"] = v._title()
+press(glfw.KEY_L); out["list"] = v.overlay_items()
+press(glfw.KEY_F); glfw.poll_events(); out["fullscreen"] = bool(glfw.get_window_monitor(v.window))
+press(glfw.KEY_F); glfw.poll_events(); out["windowed"] = not glfw.get_window_monitor(v.window)
+press(glfw.KEY_L); press(glfw.KEY_O)  # no list, no overlay: only new frames redraw
+sender = a if v.receiver.name == "alpha" else b
+import threading
+stop = threading.Event()
+def pump():
+    while not stop.is_set():
+        sender.send(np.zeros(sender.shape, np.uint8)); time.sleep(0.1)
+t = threading.Thread(target=pump); t.start()
+v.run(frames=None, timeout=2.0)
+stop.set(); t.join()
+out["shown"], out["draws"] = v.shown, v.draws
+v.close(); a.close(); b.close()
+print(json.dumps(out))
+"""
+
+
+def test_view_keys_picker_list_fullscreen_and_redraws_only_on_change(runtime, display):
+    env = dict(os.environ, DISPLAY=display, PYOPENGL_PLATFORM="glx")
+    res = subprocess.run([sys.executable, "-c", VIEWER_KEYS], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    assert out["waiting"] == [["waiting for sender 'nobody yet'..."]]
+    assert out["waiting_title"].startswith("waiting for 'nobody yet'")
+    assert (out["after_tab"], out["after_tab2"], out["after_shift_tab"]) == ("alpha", "beta", "alpha")
+    assert out["title"] == "alpha - texbridge view"
+    flat = [" ".join(line) for line in out["list"]]
+    assert any(line.startswith("> alpha") for line in flat) and any(line.startswith("  beta") for line in flat)
+    assert out["fullscreen"] and out["windowed"]
+    # ~20 frames in 2 s at 10 fps: one draw per new frame (and a few for the overlay's refresh and start-up), not
+    # hundreds of redraws of an unchanged picture
+    assert out["shown"] >= 5 and out["draws"] <= out["shown"] + 8, out

@@ -137,8 +137,57 @@ def _to_rgba8(frame: np.ndarray, fmt: str) -> tuple[np.ndarray, bool]:
     raise BackendError(f"the viewer cannot show {fmt} frames yet")
 
 
+LINE_GAP = 4  # pixels between overlay lines and around the bar's text
+
+
+def wrap_items(items: list[str], max_chars: int) -> list[str]:
+    """Greedy line wrap of overlay items (joined by two spaces), never splitting an item unless it alone is too long."""
+    lines: list[str] = []
+    for item in items:
+        while len(item) > max_chars:
+            if lines and not lines[-1]:
+                lines.pop()
+            lines.append(item[:max_chars])
+            item = item[max_chars:]
+        if lines and len(lines[-1]) + 2 + len(item) <= max_chars:
+            lines[-1] += "  " + item
+        else:
+            lines.append(item)
+    return lines
+
+
+def overlay_layout(lines_items: list[list[str]], window: tuple[int, int], image: tuple[int, int] | None
+                   ) -> tuple[list[str], int, int, tuple[float, float, float, float] | None]:
+    """Where things go in a window: (text lines, font scale, bar height, image rect x0, y0, x1, y1).
+
+    The overlay is a bar across the top whose lines wrap to the window's width (never clipped, down to ~60 px); the
+    image is letterboxed in the rest of the window, so the overlay never covers it. Pure: unit-tested without a
+    display."""
+    fw, fh = window
+    lines: list[str] = []
+    scale = 2 if fw >= 480 else 1
+    if lines_items:
+        max_chars = max(1, (fw - 2 * LINE_GAP) // (6 * scale))
+        for items in lines_items:
+            lines += wrap_items(items, max_chars)
+    bar = len(lines) * (7 * scale + LINE_GAP) + LINE_GAP if lines else 0
+    bar = min(bar, fh)
+    if image is None:
+        return lines, scale, bar, None
+    tw, th = image
+    area = fh - bar
+    if area <= 0 or fw <= 0:
+        return lines, scale, bar, None
+    k = min(fw / tw, area / th)
+    dw, dh = tw * k, th * k
+    x0, y0 = float(int((fw - dw) / 2)), float(bar + int((area - dh) / 2))
+    return lines, scale, bar, (x0, y0, x0 + dw, y0 + dh)
+
+
 class Viewer:
-    """One window following one receiver. Esc or Q quits, O toggles the overlay."""
+    """One window following one sender at a time. Keys: Esc/Q quit, O overlay, L sender list, Tab/N/→ next sender,
+    Shift-Tab/P/← previous, F (or F11) fullscreen. It redraws only when something changed (a new frame, a key, a
+    resize, the overlay's text), sleeping on the receiver's futex in between."""
 
     def __init__(self, name: str | None, *, overlay: bool = True, size: tuple[int, int] | None = None,
                  title: str = "texbridge view") -> None:
@@ -157,10 +206,12 @@ class Viewer:
             self.receiver.close()
             raise BackendError("GLFW could not initialise (no display? set DISPLAY, or run under Xvfb)")
         self.overlay = overlay
-        self.first = self.receiver.wait_frame(2.0)
+        self.show_list = False
+        self.first = self.receiver.wait_frame(2.0, copy=False)
         w, h = size or self._initial_size()
         glfw.window_hint(glfw.RESIZABLE, True)
-        self.window = glfw.create_window(w, h, title, None, None)
+        self.base_title = title
+        self.window = glfw.create_window(w, h, self._title(), None, None)
         if not self.window:
             self.receiver.close()
             glfw.terminate()
@@ -168,6 +219,14 @@ class Viewer:
         glfw.make_context_current(self.window)
         glfw.swap_interval(1)
         glfw.set_key_callback(self.window, self._on_key)
+        self.fb_size = tuple(glfw.get_framebuffer_size(self.window))  # kept by the callback: no X round trip per draw
+
+        def resized(_window: Any, width: int, height: int) -> None:
+            self.fb_size = (width, height)
+            self._touch()
+
+        glfw.set_framebuffer_size_callback(self.window, resized)
+        glfw.set_window_refresh_callback(self.window, lambda *_: self._touch())
         self.tex = GL.glGenTextures(1)
         self.text_tex = GL.glGenTextures(1)
         for t in (self.tex, self.text_tex):
@@ -178,13 +237,31 @@ class Viewer:
             GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_WRAP_T, GL.GL_CLAMP_TO_EDGE)
         self.tex_shape: tuple[int, int] | None = None
         self.text_shape = (0, 0)
-        self.text = ""
+        self.text_key: tuple[Any, ...] = ()
         self.text_at = 0.0
         self.shown = 0  # new frames displayed
+        self.draws = 0  # frames drawn (redraws happen only when something changed)
         self.display_fps = 0.0
-        self._last_swap = 0.0
+        self._last_new = 0.0
+        self._dirty = True
+        self._windowed: tuple[int, int, int, int] | None = None  # position and size to restore after fullscreen
+        self._senders: list[Any] = []
+        self._senders_at = 0.0
+        self._items: list[list[str]] | None = None  # the overlay's lines as last drawn (None: recompute)
         if self.first is not None:
             self._upload(self.first)
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def _touch(self) -> None:
+        self._dirty = True
+        self._items = None
+
+    def _title(self) -> str:
+        r = self.receiver
+        if r.connected and r.name:
+            return f"{r.name} - {self.base_title}"
+        who = repr(r.requested) if r.requested else "the active sender"
+        return f"waiting for {who} - {self.base_title}"
 
     def _initial_size(self) -> tuple[int, int]:
         r = self.receiver
@@ -194,6 +271,56 @@ class Viewer:
         scale = min(1.0, 1280 / w, 720 / h)
         return max(160, int(w * scale)), max(90, int(h * scale))
 
+    def senders(self) -> list[Any]:
+        """The live senders (refreshed at most once a second: one LIST request)."""
+        from ..senders import list_senders
+
+        now = time.monotonic()
+        if now - self._senders_at > 1.0:
+            self._senders_at = now
+            try:
+                self._senders = list_senders(self.receiver._session)
+            except Exception:
+                pass
+        return self._senders
+
+    def switch(self, step: int) -> None:
+        """Follow the next (step 1) or previous (-1) live sender, by announce order."""
+        from ..senders import Receiver
+
+        self._senders_at = 0.0
+        names = [i.name for i in self.senders()]
+        if not names:
+            return
+        current = self.receiver.name
+        i = names.index(current) if current in names else -1
+        name = names[(i + step) % len(names)]
+        if name == current and self.receiver.connected:
+            return
+        old, self.receiver = self.receiver, Receiver(name, app_name="texbridge view")
+        old.close()
+        self.tex_shape = None
+        self.glfw.set_window_title(self.window, self._title())
+        self._touch()
+
+    def toggle_fullscreen(self) -> None:
+        glfw = self.glfw
+        if self._windowed is None:
+            monitor = glfw.get_primary_monitor()
+            if not monitor:
+                return
+            mode = glfw.get_video_mode(monitor)
+            x, y = glfw.get_window_pos(self.window)
+            w, h = glfw.get_window_size(self.window)
+            self._windowed = (x, y, w, h)
+            glfw.set_window_monitor(self.window, monitor, 0, 0, mode.size.width, mode.size.height,
+                                    mode.refresh_rate)
+        else:
+            x, y, w, h = self._windowed
+            self._windowed = None
+            glfw.set_window_monitor(self.window, None, x, y, w, h, 0)
+        self._touch()
+
     def _on_key(self, window: Any, key: int, scancode: int, action: int, mods: int) -> None:
         glfw = self.glfw
         if action != glfw.PRESS:
@@ -202,47 +329,82 @@ class Viewer:
             glfw.set_window_should_close(window, True)
         elif key == glfw.KEY_O:
             self.overlay = not self.overlay
+        elif key == glfw.KEY_L:
+            self.show_list = not self.show_list
+            self._senders_at = 0.0
+        elif key in (glfw.KEY_F, glfw.KEY_F11):
+            self.toggle_fullscreen()
+        elif key in (glfw.KEY_TAB, glfw.KEY_N, glfw.KEY_RIGHT, glfw.KEY_P, glfw.KEY_LEFT):
+            back = key in (glfw.KEY_P, glfw.KEY_LEFT) or (key == glfw.KEY_TAB and mods & glfw.MOD_SHIFT)
+            self.switch(-1 if back else 1)
+        self._touch()
 
+    # -- drawing ---------------------------------------------------------------------------------------------------
     def _upload(self, frame: np.ndarray) -> None:
+        """The frame (a zero-copy view of the sender's slot) straight into the texture: no intermediate copy."""
         GL = self.GL
         data, bgra = _to_rgba8(frame, self.receiver.format)
-        data = np.ascontiguousarray(data)
         h, w = data.shape[:2]
+        row = 0
+        if data.strides[1:] == (4, 1) and data.strides[0] % 4 == 0 and data.strides[0] >= 4 * w:
+            row = data.strides[0] // 4  # pitched rows: let GL skip the padding instead of copying
+            base = np.lib.stride_tricks.as_strided(data, (data.strides[0] * h,), (1,))[: data.strides[0] * (h - 1)
+                                                                                      + 4 * w]
+        else:
+            base = np.ascontiguousarray(data)
         GL.glBindTexture(GL.GL_TEXTURE_2D, self.tex)
         GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
+        GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, row if row != w else 0)
         src = GL.GL_BGRA if bgra else GL.GL_RGBA
         if self.tex_shape != (w, h):
-            GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA8, w, h, 0, src, GL.GL_UNSIGNED_BYTE, data)
+            GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA8, w, h, 0, src, GL.GL_UNSIGNED_BYTE, base)
             self.tex_shape = (w, h)
         else:
-            GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, src, GL.GL_UNSIGNED_BYTE, data)
+            GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, src, GL.GL_UNSIGNED_BYTE, base)
+        GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, 0)
+        self._dirty = True
 
-    def _overlay_text(self) -> str:
+    def overlay_items(self) -> list[list[str]]:
+        """The overlay's lines, each a list of items (wrapped to the window by overlay_layout)."""
         r = self.receiver
+        lines: list[list[str]] = []
         if not r.connected:
-            return f"{r.name or 'active sender'}: waiting for a sender..."
-        return (f"{r.name}  {r.width}x{r.height} {r.format}  {r.sender_fps:.1f} fps  frame {r.frame_number}"
-                f"  (view {self.display_fps:.0f} fps, dropped {r.frames_dropped})")
+            who = f"sender {r.requested!r}" if r.requested else "a sender"
+            lines.append([f"waiting for {who}..."])
+        elif self.overlay:
+            lines.append([str(r.name), f"{r.width}x{r.height} {r.format}"])
+            lines.append([f"{r.sender_fps:.1f} fps", f"frame {r.frame_number}", f"dropped {r.frames_dropped}",
+                          f"view {self.display_fps:.0f} fps"])
+        if self.show_list:
+            live = self.senders()
+            lines.append(["senders (tab: next, shift-tab: previous):"] if live else ["no live senders"])
+            for i in live:
+                mark = ">" if i.name == r.name else " "
+                lines.append([f"{mark} {i.name}", f"{i.width}x{i.height}", f"{i.fps:.0f} fps"])
+        return lines
 
-    def _update_text(self) -> None:
-        now = time.monotonic()
-        if now - self.text_at < 0.25 and self.text:
-            return
-        self.text_at = now
-        text = self._overlay_text()
-        if text == self.text:
-            return
-        self.text = text
-        mask = text_mask(text, 2)
-        img = np.zeros((mask.shape[0] + 8, mask.shape[1] + 12, 4), np.uint8)
-        img[..., 3] = 160
-        img[4:4 + mask.shape[0], 6:6 + mask.shape[1]][mask] = (255, 255, 255, 255)
-        GL = self.GL
-        GL.glBindTexture(GL.GL_TEXTURE_2D, self.text_tex)
-        GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
-        GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA8, img.shape[1], img.shape[0], 0, GL.GL_RGBA,
-                        GL.GL_UNSIGNED_BYTE, img)
-        self.text_shape = (img.shape[1], img.shape[0])
+    def _update_text(self, items: list[list[str]], window: tuple[int, int]) -> tuple[int, int]:
+        """Render the overlay's lines into its texture when they changed; returns (bar height, scale)."""
+        lines, scale, bar, _ = overlay_layout(items, window, None)
+        key = (tuple(lines), scale, window[0])
+        if key != self.text_key:
+            self.text_key = key
+            line_h = 7 * scale + LINE_GAP
+            img = np.zeros((max(1, bar), max(1, window[0]), 4), np.uint8)
+            img[..., 3] = 200
+            for i, line in enumerate(lines):
+                mask = text_mask(line, scale)
+                y, x = LINE_GAP + i * line_h, LINE_GAP
+                mh, mw = min(mask.shape[0], img.shape[0] - y), min(mask.shape[1], img.shape[1] - x)
+                if mh > 0 and mw > 0:
+                    img[y:y + mh, x:x + mw][mask[:mh, :mw]] = (255, 255, 255, 255)
+            GL = self.GL
+            GL.glBindTexture(GL.GL_TEXTURE_2D, self.text_tex)
+            GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
+            GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA8, img.shape[1], img.shape[0], 0, GL.GL_RGBA,
+                            GL.GL_UNSIGNED_BYTE, img)
+            self.text_shape = (img.shape[1], img.shape[0])
+        return bar, scale
 
     @staticmethod
     def _quad(GL: Any, x0: float, y0: float, x1: float, y1: float) -> None:
@@ -255,7 +417,7 @@ class Viewer:
 
     def draw(self) -> None:
         GL = self.GL
-        fw, fh = self.glfw.get_framebuffer_size(self.window)
+        fw, fh = self.fb_size
         GL.glViewport(0, 0, fw, fh)
         GL.glMatrixMode(GL.GL_PROJECTION)
         GL.glLoadIdentity()
@@ -266,23 +428,23 @@ class Viewer:
         GL.glClear(GL.GL_COLOR_BUFFER_BIT)
         GL.glEnable(GL.GL_TEXTURE_2D)
         GL.glTexEnvi(GL.GL_TEXTURE_ENV, GL.GL_TEXTURE_ENV_MODE, GL.GL_REPLACE)
-        if self.tex_shape and self.receiver.connected:
-            tw, th = self.tex_shape
-            scale = min(fw / tw, fh / th)  # letterbox, keeping the aspect ratio
-            dw, dh = tw * scale, th * scale
-            x0, y0 = (fw - dw) / 2, (fh - dh) / 2
+        if self._items is None:
+            self._items = self.overlay_items()  # counters move every frame: refreshed twice a second, not per draw
+        items = self._items
+        bar = self._update_text(items, (fw, fh))[0] if items else 0
+        image = self.tex_shape if self.tex_shape and self.receiver.connected else None
+        rect = overlay_layout(items, (fw, fh), image)[3] if image else None
+        if rect is not None:
             GL.glDisable(GL.GL_BLEND)
             GL.glBindTexture(GL.GL_TEXTURE_2D, self.tex)
-            self._quad(GL, x0, y0, x0 + dw, y0 + dh)
-        if self.overlay or not self.receiver.connected:
-            self._update_text()
-            GL.glEnable(GL.GL_BLEND)
-            GL.glBlendFunc(GL.GL_SRC_ALPHA, GL.GL_ONE_MINUS_SRC_ALPHA)
+            self._quad(GL, *rect)
+        if bar:
+            GL.glDisable(GL.GL_BLEND)
             GL.glBindTexture(GL.GL_TEXTURE_2D, self.text_tex)
             w, h = self.text_shape
             self._quad(GL, 0, 0, w, h)
-            GL.glDisable(GL.GL_BLEND)
         GL.glDisable(GL.GL_TEXTURE_2D)
+        self.draws += 1
 
     def screenshot(self) -> np.ndarray:
         """The window's pixels as (H, W, 4) uint8, top row first."""
@@ -298,32 +460,50 @@ class Viewer:
         """Show frames until the window closes, or until `frames` new frames were shown (then save `screenshot`).
         Returns 0; after `timeout` seconds raises SenderNotFound (no sender ever connected) or TexbridgeTimeout
         (fewer than `frames`, or without --frames none at all). `notify` hears when the viewer waits for a sender
-        and when it connects, so a missing sender is never waited for silently."""
+        and when it connects, so a missing sender is never waited for silently.
+
+        Between changes it sleeps in the receiver's futex wait (up to 50 ms, so keys stay responsive) and draws
+        nothing: a 60 fps sender costs one upload and one draw per frame."""
         glfw = self.glfw
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.first is not None:
             self.shown = 1
+            self.receiver.release()
         waiting = False
+        title = self._title()
         try:
             while not glfw.window_should_close(self.window):
                 if notify is not None and (self.receiver.status == "no_sender") != waiting:
                     waiting = not waiting
                     notify(self._waiting_message() if waiting else f"showing sender {self.receiver.name!r}")
-                frame = self.receiver.wait_frame(1 / 240)
+                if self._title() != title:
+                    title = self._title()
+                    glfw.set_window_title(self.window, title)
+                    self._touch()
+                frame = self.receiver.wait_frame(0 if self._dirty else 0.05, copy=False)
                 if frame is not None:
                     self._upload(frame)
+                    self.receiver.release()  # the texture has it: let the sender reuse the slot
                     self.shown += 1
-                self.draw()
-                done = frames is not None and self.shown >= frames
-                if done and screenshot:
-                    save_image(screenshot, self.screenshot())
-                glfw.swap_buffers(self.window)
+                    now = time.monotonic()
+                    if self._last_new:
+                        dt = max(now - self._last_new, 1e-6)
+                        self.display_fps = 1 / dt if not self.display_fps else 0.9 * self.display_fps + 0.1 / dt
+                    self._last_new = now
                 now = time.monotonic()
-                if self._last_swap:
-                    dt = now - self._last_swap
-                    self.display_fps = 1 / dt if not self.display_fps else 0.9 * self.display_fps + 0.1 / dt
-                self._last_swap = now
+                if now - self.text_at >= 0.5:
+                    self.text_at = now  # the fps and frame counters move: refresh the overlay twice a second
+                    self._items = None
+                    if self.overlay or self.show_list or waiting:
+                        self._dirty = True
                 glfw.poll_events()
+                done = frames is not None and self.shown >= frames
+                if self._dirty or done:
+                    self._dirty = False
+                    self.draw()
+                    if done and screenshot:
+                        save_image(screenshot, self.screenshot())
+                    glfw.swap_buffers(self.window)
                 if done:
                     return 0
                 if deadline is not None and now > deadline:
@@ -398,4 +578,5 @@ def view(name: str | None, *, overlay: bool = True, size: tuple[int, int] | None
         v.close()
 
 
-__all__ = ["TestPattern", "Viewer", "draw_text", "save_image", "send_test", "text_mask", "view"]
+__all__ = ["TestPattern", "Viewer", "draw_text", "overlay_layout", "save_image", "send_test", "text_mask", "view",
+           "wrap_items"]
