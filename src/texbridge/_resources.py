@@ -160,6 +160,16 @@ class Resource:
             return view.astype(dtype)
         return view.copy() if copy else view
 
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        """DLPack export of the zero-copy view (host_visible resources; CUDA resources override with device
+        memory). The capsule holds the view, and the view the mapping: it outlives close() safely."""
+        return self.numpy().__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        if not self.host_visible:
+            self.numpy()  # raises NotHostVisible, saying to use download()
+        return (1, 0)  # kDLCPU
+
     @property
     def shape(self) -> tuple[int, ...]:
         d = self.descriptor

@@ -25,6 +25,7 @@ from .._client import Session, connect
 from .._errors import (BackendError, ClosedError, InvalidArgument, InvalidDescriptor, KeyedMutexAbandoned,
                        NotASender, NotFound, SenderNotFound, TexbridgeError)
 from .._formats import get_format
+from .._pixels import from_format, get_layout
 from .._memory_types import get_memory_type
 from .._resources import Resource
 from ._gpu import GPU_BACKENDS, GpuFrames, is_gpu_target
@@ -70,13 +71,23 @@ class Receiver:
     backend="gl" | "vulkan" | "cuda" receives on the GPU: frames are that API's textures (GLResource: .texture,
     .moderngl_texture(ctx); VulkanResource: .image; CUDAResource: DLPack / __cuda_array_interface__), copied on the
     GPU or zero-copy; `gpu_path` says which (see senders/_gpu.py). `context` is the GL context for backend="gl"
-    (None: texbridge's headless one; "current" or a moderngl.Context: yours)."""
+    (None: texbridge's headless one; "current" or a moderngl.Context: yours).
+
+    pixel_format="rgb8" | "bgr8" | "rgba8" | "bgra8" | "gray8" | "rgbf" | "rgbaf" | "grayf" | "float32" (NumPy
+    receivers): frames arrive converted to that layout, whatever the sender's format (rules: texbridge._pixels,
+    docs/senders.md); a conversion is a copy, made inside the slot's seqlock window."""
 
     def __init__(self, name: str | None = None, *, session: Session | None = None, backend: str | None = None,
                  app_name: str | None = None, require_sender: bool = False, context: Any = None,
-                 device: int | None = None) -> None:
+                 device: int | None = None, pixel_format: str | None = None) -> None:
         self.requested = name
         self.backend = backend
+        self.pixel_format = pixel_format
+        if pixel_format is not None:
+            get_layout(pixel_format)  # InvalidArgument for an unknown one
+            if backend in GPU_BACKENDS:
+                raise InvalidArgument(f"pixel_format converts NumPy frames; a backend={backend!r} receiver gives "
+                                      "the sender's format as textures")
         self._gpu = GpuFrames(backend, context) if backend in GPU_BACKENDS else None
         self._context = context
         if device is not None and backend != "cuda":
@@ -431,9 +442,16 @@ class Receiver:
         return data
 
     def _read(self, link: _Link, copy: bool, out: np.ndarray | None) -> np.ndarray | None:
+        layout = self.pixel_format
+        if layout is not None:
+            copy, fmt = True, get_format(link.ring.format)  # a conversion is a copy
+
         def take(slot: int) -> np.ndarray:
             """Copy (or view) one slot; the ring keeps the result only if no write overlapped."""
             view = link.views[slot]
+            if layout is not None:
+                return from_format(view if view is not None else link.slots[slot].download(), fmt, layout, out,
+                                   f"receiver of {link.name!r}")
             if not copy:
                 if view is None:
                     return link.slots[slot].download()
@@ -446,7 +464,7 @@ class Receiver:
             return view.copy() if view is not None else link.slots[slot].download()
 
         for _ in range(READ_ATTEMPTS):  # receive() opened the current generation's slots
-            if out is not None and (out.shape != link.shape or out.dtype != link.dtype):
+            if out is not None and layout is None and (out.shape != link.shape or out.dtype != link.dtype):
                 out = None  # the sender resized: a new array this time (check `frame is out`)
             got = link.ring.read(take, nslots=len(link.slots), generation=link.generation, keep_pin=not copy)
             if got is Stale:
@@ -467,7 +485,7 @@ class Receiver:
             return None
         fmt = link.ring.format
         return Frame(pixels, got.frame, got.timestamp_ns, got.realtime_offset_ns, got.user_data, link.shape[1],
-                     link.shape[0], fmt, fmt, link.name)
+                     link.shape[0], fmt, self.pixel_format or fmt, link.name)
 
     def receive_frame(self, *, copy: bool = True, out: np.ndarray | None = None) -> Frame | None:
         """receive() as a Frame: the newest frame's pixels with its number, timestamp and user data (read under the

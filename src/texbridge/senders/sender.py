@@ -19,6 +19,7 @@ from .. import _liveness
 from .._client import Session, connect
 from .._errors import BrokenError, ClosedError, InvalidArgument, InvalidDescriptor, TexbridgeError
 from .._formats import get_format
+from .._pixels import suggest, to_format
 from .._resources import Resource, check_frame
 from .directory import META_KEY
 from .frame import check_metadata, realtime_offset_ns
@@ -229,17 +230,31 @@ class Sender:
             if all(slot.device_copy for slot in self._slots) and not self._mirror:
                 return frame
             frame = frame.get() if hasattr(frame, "get") else frame.cpu().numpy()  # CuPy / torch to the host
-        return check_frame(frame, self._shape, get_format(self._format).numpy_dtype,
-                           lambda: f"sender {self.name!r} ({self._width}x{self._height} {self._format})")
+        try:
+            return check_frame(frame, self._shape, get_format(self._format).numpy_dtype,
+                               lambda: f"sender {self.name!r} ({self._width}x{self._height} {self._format})")
+        except InvalidArgument as e:
+            hint = suggest(frame)
+            if not hint:
+                raise
+            raise InvalidArgument(f"{e}; {hint}") from None
 
-    def send(self, frame: Any, *, timestamp_ns: int | None = None, user_data: bytes | None = None) -> int:
+    def send(self, frame: Any, *, timestamp_ns: int | None = None, user_data: bytes | None = None,
+             pixel_format: str | None = None) -> int:
         """Publish `frame`: a NumPy array of the sender's shape, a texbridge Resource (GL texture, Vulkan image,
         CUDA array), or a torch/CuPy CUDA array (copied on the GPU into CUDA slots). Returns its frame number.
 
         timestamp_ns: the capture time on CLOCK_MONOTONIC (time.monotonic_ns()); None = now. user_data: up to
-        MAX_USER_DATA (4096) bytes that travel with this frame (Receiver frames' `.user_data`)."""
+        MAX_USER_DATA (4096) bytes that travel with this frame (Receiver frames' `.user_data`).
+        pixel_format: the layout of an array that is not in the sender's own ("rgb8", "bgr8", "rgba8", "bgra8",
+        "gray8", "rgbf", "rgbaf", "grayf"): it is converted into the sender's format (rules: docs/senders.md).
+        Without it the array must be in the sender's own layout: texbridge never guesses (an (H, W, 3) array
+        could be RGB or BGR)."""
         self._check_open()
         meta = check_metadata(timestamp_ns, user_data)
+        if pixel_format is not None:
+            frame = to_format(frame, pixel_format, get_format(self._format), self._shape,
+                              where=f"sender {self.name!r} ({self._width}x{self._height} {self._format})")
         arr = self._coerce(frame)
         slot = self._begin()
         ok = False
