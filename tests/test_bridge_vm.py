@@ -19,6 +19,7 @@ from texbridge.bridge._shmfile import ShmEndpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "vm"))
 import harness  # noqa: E402
+from guest_side import pattern as guest_side_pattern  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = harness.capabilities()
@@ -37,14 +38,13 @@ def test_guest_round_trip_over_ivshmem_bar_pixel_exact(tmp_path):
     fmt = StreamFormat(256, 256, "rgba8")  # 256 KiB frames: small for a TCG guest
     ep = ShmEndpoint(shm, "serve", size=16 << 20, label="host")
     ep.establish(0)  # create and format the file before QEMU maps it
-    proc, cmdfile = harness.start(f"{ROOT}/.venv/bin/python tests/vm/guest_side.py echo", shm=str(shm),
-                                  cwd=str(ROOT))
+    guest = harness.start(f"{ROOT}/.venv/bin/python tests/vm/guest_side.py echo", shm=str(shm), cwd=str(ROOT))
     try:
         link = None
         deadline = time.monotonic() + 180
-        while link is None and time.monotonic() < deadline and proc.poll() is None:
+        while link is None and time.monotonic() < deadline and guest.running():
             link = ep.establish(0.5)
-        assert link is not None, f"the guest never joined: {ep.last_problem}"
+        assert link is not None, f"the guest never joined: {ep.last_problem}\n{guest.text()[-3000:]}"
         assert link.peer_label == "guest"
         link.send({"op": "format", "w": fmt.width, "h": fmt.height, "format": fmt.format})
         w, r = link.open_writer(1, fmt), link.open_reader(2, fmt)
@@ -67,11 +67,69 @@ def test_guest_round_trip_over_ivshmem_bar_pixel_exact(tmp_path):
             link.wait(0.1)
             msgs = link.receive()
         assert msgs == [{"op": "bye", "frames": 10}]
-        rc, console = harness.finish(proc, cmdfile, timeout=120)
+        rc, console = guest.finish(timeout=120)
         assert rc == 0, console[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            harness.finish(proc, cmdfile, timeout=10)
+        guest.kill()
         ep.close()
+        shm.unlink(missing_ok=True)
+
+
+def test_senders_cross_the_vm_boundary_both_ways(runtime, tmp_path):
+    """The whole bridge as a VM user runs it: `texbridge bridge serve --shm` on the host (its broker), `texbridge
+    bridge join --shm auto` in the guest (the guest's own broker: its own kernel). Host Sender -> guest Receiver
+    and guest Sender -> host Receiver, pixel-exact (tests/vm/guest_side.py senders is the guest's half)."""
+    import subprocess
+
+    import texbridge as tb
+    from texbridge.senders import Receiver, Sender, list_senders
+
+    ns = os.environ["TEXBRIDGE_NAMESPACE"]
+    shm = Path("/dev/shm") / f"texbridge-vmtest-{os.getpid()}"
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
+    serve = subprocess.Popen([sys.executable, "-m", "texbridge.cli", "bridge", "serve", "--shm", str(shm), "--size",
+                              "16", "--max-size", "256x256", "--label", "host", "-n", ns],
+                             stdout=log, stderr=subprocess.STDOUT)
+    guest = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (shm.exists() and shm.stat().st_size == 16 << 20) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert shm.exists(), log_path.read_text()
+        guest = harness.start(f"{ROOT}/.venv/bin/python tests/vm/guest_side.py senders --timeout 400", shm=str(shm),
+                              cwd=str(ROOT))
+        session = tb.connect(ns)
+        shape = (48, 64, 4)
+        mine, want = guest_side_pattern(shape, 1), guest_side_pattern(shape, 2)
+        with Sender("hostcam", 64, 48, session=session) as snd:
+            rx = None
+            got_guest = False
+            deadline = time.monotonic() + 420
+            while time.monotonic() < deadline and guest.running():
+                snd.send(mine)
+                if rx is None and "guestcam@guest" in {i.name for i in list_senders(session)}:
+                    rx = Receiver("guestcam@guest", session=session)
+                if rx is not None and not got_guest:
+                    frame = rx.wait_frame(0.2)
+                    got_guest = frame is not None and frame.shape == want.shape and np.array_equal(frame, want)
+                else:
+                    time.sleep(0.1)
+                if got_guest and "guest: hostcam@host pixel-exact" in guest.text():
+                    break
+            assert got_guest, f"guestcam@guest never arrived pixel-exact\n{log_path.read_text()}\n{guest.text()}"
+            if rx is not None:
+                rx.close()
+        # hostcam retired: the guest sees hostcam@host go and exits 0
+        rc, console = guest.finish(timeout=300)
+        assert "guest: hostcam@host pixel-exact" in console and rc == 0, console[-4000:] + log_path.read_text()
+    finally:
+        if guest is not None:
+            guest.kill()
+        serve.terminate()
+        try:
+            serve.wait(10)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        log.close()
         shm.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -184,10 +185,48 @@ def qemu_command(kernel: Path, initrd: Path, cmdfile: Path, shm: str | None, mem
     return cmd
 
 
-def start(command: str, *, shm: str | None = None, cwd: str | None = None, env: dict[str, str] | None = None,
-          ) -> tuple[subprocess.Popen, Path]:
-    """Boot the guest running `command` (in `cwd`, default ours); returns the QEMU process (console on its stdout)
-    and the command file to delete after. The shared file must exist with its final size."""
+class Guest:
+    """A running guest: its console is collected as it comes (text()), finish() waits for the exit status."""
+
+    def __init__(self, proc: subprocess.Popen, cmdfile: Path) -> None:
+        self.proc, self.cmdfile = proc, cmdfile
+        self._chunks: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, b""):
+            self._chunks.append(line)
+
+    def text(self) -> str:
+        return re.sub(rb"\x1b\[[0-9;?]*[a-zA-Z]|\x1bc|\r|\x00", b"", b"".join(self._chunks)).decode(errors="replace")
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        """Wait for the guest; (the command's exit status, console). 124: no exit status (timeout, boot failure)."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self.cmdfile.unlink(missing_ok=True)
+        self._reader.join(5)
+        text = self.text()
+        m = re.findall(re.escape(EXIT_MARK) + r"(\d+)", text)
+        return (int(m[-1]) if m else 124), text
+
+    def kill(self) -> None:
+        if self.running():
+            self.proc.kill()
+        self.finish(10)
+
+
+def start(command: str, *, shm: str | None = None, cwd: str | None = None, env: dict[str, str] | None = None) -> Guest:
+    """Boot the guest running `command` (in `cwd`, default ours). The shared file must exist with its final size."""
     kernel, initrd = ensure_guest()
     fd, name = tempfile.mkstemp(prefix="texbridge-vm-", suffix=".sh", dir="/var/tmp")
     lines = [f"cd {shlex.quote(cwd or os.getcwd())} || exit 97"]
@@ -198,26 +237,11 @@ def start(command: str, *, shm: str | None = None, cwd: str | None = None, env: 
     os.chmod(name, 0o644)
     proc = subprocess.Popen(qemu_command(kernel, initrd, Path(name), shm), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return proc, Path(name)
-
-
-def finish(proc: subprocess.Popen, cmdfile: Path, timeout: float) -> tuple[int, str]:
-    """Wait for the guest; (the command's exit status, console text). 124: no exit status (timeout, boot failure)."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    finally:
-        cmdfile.unlink(missing_ok=True)
-    text = re.sub(rb"\x1b\[[0-9;?]*[a-zA-Z]|\x1bc|\r|\x00", b"", out).decode(errors="replace")
-    m = re.findall(re.escape(EXIT_MARK) + r"(\d+)", text)
-    return (int(m[-1]) if m else 124), text
+    return Guest(proc, Path(name))
 
 
 def run(command: str, *, shm: str | None = None, timeout: float = 300, **kw: object) -> tuple[int, str]:
-    proc, cmdfile = start(command, shm=shm, **kw)  # type: ignore[arg-type]
-    return finish(proc, cmdfile, timeout)
+    return start(command, shm=shm, **kw).finish(timeout)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
