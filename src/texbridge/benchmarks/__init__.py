@@ -17,6 +17,7 @@ BENCHMARKS = {
     "gl": "exported fd → GL texture, against the raw GL calls",
     "gpu_receive": "GL receiver: receive() into a GL texture vs download + upload, 1080p and 4K",
     "cuda": "open → device pointer/torch, handoff with a kernel per side, Vulkan → CUDA chain; with and without MPS (vs torch.multiprocessing)",
+    "bridge": "the bridge over a shared file and TCP: transport rows, then sender → bridge → mirror → receiver latency vs local, 4 remote receivers, kill -9 recovery",
     "multigpu": "GPU 0 memory used on GPU 1: peer-mapped cuda_vmm, peer_copy (vs cuMemcpyPeer, host-staged)",
 }
 
