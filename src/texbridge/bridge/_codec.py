@@ -7,7 +7,8 @@ user data and a payload whose meaning depends on `kind`:
 
 - KEY: the whole frame (compressed with the link's codec, or raw);
 - XOR: the whole frame XOR the stream's previous frame, compressed (lossless; a small change is mostly zeros);
-- RECTS: only the damage rectangles' pixels, packed row by row in rectangle order, compressed;
+- RECTS: only the damage rectangles' pixels (the writer's, or found by comparing with the previous frame),
+  packed row by row in rectangle order, compressed;
 - SAME: no payload, the previous frame again (a static sender costs a few bytes per frame).
 
 Decoding checks every rectangle against the stream format and every decompressed size against the exact size the
@@ -258,9 +259,29 @@ def scatter_rects(frame: np.ndarray, fmt: StreamFormat, rects: tuple[tuple[int, 
         off += n
 
 
-def same(a: np.ndarray, b: np.ndarray, chunk_rows: int = 64) -> bool:
-    """a == b, chunk by chunk so a changed frame usually answers after the first chunk."""
-    for r in range(0, a.shape[0], chunk_rows):
-        if not np.array_equal(a[r:r + chunk_rows], b[r:r + chunk_rows]):
-            return False
-    return True
+def dirty_rects(a: np.ndarray, b: np.ndarray, fmt: StreamFormat, band: int = 16) -> tuple | None:
+    """Where frame `a` differs from `b`: () = nowhere, else rectangles (bands of changed rows, each narrowed to its
+    changed columns), None = too much to be worth listing (over half the rows, or more than MAX_DAMAGE runs). One pass of compares, no allocation of a
+    frame-sized array, so an unchanged or slightly changed frame costs about one memcmp."""
+    samples = range(0, fmt.height, max(band, fmt.height // 4 // band * band))
+    if len(samples) >= 4 and all(not np.array_equal(a[r:r + band], b[r:r + band]) for r in samples):
+        return None  # changed at every sampled band: a moving picture, not worth a compare pass
+    runs: list[list[int]] = []
+    changed = 0
+    for r in range(0, fmt.height, band):
+        if not np.array_equal(a[r:r + band], b[r:r + band]):
+            changed += band
+            if changed > fmt.height // 2 or (len(runs) == MAX_DAMAGE and runs[-1][1] != r):
+                return None  # a frame that changed everywhere costs half a compare, not a whole one
+            if runs and runs[-1][1] == r:
+                runs[-1][1] = min(r + band, fmt.height)
+            else:
+                runs.append([r, min(r + band, fmt.height)])
+    bpp = fmt.row_bytes // fmt.width
+    rects = []
+    for y0, y1 in runs:
+        cols = np.flatnonzero(np.any(a[y0:y1] != b[y0:y1], axis=0))
+        rows = np.flatnonzero(np.any(a[y0:y1, cols[0]:cols[-1] + 1] != b[y0:y1, cols[0]:cols[-1] + 1], axis=1))
+        x0, x1 = int(cols[0]) // bpp, int(cols[-1]) // bpp + 1
+        rects.append((x0, y0 + int(rows[0]), x1 - x0, int(rows[-1]) - int(rows[0]) + 1))
+    return tuple(rects)

@@ -7,8 +7,9 @@ never touches the socket: it swaps the frame into the stream's single pending sl
 before the writer thread took it is a drop), so a slow peer or network never blocks a sender. Ordering rule the
 engine may rely on: a control message sent after commit() of frame N arrives after a frame >= N of that stream.
 
-Frames go as deltas against the previous frame sent on that stream (`_codec`: damage rectangles, XOR + lz4/zstd,
-or a SAME marker), with a keyframe first and whenever the peer's reader (re)joins: it sends RESYNC.
+Frames go as deltas against the previous frame sent on that stream (`_codec`): the writer's damage rectangles, or
+without them the rectangles found by comparing with the previous frame, or XOR + lz4/zstd when nearly everything
+changed, or a SAME marker; a keyframe first and whenever the peer's reader (re)joins (it sends RESYNC).
 
 Handshake: both ends send HELLO (magic, version, label, decodable codecs, a random nonce, whether they hold a
 secret). With a shared secret, challenge-response both ways: the joining end proves first with
@@ -30,6 +31,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ MAX_QUEUED_CTRL = 4096  # control messages waiting for the socket; more = the pe
 MAX_INBOX = 4096  # control messages received but not yet taken by receive(); more = a flooding peer: link dies
 MAX_INBOX_BYTES = 16 << 20
 RECV_CHUNK = 256 * 1024
+SOCKET_BUFFER = 4 << 20  # the kernel doubles it (and caps it at net.core.[wr]mem_max)
 SEND_CHUNK = 1 << 20
 MIN_SECRET = 16
 MDNS_TYPE = "_texbridge._tcp.local."
@@ -137,7 +140,7 @@ class _Channel:
         while views:
             try:
                 n = self.sock.sendmsg(views[:64])
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # handshake: socket timeout; link: SO_SNDTIMEO
                 self._stalled(alive)
                 continue
             except OSError as e:
@@ -159,9 +162,9 @@ class _Channel:
             raise _Dead(BridgeError(f"the peer read nothing for {SEND_STALL_S:.0f} s"))
 
     def recv_into(self, mv: memoryview) -> int:
-        try:
-            return self.sock.recv_into(mv)
-        except TimeoutError:
+        try:  # a large read waits for all of it: one syscall (one GIL round trip) per frame, not hundreds
+            return self.sock.recv_into(mv, 0, socket.MSG_WAITALL if len(mv) > RECV_CHUNK else 0)
+        except (TimeoutError, BlockingIOError):  # handshake: socket timeout; link: SO_RCVTIMEO
             raise _Dead(BridgeError(f"the peer was silent for {PEER_TIMEOUT_S:.1f} s")) from None
         except OSError as e:
             raise _Dead(BridgeError(f"receive failed: {e.strerror or e}")) from None
@@ -467,6 +470,12 @@ class _OutStream:
     def progress(self, rows: int) -> None:
         """Nothing to do on TCP: a frame leaves as a whole once committed."""
 
+    @property
+    def waiting(self) -> bool:
+        """A committed frame has not left for the socket yet (TCP only): a producer that would rather not copy a
+        frame only to have it replaced can wait for this to clear."""
+        return self.pending is not None
+
     def commit(self, meta: FrameMeta) -> None:
         C.check_damage(self.fmt, meta.damage)
         if len(meta.user_data) > C.MAX_USER_DATA:
@@ -533,16 +542,19 @@ class _OutStream:
         elif damage is not None:
             kind, rects = C.RECTS, damage
             payload = C.compress(codec, C.gather_rects(buf, self.fmt, damage))
-        elif codec == C.RAW:
-            same = C.same(buf, ref)
-            kind, rects, payload = (C.SAME, (), b"") if same else (C.KEY, (), C.compress(codec, buf))
-        else:
-            if self.scratch is None:
-                self.scratch = np.empty_like(buf)
-            np.bitwise_xor(buf, ref, out=self.scratch)
-            if not self.scratch.any():
+        else:  # no damage given: find it (bands of changed rows, narrowed to their columns)
+            found = C.dirty_rects(buf, ref, self.fmt)
+            if found == ():
                 kind, rects, payload = C.SAME, (), b""
-            else:
+            elif found is not None and C.rects_nbytes(self.fmt, found) <= self.fmt.nbytes // 2:
+                kind, rects = C.RECTS, found
+                payload = C.compress(codec, C.gather_rects(buf, self.fmt, found))
+            elif codec == C.RAW:
+                kind, rects, payload = C.KEY, (), C.compress(codec, buf)
+            else:  # changed nearly everywhere: XOR against the previous frame still compresses small changes
+                if self.scratch is None:
+                    self.scratch = np.empty_like(buf)
+                np.bitwise_xor(buf, ref, out=self.scratch)
                 kind, rects, payload = C.XOR, (), C.compress(codec, self.scratch)
         sub = C.pack_frame_header(self.stream, meta, self.tag, codec if kind != C.SAME else C.RAW, kind, rects)
         return [C.header(C.FRAME, len(sub) + len(payload)), sub, payload]
@@ -932,6 +944,17 @@ class TcpLink:
 # the endpoint
 
 
+def _os_timeouts(sock: socket.socket, seconds: float) -> None:
+    """A blocking socket whose recv/send give up after `seconds` without progress (SO_RCVTIMEO/SO_SNDTIMEO): unlike
+    Python's own timeout mode (non-blocking + poll), one large send or MSG_WAITALL receive is one syscall."""
+    sock.settimeout(None)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # room for a frame in flight while the next is encoded
+        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 def _is_loopback(host: str, port: int) -> bool:
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -1070,7 +1093,7 @@ class TcpEndpoint:
                 peer = _handshake(chan, inp, self.role == "serve", self.label, self._secret, self.codecs)
             except _Dead as e:
                 raise e.args[0] from None
-            sock.settimeout(PEER_TIMEOUT_S)
+            _os_timeouts(sock, PEER_TIMEOUT_S)
             return TcpLink(sock, chan, inp, peer, self.codecs, f"{self.role} {where}")
         except BaseException:
             sock.close()
