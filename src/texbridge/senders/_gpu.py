@@ -63,6 +63,12 @@ class GpuFrames:
             return backend.create_texture(width, height, fmt, **({"device": device.ordinal} if device else {}))
         return backend.create_texture(width, height, fmt, **({"device": device} if device else {}))
 
+    @staticmethod
+    def can_share(slot: Resource) -> bool:
+        """Whether the imported slot itself is a texture of the API (zero-copy): memory seen only as a buffer of
+        pitch-linear rows (CUDA VMM memory in GL or Vulkan) is copied into a texture instead."""
+        return bool(getattr(slot, "texture", 1)) and getattr(slot, "image", True) is not None
+
     def swap(self) -> Resource:
         """The back texture now holds a complete frame: it becomes the front one."""
         self._textures.reverse()

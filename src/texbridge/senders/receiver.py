@@ -407,7 +407,8 @@ class Receiver:
         gpu = self._gpu
         assert gpu is not None
         fmt = link.ring.format
-        zero_copy = not copy and out is None and not link.cpu_slots and not link.copy_path
+        zero_copy = not copy and out is None and not link.cpu_slots and not link.copy_path \
+            and gpu.can_share(link.slots[0])
 
         def take(slot: int) -> Any:
             src, view = link.slots[slot], link.views[slot]
