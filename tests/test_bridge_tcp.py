@@ -213,30 +213,53 @@ def test_control_messages_in_order_and_bounded():
         a.close(), b.close(), srv.close()
 
 
-def test_control_after_commit_arrives_after_that_frame():
-    """The ordering rule keyed-mutex transfers rely on: a control message sent after commit() of frame N arrives
-    after a frame >= N of that stream."""
-    a, b, srv = local_pair()
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def collect(sock: socket.socket, seconds: float) -> list[tuple[int, bytes]]:
+    """Messages other than heartbeats that arrive within `seconds`, while sending heartbeats of our own."""
+    got: list[tuple[int, bytes]] = []
+    end = time.monotonic() + seconds
+    sock.settimeout(0.1)
+    while time.monotonic() < end:
+        sock.sendall(C.header(C.PING, 0))
+        try:
+            kind, body = raw_recv(sock)
+        except (TimeoutError, socket.timeout):
+            continue
+        if kind != C.PING:
+            got.append((kind, body))
+    return got
+
+
+def test_flow_control_window_keeps_only_the_newest_frame_waiting():
+    """A peer that does not acknowledge gets at most WINDOW frames of a stream; later commits replace each other in
+    the pending slot (drops), and each acknowledgement lets exactly the newest one go. Control messages do not wait."""
+    sock, link, srv = hostile_link()
     try:
-        fmt = StreamFormat(256, 128, "rgba8")
-        w = a.open_writer(3, fmt)
-        r = b.open_reader(3, fmt)
-        time.sleep(0.2)  # the reader's keyframe request reaches the writer first
-        for i in range(1, 60):
+        w = link.open_writer(0, SMALL)
+        for i in range(1, 11):
             w.begin()[:] = i
             w.commit(FrameMeta(i))
-            a.send({"after": i})
-        seen = 0
-        deadline = time.monotonic() + 10
-        while seen < 59 and time.monotonic() < deadline:
-            b.wait(0.05)
-            for m in b.receive():
-                got = r.read(lambda v, meta: meta.frame, 0)
-                assert got is not None and got >= m["after"], (got, m)
-                seen = m["after"]
-        assert seen == 59
+            wait_until(lambda: not w.waiting, 0.2 if i <= 2 else 0.02)  # 1 and 2 leave; 3 then stays: window full
+            sock.sendall(C.header(C.PING, 0))
+        link.send({"still": "flows"})
+        got = collect(sock, 0.5)
+        frames = [C.FRAME_HDR.unpack_from(body)[1] for kind, body in got if kind == C.FRAME]
+        assert frames == [1, 2] and any(kind == C.CTRL for kind, _ in got)
+        assert link.stats().drops == 7  # 3..9 replaced while 10 waits
+        sock.sendall(C.header(C.ACK, 8) + C.ACK_BODY.pack(0, 1))
+        got = collect(sock, 0.5)
+        assert [C.FRAME_HDR.unpack_from(body)[1] for kind, body in got if kind == C.FRAME] == [10]
+        assert link.alive
     finally:
-        a.close(), b.close(), srv.close()
+        sock.close(), link.close(), srv.close()
 
 
 # -- frames through another process -------------------------------------------------------------------------------
@@ -819,6 +842,8 @@ def _hostile_message(draw) -> bytes:
             lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=4), max_leaves=20))))
         return C.header(C.CTRL, draw(st.sampled_from([len(body), len(body) + 1, max(0, len(body) - 1)]))) + body
     if choice == 3:
+        if draw(st.booleans()):
+            return C.header(C.ACK, 8) + C.ACK_BODY.pack(draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1)))
         return C.header(C.RESYNC, 4) + draw(st.integers(0, 2**32 - 1)).to_bytes(4, "little")
     fmt = draw(st.sampled_from([SMALL, BIG]))
     stream = draw(st.sampled_from([0, 1, 2, MAX_STREAMS, 2**32 - 1]))

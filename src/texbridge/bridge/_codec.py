@@ -33,15 +33,17 @@ MAGIC = "texbridge-tcp"
 
 HEADER = struct.Struct("<B3xI")  # type, length
 
-HELLO, AUTH, READY, REFUSE, CTRL, PING, FRAME, RESYNC = range(1, 9)
+HELLO, AUTH, READY, REFUSE, CTRL, PING, FRAME, RESYNC, ACK = range(1, 10)
 MAX_HELLO = 1024
 AUTH_SIZE = 32  # an HMAC-SHA256 proof
 MAX_LABEL = 128
 NONCE_SIZE = 32
 
 # fixed-size messages and upper bounds of the others; FRAME is bounded per stream by frame_bound()
-_BOUNDS = {HELLO: MAX_HELLO, AUTH: AUTH_SIZE, READY: 0, REFUSE: MAX_HELLO, CTRL: MAX_MESSAGE, PING: 0, RESYNC: 4}
-_EXACT = {AUTH, READY, PING, RESYNC}
+_BOUNDS = {HELLO: MAX_HELLO, AUTH: AUTH_SIZE, READY: 0, REFUSE: MAX_HELLO, CTRL: MAX_MESSAGE, PING: 0, RESYNC: 4,
+           ACK: 8}
+_EXACT = {AUTH, READY, PING, RESYNC, ACK}
+ACK_BODY = struct.Struct("<II")  # stream, frames processed since the last ACK
 
 FRAME_HDR = struct.Struct("<IQqIBBHH")  # stream, frame, timestamp_ns, fmt_tag, codec, kind, n_damage, user_len
 RECT = struct.Struct("<4I")

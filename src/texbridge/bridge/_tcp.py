@@ -4,8 +4,11 @@ One TCP connection per link, TCP_NODELAY, length-prefixed messages (`_codec`). E
 reader that decodes everything the peer sends (control messages into a queue, frames into per-stream buffers) and
 a writer that drains one ordered queue of control messages and frame tokens onto the socket. StreamWriter.commit
 never touches the socket: it swaps the frame into the stream's single pending slot (newest wins; a frame replaced
-before the writer thread took it is a drop), so a slow peer or network never blocks a sender. Ordering rule the
-engine may rely on: a control message sent after commit() of frame N arrives after a frame >= N of that stream.
+before the writer thread took it is a drop), so a slow peer or network never blocks a sender. Flow control: the
+peer acknowledges every frame message once it has decoded (or skipped) it, and a stream has at most WINDOW frames
+unacknowledged; the next one waits in the pending slot, where a newer frame replaces it. So a slow decoder or link
+costs drops, never a backlog in the socket buffers (latency stays within about WINDOW frame times). Control
+messages do not wait for that window, so they may overtake a frame committed before them.
 
 Frames go as deltas against the previous frame sent on that stream (`_codec`): the writer's damage rectangles, or
 without them the rectangles found by comparing with the previous frame, or XOR + lz4/zstd when nearly everything
@@ -63,6 +66,7 @@ SEND_STALL_S = 10 * PEER_TIMEOUT_S  # a peer that reads nothing for this long (w
 MAX_QUEUED_CTRL = 4096  # control messages waiting for the socket; more = the peer is not reading: link dies
 MAX_INBOX = 4096  # control messages received but not yet taken by receive(); more = a flooding peer: link dies
 MAX_INBOX_BYTES = 16 << 20
+WINDOW = 2  # frames per stream sent but not yet acknowledged: one on the wire while the peer decodes another
 RECV_CHUNK = 256 * 1024
 SOCKET_BUFFER = 4 << 20  # the kernel doubles it (and caps it at net.core.[wr]mem_max)
 SEND_CHUNK = 1 << 20
@@ -457,6 +461,8 @@ class _OutStream:
         self.reference: np.ndarray | None = None  # writer thread only
         self.ref_meta: FrameMeta | None = None
         self.scratch: np.ndarray | None = None
+        self.in_flight = 0  # frames sent that the peer has not acknowledged yet (at most WINDOW)
+        self.blocked = False  # a frame waits for an acknowledgement to free the window
         self.closed = False
 
     def begin(self) -> np.ndarray:
@@ -493,7 +499,7 @@ class _OutStream:
                 self.damage = tuple(meta.damage) or None
             self.pending = (self.filling, meta)
             self.filling = None
-            if not self.queued:
+            if not self.queued and not self.blocked:
                 self.queued = True
                 link._queue.append(self)
                 link._cond.notify()
@@ -523,15 +529,30 @@ class _OutStream:
         self.queued = False
         if self.closed:
             return None
+        if self.in_flight >= WINDOW:  # the peer has not decoded enough yet: the frame stays pending (newest wins)
+            self.blocked = True
+            return None
         if self.pending is not None:
             buf, meta = self.pending
             damage, self.pending, self.damage = self.damage, None, None
             key, self.need_key, self.rekey = self.need_key, False, False
+            self.in_flight += 1
             return buf, meta, damage, key
         if self.rekey and self.reference is not None and self.ref_meta is not None:
             self.rekey = self.need_key = False
+            self.in_flight += 1
             return self.reference, self.ref_meta, None, True
         return None
+
+    def acked(self, count: int) -> None:
+        """The peer processed `count` more frames (caller holds the lock): a blocked frame may go now."""
+        self.in_flight = max(0, self.in_flight - count)
+        if self.blocked and self.in_flight < WINDOW:
+            self.blocked = False
+            if (self.pending is not None or self.rekey) and not self.queued:
+                self.queued = True
+                self.link._queue.append(self)
+                self.link._cond.notify()
 
     def encode(self, buf: np.ndarray, meta: FrameMeta, damage: tuple | None, key: bool,
                codec: int) -> list[Any]:
@@ -656,6 +677,7 @@ class TcpLink:
         self._ctrl_queued = 0
         self._inbox: collections.deque[dict[str, Any]] = collections.deque()
         self._inbox_bytes = 0
+        self._acks: dict[int, int] = {}  # frames processed per peer stream, not yet acknowledged
         self._wake = threading.Event()
         self._out: dict[int, _OutStream] = {}
         self._in: dict[int, _InStream] = {}
@@ -813,6 +835,9 @@ class TcpLink:
                         item = C.header(C.CTRL, len(item)) + item
                     elif isinstance(item, _OutStream):
                         frame = item.take()
+                    elif isinstance(item, tuple) and item[0] == "ack":  # frames of the peer's stream processed
+                        count = self._acks.pop(item[1], 0)
+                        item = C.header(C.ACK, 8) + C.ACK_BODY.pack(item[1], count)
                     elif isinstance(item, tuple):  # our reader asks the peer for a keyframe
                         item = C.header(C.RESYNC, 4) + item[1].to_bytes(4, "little")
                 if isinstance(item, bytes):
@@ -867,11 +892,25 @@ class TcpLink:
                         if w is not None:
                             w.need_key = True
                             if w.pending is None and not w.queued:
-                                w.rekey = w.queued = True
-                                self._queue.append(w)
-                                self._cond.notify()
+                                w.rekey = True
+                                if not w.blocked:
+                                    w.queued = True
+                                    self._queue.append(w)
+                                    self._cond.notify()
                 elif kind == C.FRAME:
-                    self._read_frame(length)
+                    stream = self._read_frame(length)
+                    with self._lock:  # acknowledged (coalesced per stream, ahead of queued frames)
+                        if stream not in self._acks:
+                            self._acks[stream] = 0
+                            self._queue.appendleft(("ack", stream))
+                            self._cond.notify()
+                        self._acks[stream] += 1
+                elif kind == C.ACK:
+                    stream, count = C.ACK_BODY.unpack(self._inp.read(8))
+                    with self._lock:
+                        w = self._out.get(stream)
+                        if w is not None:
+                            w.acked(count)
                 else:
                     raise BridgePeerError(f"message type {kind} after the handshake")
         except _Dead as e:
@@ -882,7 +921,8 @@ class TcpLink:
             log.exception("bridge reader failed")
             self._fail(BridgeError(f"reader failed: {type(e).__name__}: {e}"))
 
-    def _read_frame(self, length: int) -> None:
+    def _read_frame(self, length: int) -> int:
+        """Read (and decode, if a reader wants it) one frame message; returns its stream number."""
         inp = self._inp
         stream, frame, ts, tag, codec, kind, n_damage, user_len = C.parse_frame_header(inp.read(C.FRAME_HDR.size))
         extra = n_damage * C.RECT.size + user_len
@@ -899,7 +939,7 @@ class TcpLink:
             raise BridgePeerError("an unchanged-frame marker with a payload")
         if r is None or r.closed or r.tag != tag:  # no reader (yet), or another geometry: not an error
             inp.skip(size)
-            return
+            return stream
         if size > C.payload_bound(r.fmt.nbytes):
             raise BridgePeerError(f"frame payload of {size} bytes for a {r.fmt.nbytes}-byte frame")
         rects = C.parse_damage(r.fmt, memoryview(rects_raw), n_damage)
@@ -908,7 +948,7 @@ class TcpLink:
         meta = FrameMeta(frame, ts, (), user)
         if kind != C.KEY and r.published is None:  # a delta without its base: wait for the keyframe we asked for
             inp.skip(size)
-            return
+            return stream
         if kind == C.SAME:
             r.publish(meta, (), swap=False)
         elif kind == C.KEY and codec == C.RAW:
@@ -938,6 +978,7 @@ class TcpLink:
         with self._lock:
             self._stats.frames_in += 1
         self._wake.set()
+        return stream
 
 
 # ---------------------------------------------------------------------------------------------------------------
