@@ -834,6 +834,8 @@ def _register_fields(wire: dict[str, Any], name: str | None) -> dict[str, Any]:
 def _target(handle_or_name: "Handle | str | int") -> dict[str, Any]:
     """A handle (Handle, int, or text with the tb: prefix: malformed text is InvalidArgument, never a name lookup)
     or a published name."""
+    if type(handle_or_name) is Handle:  # the common case first: Handle validated its value when it was made
+        return {"handle": handle_or_name.value}
     if isinstance(handle_or_name, (Handle, int)) or (isinstance(handle_or_name, str) and Handle.claims_to_be(handle_or_name)):
         return {"handle": Handle.parse(handle_or_name).value}
     if isinstance(handle_or_name, str):

@@ -8,6 +8,7 @@ return the memory's own byte order.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +46,13 @@ class Format:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        return _dtype(self.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype(spec: str) -> np.dtype:
+    """np.dtype(spec), built once per spec: every NumPy view of a texture asks for it."""
+    return np.dtype(spec)
 
 
 FORMATS: dict[str, Format] = {

@@ -100,8 +100,8 @@ class Client:
     bytes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+@dataclass(slots=True)
+class Outgoing:  # not frozen: a frozen dataclass's __init__ costs twice as much, and every reply builds one
     client: int
     message: Message
     fds: tuple[int, ...] = ()
