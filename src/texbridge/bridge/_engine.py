@@ -51,6 +51,7 @@ STATUS_INTERVAL = 0.5  # seconds between status-file writes
 RESOURCE_POLL = 0.5  # seconds between looks for keyed-mutex resources to share
 HELLO_TIMEOUT = 5.0  # a peer that sends no hello this long after the link is up is dropped
 MAX_ERRORS = 8  # peer errors kept for status
+EXPORT_CHUNKS = 8  # a frame is copied into the link in this many row bands, each announced with progress()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,17 @@ def default_label() -> str:
 
 def status_dir() -> Path:
     return _paths.runtime_dir() / "bridges"
+
+
+def _rows(pixels: np.ndarray, fmt: StreamFormat) -> np.ndarray | None:
+    """A (height, width, channels) slot view seen as the stream's (height, row_bytes) uint8 rows without a copy
+    (pitched rows included), or None when its layout does not allow one."""
+    try:
+        rows = pixels.view(np.uint8)
+        rows.shape = (fmt.height, fmt.row_bytes)  # raises rather than copy
+    except (ValueError, AttributeError):
+        return None
+    return rows
 
 
 def _pixels(flat: np.ndarray, fmt: StreamFormat) -> np.ndarray:
@@ -520,6 +532,12 @@ class Bridge:
 
     def _import_one(self, imp: _Import) -> bool:
         """Copy the peer's newest frame of one stream straight into a mirror slot (aborted if torn)."""
+        if getattr(imp.reader, "read_into", None) is not None:
+            return self._import_chunked(imp)
+        return self._import_lazy(imp)
+
+    def _import_lazy(self, imp: _Import) -> bool:
+        """Enter the mirror slot only once the reader hands a frame over (inside its copy callback)."""
         state: dict[str, Any] = {}
 
         def copy(view: np.ndarray, meta: FrameMeta) -> FrameMeta:
@@ -547,11 +565,34 @@ class Bridge:
             ctx.__exit__(_Torn, _Torn(), None)  # the slot is given back unpublished
             return False
         ctx.__exit__(None, None, None)
-        if imp.last and got.frame > imp.last + 1:
-            imp.drops += got.frame - imp.last - 1
-        imp.last = got.frame
-        imp.rate.add(imp.fmt.nbytes)
+        self._imported(imp, got.frame)
         return True
+
+    def _import_chunked(self, imp: _Import) -> bool:
+        """A transport whose reader copies rows while the peer still writes them (the shared file): give it the
+        mirror slot itself, so the copy out of the link overlaps the peer's copy in."""
+        ctx = imp.mirror.writing()
+        buf = ctx.__enter__()
+        try:
+            rows = _rows(buf, imp.fmt)
+            got = None if rows is None else imp.reader.read_into(rows, imp.last)
+            if got is None:
+                ctx.__exit__(_Torn, _Torn(), None)  # nothing new (or torn): the slot goes back unpublished
+                return False if rows is not None else self._import_lazy(imp)
+            ts = got.timestamp_ns - realtime_offset_ns() if got.timestamp_ns else 0
+            imp.mirror.set_frame_metadata(timestamp_ns=ts if ts > 0 else None, user_data=got.user_data or None)
+        except BaseException as e:
+            ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+        ctx.__exit__(None, None, None)
+        self._imported(imp, got.frame)
+        return True
+
+    def _imported(self, imp: _Import, frame: int) -> None:
+        if imp.last and frame > imp.last + 1:
+            imp.drops += frame - imp.last - 1
+        imp.last = frame
+        imp.rate.add(imp.fmt.nbytes)
 
     # -- exports: local sender -> peer stream ---------------------------------------------------------------------------
     def _sender_events(self, ses: _Session, watch: Any) -> None:
@@ -634,7 +675,11 @@ class Bridge:
                     writer, ex.stream, ex.fmt = new_writer, new, fmt
                     ex.error = ""
                 buf = writer.begin()
-                np.copyto(_pixels(buf, fmt), frame)
+                dst = _pixels(buf, fmt)
+                step = -(-fmt.height // EXPORT_CHUNKS)
+                for r0 in range(0, fmt.height, step):  # rows final as they go: the peer may copy them out already
+                    np.copyto(dst[r0:r0 + step], frame[r0:r0 + step])
+                    writer.progress(min(r0 + step, fmt.height))
                 if rx.still_valid():
                     frames += 1
                     # the wire carries wall-clock time: the peer's CLOCK_MONOTONIC is another clock

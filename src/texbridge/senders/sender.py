@@ -286,7 +286,7 @@ class Sender:
         (memfd) and publishes it on exit. The buffer holds an older frame's pixels, not zeros. timestamp_ns and
         user_data as for send() (None: the time writing() was entered)."""
         self._check_open()
-        meta = check_metadata(timestamp_ns, user_data)
+        self._writing_meta = check_metadata(timestamp_ns, user_data)
         slot = self._begin()
         ok = False
         try:
@@ -299,7 +299,15 @@ class Sender:
                 np.copyto(self._mirror_views[slot], buf)
             ok = True
         finally:
+            meta, self._writing_meta = self._writing_meta, None
             self._end(slot, ok, *meta)
+
+    def set_frame_metadata(self, *, timestamp_ns: int | None = None, user_data: bytes | None = None) -> None:
+        """Inside `with sender.writing()`: the timestamp and user data to publish this frame with, for a producer
+        that learns them while filling the buffer (the bridge copies a peer's frame, then knows its metadata)."""
+        if getattr(self, "_writing_meta", None) is None:
+            raise InvalidArgument("set_frame_metadata() belongs inside `with sender.writing()`")
+        self._writing_meta = check_metadata(timestamp_ns, user_data)
 
     # -- metadata -----------------------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
