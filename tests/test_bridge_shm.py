@@ -854,3 +854,24 @@ def test_fuzz_concurrent_scribbler_then_the_ends_recover(tmp_path):
     finally:
         jn.close()
         srv.close()
+
+
+def test_a_joiner_follows_the_file_being_removed_and_made_anew(tmp_path):
+    """`bridge remove` + a new server: the joiner maps the new file (not the unlinked one it had mapped)."""
+    path = tmp_path / "shm"
+    srv = ShmEndpoint(path, "serve", size=SIZE)
+    jn = ShmEndpoint(path, "join")
+    try:
+        srv.establish(0)
+        j = establish(jn, within=5)
+        assert srv.establish(1) is not None
+        j.close()
+        srv.close()
+        assert iv.remove(str(path))
+        srv = ShmEndpoint(path, "serve", size=2 * SIZE)
+        srv.establish(0)
+        j = establish(jn, within=5)
+        assert j._lay.size == 2 * SIZE
+    finally:
+        jn.close()
+        srv.close()

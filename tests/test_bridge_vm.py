@@ -26,6 +26,15 @@ MISSING = harness.capabilities()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"no VM on this machine: missing {MISSING}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def guest_kernel():
+    """The cached guest kernel + initramfs (fetched once: ~15 s). No kernel to be had is a missing capability."""
+    try:
+        harness.ensure_guest()
+    except (OSError, RuntimeError, harness.subprocess.CalledProcessError) as e:
+        pytest.skip(f"no guest kernel for the VM: {e}")
+
+
 def pattern(fmt: StreamFormat, n: int) -> np.ndarray:
     h, rb = fmt.height, fmt.row_bytes
     return ((np.arange(h * rb, dtype=np.uint32).reshape(h, rb) * 31 + n * 7) % 253).astype(np.uint8)

@@ -205,7 +205,11 @@ class ShmEndpoint:
             except BaseException:
                 os.close(fd)
                 raise
-        self._check_size(m.size)
+        try:
+            self._check_size(m.size)
+        except BridgeError:
+            m.close()  # (and the lock with it)
+            raise
         self._map, self._layout = m, L.Layout.for_size(m.size)
 
     def _check_size(self, size: int) -> None:
@@ -234,11 +238,14 @@ class ShmEndpoint:
         assert self._path is not None
         if self._map is not None:
             try:
-                if os.fstat(self._map.fd).st_size == self._map.size:
+                st, now = os.fstat(self._map.fd), os.stat(self._path)
+                if st.st_size == self._map.size and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
                     return True
             except OSError:
                 pass
-            self._map.close()  # the server grew the file: map it again (views of the old mapping stay valid)
+            # the server grew the file, or it was removed and made anew: map it again (views of the old mapping,
+            # held by a dead link, stay valid)
+            self._map.close()
             self._map = None
         try:
             fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
