@@ -6,6 +6,7 @@
     viewer     the GLFW window and test pattern behind view and send-test
     mps        mps start|stop|status|env (a per-user CUDA MPS daemon)
     bridge     bridge serve|join|vm-args|remove|status (a VM's shared file, TCP)
+    gst        gst-plugin-path (GStreamer elements: texbridge/gst/)
 
 Only the public Session API is used (plus the broker launcher and diagnostics), so the CLI exercises exactly what
 applications use. Commands that only look (ls, info, broker status/stop) never auto-start a broker.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import click
 
-from . import bench, bridge, broker, demo, doctor, mps, resources, senders
+from . import bench, bridge, broker, demo, doctor, gst, mps, resources, senders
 from ._common import namespace_option
 
 
@@ -29,7 +30,7 @@ def main() -> None:
 
 
 for _command in (demo.demo, resources.ls, resources.info, broker.broker, doctor.doctor, bench.bench,
-                 senders.send_test, senders.senders, senders.view, mps.mps, bridge.bridge):
+                 senders.send_test, senders.senders, senders.view, mps.mps, bridge.bridge, gst.gst_plugin_path):
     main.add_command(_command)
 
 __all__ = ["main"]
