@@ -52,7 +52,7 @@ def connect_socket(namespace: str | None = None, *, autostart: bool = True, time
                 launcher = _launch(ns)
         elif launcher.poll() not in (None, 0, 3):
             raise BrokerUnavailable(f"the broker for namespace {ns!r} failed to start (exit {launcher.returncode}); "
-                                    f"run `{sys.executable} -m texbridge._broker --namespace {ns}` to see why")
+                                    f"run `{python()} -m texbridge._broker --namespace {ns}` to see why")
         if time.monotonic() > deadline:
             if launcher is not None:
                 _reap(launcher)
@@ -100,11 +100,17 @@ def start_broker(namespace: str | None = None, *, persistent: bool = False, idle
     return proc.returncode == 0
 
 
+def python() -> str:
+    """The interpreter that runs a broker: $TEXBRIDGE_PYTHON, else this one. An embedded Python (GStreamer's plugin
+    loader) has no sys.executable of texbridge's environment: its loader files set TEXBRIDGE_PYTHON."""
+    return os.environ.get("TEXBRIDGE_PYTHON") or sys.executable
+
+
 def _launch(ns: str, *, persistent: bool = False, idle: float | None = None,
             extra_args: list[str] | None = None) -> subprocess.Popen:
     """Run the broker's launcher (`--daemon`: it forks the broker and exits 0 when ready, 3 when another won)."""
     ensure_runtime_dir()
-    cmd = [sys.executable, "-m", "texbridge._broker", "--daemon", "--namespace", ns]
+    cmd = [python(), "-m", "texbridge._broker", "--daemon", "--namespace", ns]
     if persistent:
         cmd.append("--persistent")
     if idle is not None:

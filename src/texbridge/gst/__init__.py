@@ -21,8 +21,9 @@ _SHIM = '''\
 # Written by `texbridge gst-plugin-path` for the Python environment at {prefix!r}: GStreamer's Python plugin loader
 # (the system Python) loads this file; it adds that environment's site directories, then registers {element}.
 # elements source {elements_hash} (a new texbridge rewrites this file, so GStreamer's registry rescans it)
-import site, sys
+import os, site, sys
 _PATHS = {paths!r}
+os.environ.setdefault("TEXBRIDGE_PYTHON", {python!r})  # a broker started from here runs in texbridge's environment
 _VERSION = {version!r}
 if sys.version_info[:2] != tuple(_VERSION):
     raise ImportError("texbridge is installed for Python %d.%d (%s) but GStreamer's plugin loader runs Python %d.%d: "
@@ -57,7 +58,7 @@ def plugin_path() -> Path:
     target.mkdir(parents=True, exist_ok=True)
     elements_hash = hashlib.sha256((Path(__file__).parent / "_elements.py").read_bytes()).hexdigest()[:16]
     for element, cls in ELEMENTS.items():
-        text = _SHIM.format(prefix=sys.prefix, element=element, cls=cls, paths=paths, elements_hash=elements_hash,
+        text = _SHIM.format(prefix=sys.prefix, python=sys.executable, element=element, cls=cls, paths=paths, elements_hash=elements_hash,
                             version=list(sys.version_info[:2]))
         path = target / f"{element}.py"
         if not path.exists() or path.read_text() != text:
