@@ -110,6 +110,35 @@ def test_invalid_descriptors_are_refused(changes, match):
         texture(**changes).validate()
 
 
+def gpu_texture(**kw):
+    """A texture in GPU memory (opaque_fd): no CPU layout, so only the dimension limits can refuse it."""
+    base = dict(kind="texture2d", size=1 << 20, width=64, height=32, format="rgba8", memory="opaque_fd",
+                backend="vulkan")
+    base.update(kw)
+    return Descriptor(**base)
+
+
+@pytest.mark.parametrize("name, limit", [("width", 65536), ("height", 65536), ("mip_levels", 17),
+                                         ("array_size", 2048)])
+def test_each_dimension_limit_is_exact(name, limit):
+    gpu_texture(**{name: limit}).validate()
+    with pytest.raises(InvalidDescriptor, match=f"{name} must be 1..{limit}, not {limit + 1}"):
+        gpu_texture(**{name: limit + 1}).validate()
+
+
+def test_at_most_four_planes():
+    pitch, size = texture_layout(64, 32, "rgba8")
+    texture(planes=((0, pitch),) * 4).validate()
+    with pytest.raises(InvalidDescriptor, match="at most 4 planes"):
+        texture(planes=((0, pitch),) * 5).validate()
+
+
+def test_unknown_wire_fields_are_named_in_the_refusal():
+    wire = texture().to_wire()
+    with pytest.raises(InvalidDescriptor, match="unknown descriptor fields: 'colour'"):
+        Descriptor.from_wire({**wire, "colour": "red"})
+
+
 @given(st.dictionaries(st.sampled_from(["kind", "size", "width", "height", "format", "planes", "memory", "bogus",
                                         "usage", "keyed_mutex", "driver_private"]),
                        st.one_of(st.integers(-10, 1 << 70), st.text(max_size=8), st.binary(max_size=8), st.none(),

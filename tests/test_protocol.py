@@ -162,3 +162,10 @@ def test_errors_echo_a_short_repr(envelope):
     with pytest.raises(RemoteProtocolError) as e:
         decode(data, 0)
     assert len(str(e.value)) < 200
+
+
+def test_request_strings_are_at_most_1_kib():
+    fields = {"version": VERSION, "pid": 1}
+    decode(frame(VERSION, 1, "hello", {**fields, "name": "n" * 1024}, 0), 0)
+    with pytest.raises(RemoteProtocolError, match="too long"):
+        decode(frame(VERSION, 1, "hello", {**fields, "name": "n" * 1025}, 0), 0)

@@ -153,6 +153,65 @@ def test_quotas():
     w.err(w.register(1)[1], "quota_exceeded")
 
 
+def test_byte_quota_counts_what_a_client_registered_until_it_is_retired():
+    w = World(quotas=Quotas(bytes=SIZE * 2))
+    w.connect(1), w.connect(2)
+    first = w.ok(w.register(1)[1])["handle"]
+    w.ok(w.register(1)[1])
+    r = w.register(1)[1]
+    w.err(r, "quota_exceeded")
+    assert "bytes" in r.message.fields["message"] and len(w.reg.resources) == 2
+    w.ok(w.register(2)[1])  # the quota is per client
+    w.ok(w.call(2, Op.OPEN, handle=first))  # opening costs the opener no bytes...
+    w.ok(w.call(1, Op.CLOSE, handle=first))
+    w.ok(w.register(1)[1])  # ...and the creator's bytes come back once it lets go, even while others hold it
+
+
+def test_only_a_holder_closes_or_updates_a_resource():
+    w = World()
+    w.connect(1), w.connect(2)
+    h = w.ok(w.register(1, meta={"owner": 1})[1])["handle"]
+    w.err(w.call(2, Op.CLOSE, handle=h), "not_found")
+    w.err(w.call(2, Op.UPDATE, handle=h, meta={"owner": 2}), "not_found")
+    assert w.reg.resources[h].meta == {"owner": 1} and w.reg.resources[h].refs == 1
+
+
+def test_closing_the_last_reference_while_owning_the_keyed_mutex_abandons_it():
+    """Waiters must not hang on a mutex whose owner let go of the resource: CLOSE of a session's last reference to a
+    keyed-mutex resource abandons it for that session; an earlier reference's CLOSE does not."""
+    w = World()
+    w.connect(1)
+    state = FdFacts("memfd", 4096, SEALED)
+    h = w.ok(w.call(1, Op.REGISTER, [(11, FdFacts("memfd", SIZE, SEALED)), (12, state)],
+                    descriptor={**TEX, "keyed_mutex": True}))["handle"]
+    session = w.reg.clients[1].session
+    w.ok(w.call(1, Op.OPEN, handle=h))
+    w.ok(w.call(1, Op.CLOSE, handle=h))
+    assert w.last.abandon == []
+    w.ok(w.call(1, Op.CLOSE, handle=h))
+    assert w.last.abandon == [(12, session)]
+
+
+def test_names_never_take_the_handle_prefix():
+    w = World()
+    w.connect(1)
+    h = w.ok(w.register(1)[1])["handle"]
+    for name in ("tb:cam", "TB:0123456789abcdef", " tb:x"):
+        w.err(w.call(1, Op.PUBLISH, handle=h, name=name), "invalid_descriptor")
+        w.err(w.register(1, name=name)[1], "invalid_descriptor")
+    assert not w.reg.names
+
+
+def test_a_list_page_holds_at_most_list_page_entries_whatever_limit_asks():
+    w = World()
+    w.connect(1)
+    buf = Descriptor(kind="buffer", size=4096).to_wire()
+    for _ in range(LIST_PAGE + 20):
+        w.ok(w.register(1, FdFacts("memfd", 4096, SEALED), desc=buf)[1])
+    page = w.ok(w.call(1, Op.LIST, limit=10 * LIST_PAGE))
+    assert len(page["resources"]) == LIST_PAGE and page["total"] == LIST_PAGE + 20
+
+
 def test_a_registry_draws_its_handles_at_random():
     """Without a handle source given (the daemon gives none), REGISTER's handles are random 64-bit values."""
     w = World()
@@ -266,7 +325,9 @@ def test_register_under_a_free_handle_creates_it_and_holders_of_the_same_file_re
     assert w.ok(claim(w, 2, h, 5002))["handle"] == h  # same file: one entry, one more reference
     assert w.closed == [5002] and w.reg.resources[h].fds == (5001,) and w.reg.resources[h].refs == 2
     w.err(claim(w, 3, h, 6001), "access_denied")  # other memory cannot take over a live handle
-    w.err(claim(w, 3, h, 5003, desc={**TEX, "width": 32, "height": 128}), "invalid_descriptor")
+    r = claim(w, 3, h, 5003, desc={**TEX, "format": "bgra8"})  # a valid descriptor, not the entry's, same file
+    w.err(r, "invalid_descriptor")
+    assert "another descriptor" in r.message.fields["message"]
     assert sorted(w.closed) == [5002, 5003, 6001] and w.reg.resources[h].refs == 2
     w.closed += w.reg.disconnect(1).close
     assert h in w.reg.resources  # the creator-by-claim left; client 2 still holds it
