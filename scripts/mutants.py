@@ -7,6 +7,7 @@ the mutant as caught only if every run fails; the file is restored in every case
 `git diff` of the file is empty). A mutant of `_synccore.c` rebuilds the extension before and after.
 
     scripts/mutants.py --list            # the mutants
+    scripts/mutants.py --check           # does each mutant's text still occur once? (after refactors)
     scripts/mutants.py                   # run them all (slow: minutes)
     scripts/mutants.py open-quota d3d11-mips --repeat 5
 
@@ -249,6 +250,42 @@ MUTANTS = [
            "private data over 2048 bytes is refused"),
     Mutant("km-header-check", "_synccore.c", "LD(st->private_len) > KM_PRIVATE || LD(st->owner_slot) > KM_SLOTS)",
            "LD(st->owner_slot) > KM_SLOTS)", ("tests/test_keyed_mutex.py",), "a corrupted private_len is refused (no over-read)"),
+    # -- fd checks (docs/protocol.md: fds that can never be GPU memory) ----------------------------------------------
+    Mutant("fd-eventfd", "_fdinfo.py", 'frozenset({"eventfd", "eventpoll",', 'frozenset({"eventpoll",',
+           ("tests/test_registry.py", "tests/test_fds.py", "tests/test_broker.py"), "an eventfd is never GPU memory or a semaphore"),
+    Mutant("fd-mem-major", "_fdinfo.py", "frozenset({1, 4, 5, 7, 10, 13}", "frozenset({4, 5, 7, 10, 13}",
+           ("tests/test_registry.py", "tests/test_broker.py"), "/dev/null and /dev/zero (major 1) are never GPU memory"),
+    Mutant("fd-memfd-semaphore", "_fdinfo.py", "or (semaphore and facts.kind == \"memfd\")", "or False",
+           ("tests/test_registry.py", "tests/test_fds.py"), "a file (memfd) is never a GPU semaphore"),
+    Mutant("fd-both-seals", "_fdinfo.py", "self.seals & (F_SEAL_SHRINK | F_SEAL_GROW) == F_SEAL_SHRINK | F_SEAL_GROW",
+           "self.seals & F_SEAL_SHRINK", ("tests/test_broker.py", "tests/test_registry.py"),
+           "size-sealed means sealed against shrinking and growing"),
+    # -- broker server: bounded and fd-tight whatever a client sends -------------------------------------------------
+    Mutant("conn-limit", "_broker/server.py", "if refusal is None and held >= self.max_connections:", "if False:",
+           ("tests/test_broker.py",), "a uid holds at most its connection limit"),
+    Mutant("refused-fds-leak", "_broker/server.py", "        if peer.refusal is not None:\n            _close_all(fds)\n",
+           "        if peer.refusal is not None:\n", ("tests/test_broker.py", "tests/test_resilience.py"),
+           "a refused client's fds are closed, not kept"),
+    Mutant("undecodable-fds-leak", "_broker/server.py", "        except Exception as e:\n            _close_all(fds)\n",
+           "        except Exception as e:\n", ("tests/test_broker.py", "tests/test_broker_fuzz.py"),
+           "the fds of a frame that does not decode are closed"),
+    Mutant("slow-client-unbounded", "_broker/server.py", "if len(peer.queue) >= _MAX_QUEUE:", "if False:",
+           ("tests/test_broker.py", "tests/test_resilience.py"), "a client that does not read is disconnected past 1024 queued frames"),
+    Mutant("truncation-unseen", "_seqpacket.py", "return data, fds, bool(flags & _TRUNCATED)", "return data, fds, False",
+           ("tests/test_broker.py", "tests/test_protocol.py"), "a frame cut by the kernel (MSG_TRUNC/CTRUNC) is an error"),
+    # -- liveness and senders -------------------------------------------------------------------------------------
+    Mutant("pid-reuse", "_liveness.py", "    return start == 0 or s == start", "    return True",
+           ("tests/test_liveness.py",), "a reused pid (other start time) is not the recorded process"),
+    Mutant("ring-attach-dead-rows", "senders/ring.py", "if row_pid == 0 or not alive(row_pid):", "if row_pid == 0:",
+           ("tests/test_ring.py",), "rows of dead readers are reused"),
+    Mutant("ring-drop-live-reader", "senders/ring.py",
+           "if r[i, _R_CONSUMED] < self.frame and not alive(int(r[i, _R_PID])):", "if r[i, _R_CONSUMED] < self.frame:",
+           ("tests/test_ring.py",), "frame_sync drops only readers whose process died"),
+    Mutant("ring-no-ack", "senders/ring.py", "            if int(u[_SYNC]):\n", "            if False:\n",
+           ("tests/test_ring.py", "tests/test_senders.py"), "a frame_sync reader acknowledges each frame it consumes"),
+    Mutant("memfd-imports-gpu-memory", "backends/memfd.py", "            check_importer(descriptor.memory, \"memfd\")\n", "",
+           ("tests/test_memfd.py", "tests/test_broker.py", "tests/test_vulkan.py"),
+           "the memfd backend imports only memfd memory"),
 ]
 
 
@@ -259,7 +296,9 @@ def run_tests(tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         return 124, "timed out"
     lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
-    return p.returncode, lines[-1] if lines else p.stderr[-300:]
+    failed = [ln.split(" - ")[0].split()[1] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    summary = lines[-1] if lines else p.stderr[-300:]
+    return p.returncode, f"{summary}: {failed[0]}" if failed else summary
 
 
 def rebuild() -> None:
@@ -301,6 +340,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--check", action="store_true", help="only check that each mutant's text is still in its file")
     ap.add_argument("--repeat", type=int, default=3, help="runs per mutant; caught only if every run fails")
     ap.add_argument("--timeout", type=float, default=300)
     args = ap.parse_args()
@@ -311,6 +351,11 @@ def main() -> int:
         for m in MUTANTS:
             print(f"{m.name:28} {m.file:28} {m.guarantee}")
         return 0
+    if args.check:
+        moved = [m.name for m in MUTANTS if (ROOT / SRC / m.file).read_text().count(m.old) != 1]
+        print(f"{len(MUTANTS) - len(moved)}/{len(MUTANTS)} mutants apply" + (f"; moved: {', '.join(moved)}"
+                                                                          if moved else ""))
+        return 1 if moved else 0
     unknown = set(args.names) - names
     if unknown:
         raise SystemExit(f"unknown mutants: {', '.join(sorted(unknown))}")
