@@ -273,6 +273,9 @@ MUTANTS = [
            ("tests/test_broker.py", "tests/test_resilience.py"), "a client that does not read is disconnected past 1024 queued frames"),
     Mutant("truncation-unseen", "_seqpacket.py", "return data, fds, bool(flags & _TRUNCATED)", "return data, fds, False",
            ("tests/test_broker.py", "tests/test_protocol.py"), "a frame cut by the kernel (MSG_TRUNC/CTRUNC) is an error"),
+    Mutant("out-of-fds-check-raises", "_broker/server.py", "    except OSError as e:\n        return e.errno in _FD_ERRORS",
+           "    except ValueError:\n        return True", ("tests/test_broker.py::test_fds_dropped_by_a_broker_out_of_fds_are_answered_busy",),
+           "a broker out of fds answers busy when the kernel dropped a frame's fds (the check itself needs an fd)"),
     # -- liveness and senders -------------------------------------------------------------------------------------
     Mutant("pid-reuse", "_liveness.py", "    return start == 0 or s == start", "    return True",
            ("tests/test_liveness.py",), "a reused pid (other start time) is not the recorded process"),

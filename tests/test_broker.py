@@ -629,6 +629,69 @@ def test_connections_per_uid_are_limited(runtime, monkeypatch):
             s.close()
 
 
+def _holds_memfd(pid: int, name: str) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"/memfd:{name} (deleted)":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_a_refused_client_s_fds_are_closed(runtime, monkeypatch):
+    """A connection over its uid's limit is answered with the refusal and hung up on; the fds its first frame
+    carried must not stay in the broker."""
+    monkeypatch.setenv("TEXBRIDGE_BROKER_MAX_CONNECTIONS", "1")
+    with texbridge.connect() as s:
+        name = f"refused-probe-{os.getpid()}"
+        fds = [create_sealed(name, 4096) for _ in range(2)]
+        try:
+            sock = raw_socket()
+            send_frame(sock, frame("hello", {"version": VERSION, "name": "x", "pid": os.getpid()}, nfds=2), fds)
+            reply = msgpack.unpackb(recv_frame(sock)[0])
+            assert reply[2] == "error" and reply[3]["code"] == "quota_exceeded", reply
+            assert recv_frame(sock)[0] == b""  # hung up on
+            sock.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        s.stats()  # a round trip: the broker has finished with the refused connection
+        assert not _holds_memfd(s.broker_pid, name), "the broker kept a refused client's fds"
+
+
+def test_a_client_that_never_reads_its_replies_is_disconnected(session):
+    """Replies the broker cannot send are queued, up to 1024 frames: past that the client is cut off, so a client
+    that sends without reading cannot make the broker's memory grow without bound. Others are served meanwhile."""
+    sock = raw_socket()
+    hello(sock)
+    sock.setblocking(False)
+    request = frame("stats", rid=2)
+    sent, cut = 0, False
+    deadline = time.monotonic() + 60
+    while not cut and sent < 50_000 and time.monotonic() < deadline:
+        try:
+            send_frame(sock, request)
+            sent += 1
+        except BlockingIOError:
+            time.sleep(0.001)  # the broker reads on; its replies are what piles up
+        except (BrokenPipeError, ConnectionResetError):
+            cut = True
+    if not cut:  # the last requests may have gone in before the hang-up: the stream ends after the queued replies
+        sock.settimeout(10)
+        try:
+            while recv_frame(sock)[0]:
+                pass
+            cut = True
+        except ConnectionResetError:
+            cut = True
+        except (TimeoutError, BlockingIOError):
+            pass  # replies still coming after 50,000 requests, or none and no hang-up: not cut
+    sock.close()
+    assert cut, f"{sent} unread replies later the broker still queues for this client"
+    assert session.stats()["clients"] >= 1
+
+
 def test_out_of_fds_answers_busy_backs_off_and_recovers(tmp_path):
     """A broker at its fd limit once spun at 100% CPU writing megabytes of log while new clients hung. Now: a new
     client gets BrokerBusy, the loop idles, the log stays short, and service resumes once fds are free."""
@@ -662,6 +725,41 @@ def test_out_of_fds_answers_busy_backs_off_and_recovers(tmp_path):
         s.close()
         assert log_path.stat().st_size < 20_000, log_path.read_text()[-2000:]
     finally:
+        broker.kill()
+        broker.wait()
+
+
+def test_fds_dropped_by_a_broker_out_of_fds_are_answered_busy(tmp_path):
+    """At its fd limit the broker cannot receive fds: the kernel drops them and flags the frame (MSG_CTRUNC). The
+    client must learn that the broker is out of fds (busy, retry later), not that it sent a malformed frame."""
+    broker, connect, _ = _spawn_broker(tmp_path, """
+        n = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 24, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    """)
+    held = []
+    try:
+        admitted = []
+        for _ in range(40):
+            s = connect()
+            held.append(s)
+            send_frame(s, frame("hello", {"version": VERSION, "name": "fill", "pid": os.getpid()}))
+            try:
+                reply = msgpack.unpackb(recv_frame(s)[0])
+            except OSError:
+                break
+            if reply[2] != "reply":
+                break  # busy: the broker's fd table is full now
+            admitted.append(s)
+        assert admitted and len(admitted) < 40, "the broker never ran out of fds"
+        fd = create_sealed("dropped", 4096)
+        try:
+            reply = ask(admitted[0], frame("register", {"descriptor": tex_desc(size=4096)}, nfds=1), [fd])
+        finally:
+            os.close(fd)
+        assert error_code(reply) == "busy", reply
+    finally:
+        for s in held:
+            s.close()
         broker.kill()
         broker.wait()
 

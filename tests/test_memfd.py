@@ -145,3 +145,16 @@ def test_memory_smaller_than_offset_plus_layout_is_refused(size):
     fd = create_sealed("short", size)
     with pytest.raises(InvalidDescriptor):
         BACKEND.import_resource(desc, [fd])  # the descriptor claims SIZE; the memfd has less
+
+
+@pytest.mark.parametrize("memory", ["opaque_fd", "dma_buf"])
+def test_gpu_memory_is_never_mapped_as_a_cpu_layout(memory):
+    """lavapipe exports opaque_fd memory as a sealed memfd: mappable, but its bytes are a driver's tiling, not rows.
+    The memfd backend must refuse it (naming who can import it) rather than show garbage."""
+    desc = Descriptor(kind="texture2d", size=SIZE, width=W, height=H, format="rgba8", memory=memory,
+                      backend="vulkan").validate()
+    fd = create_sealed("gpu-memory", SIZE)
+    with pytest.raises(InvalidDescriptor, match="cannot import"):
+        BACKEND.import_resource(desc, [fd])
+    with pytest.raises(OSError):
+        os.fstat(fd)  # refused, and the fd it was given is closed

@@ -212,6 +212,18 @@ def test_a_list_page_holds_at_most_list_page_entries_whatever_limit_asks():
     assert len(page["resources"]) == LIST_PAGE and page["total"] == LIST_PAGE + 20
 
 
+@pytest.mark.parametrize("seals", [0, F_SEAL_SHRINK | F_SEAL_SEAL, F_SEAL_GROW | F_SEAL_SEAL])
+def test_memory_must_be_sealed_against_both_shrinking_and_growing(seals):
+    w = World()
+    w.connect(1)
+    r = w.register(1, FdFacts("memfd", SIZE, seals))[1]
+    w.err(r, "invalid_descriptor")
+    assert "not sealed" in r.message.fields["message"]
+    state = FdFacts("memfd", 4096, seals)  # a keyed-mutex state likewise
+    w.err(w.call(1, Op.REGISTER, [(11, FdFacts("memfd", SIZE, SEALED)), (12, state)],
+                 descriptor={**TEX, "keyed_mutex": True}), "invalid_descriptor")
+
+
 def test_a_registry_draws_its_handles_at_random():
     """Without a handle source given (the daemon gives none), REGISTER's handles are random 64-bit values."""
     w = World()

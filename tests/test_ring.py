@@ -275,6 +275,9 @@ def test_frame_sync_counts_consumption_and_drops_dead_readers() -> None:
     ring.w.drop_dead_readers(lambda pid: pid != 222)
     assert ring.w.all_consumed() and ring.w.readers == 1
     assert int(ring.ctl.readers[dead.row, rg._R_PID]) == 0 and int(ring.ctl.readers[r.row, rg._R_PID]) == 111
+    ring.send(2)  # r is behind now, but alive: a slow reader is waited for, never dropped
+    ring.w.drop_dead_readers(lambda pid: pid != 222)
+    assert ring.w.readers == 1 and not ring.w.all_consumed()
 
 
 def test_control_words_refuse_a_short_buffer_and_waits_after_close() -> None:

@@ -97,9 +97,13 @@ class _Peer:
 
 
 def _out_of_fds() -> bool:
-    """True when this process is at its RLIMIT_NOFILE, which makes the kernel drop received fds (MSG_CTRUNC)."""
+    """True when this process is at its RLIMIT_NOFILE, which makes the kernel drop received fds (MSG_CTRUNC).
+    Listing /proc/self/fd itself takes an fd: failing for want of one is the answer (it once raised here)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return len(os.listdir("/proc/self/fd")) >= soft - 16
+    try:
+        return len(os.listdir("/proc/self/fd")) >= soft - 16
+    except OSError as e:
+        return e.errno in _FD_ERRORS
 
 
 class BrokerServer:
