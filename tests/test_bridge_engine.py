@@ -233,3 +233,66 @@ def test_timestamps_and_user_data_travel_with_their_frames(pair):
         sent = int(f.user_data.split()[1])  # the user data of the very frame these pixels came with
         # one host, one monotonic clock: the mirror's timestamp is the original's (to the µs of clock reads)
         assert abs(f.timestamp_ns - sent) < 2_000_000, (f.timestamp_ns, sent)
+
+
+def test_a_hostile_but_well_formed_peer_is_held_to_the_limits(runtime):
+    """A peer that announces more and bigger streams than allowed, resizes streams it never announced, retires
+    twice and wants keys of resources that do not exist costs refusals, never the bridge or unbounded state."""
+    rv = Rendezvous(("evil", "good"))
+    evil_end, good_end = rv.endpoints()
+    s = tb.connect()
+    limits = BridgeLimits(max_streams=4, max_bytes=64 * 64 * 4 * 3, max_width=256, max_height=256)
+    bridge = Bridge(good_end, label="good", session=s, status_file=False, limits=limits)
+    th = threading.Thread(target=bridge.run, daemon=True)
+    th.start()
+    try:
+        link: MemLink = until(lambda: evil_end.establish(0.2), what="link")
+        link.send(_wire.hello("evil", 64, 64))
+        for i in range(12):  # 12 announcements: only 3 fit the byte limit, the rest are refused
+            link.send(_wire.announce(i, f"s{i}", 64, 64, "rgba8"))
+        link.send(_wire.announce(20, "huge", 4096, 4096, "rgba8"))  # over max size
+        link.send(_wire.format_change(30, 31, 8, 8, "r8"))  # a stream never announced
+        link.send(_wire.retire(40))
+        link.send(_wire.retire(40))
+        link.send(_wire.km_want(5, True, [1, 2, 3]))
+        link.send(_wire.km_announce(9, 9, "km", "buffer", 16384, 16384, "r8", 16384 * 16384))  # too big
+        until(lambda: sum("refused" in e for e in bridge.errors) >= 8, what="refusals")
+        mirrors = {i.name for i in list_senders(s) if i.bridged == "evil"}
+        assert len(mirrors) == 3 and bridge.connected and th.is_alive()
+        replies = [m for m in link.receive() if m["t"] != "hello"]
+        assert replies and {m["t"] for m in replies} == {"closed"}  # each refusal told, nothing else
+        rv.cut()
+        until(lambda: not {i.name for i in list_senders(s) if i.bridged == "evil"}, what="mirrors retired")
+    finally:
+        bridge.stop()
+        th.join(10)
+        s.close()
+
+
+def test_keyed_mutex_buffers_and_bare_mutexes_cross_and_content_follows_whoever_waits(pair):
+    p = pair()
+    buf = p.sa.create_buffer(100_000, keyed_mutex=True, name="blob")  # not a whole number of rows: padded
+    bare = p.sa.create_keyed_mutex(name="gate")
+    mbuf = until(lambda: _try_open(p.sb, "blob@hostA"), what="buffer mirror")
+    mbare = until(lambda: _try_open(p.sb, "gate@hostA"), what="mutex mirror")
+    data = np.frombuffer(np.random.default_rng(1).bytes(100_000), np.uint8)
+    buf.mutex.acquire(0, 5)
+    buf.numpy()[:] = data
+    buf.mutex.release(3, private_data=b"p3")
+    mbuf.mutex.acquire(3, 10)  # B waits for 3: the content comes over with the key
+    assert np.array_equal(mbuf.numpy(), data) and mbuf.mutex.private_data == b"p3"
+    mbuf.numpy()[:10] = 42
+    mbuf.mutex.release(4)  # nobody waits for 4 anywhere: it stays on B, free with key 4
+    time.sleep(0.2)
+    buf.mutex.acquire(4, 10)  # now A waits for 4: the content goes back to A
+    assert (buf.numpy()[:10] == 42).all() and np.array_equal(buf.numpy()[10:], data[10:])
+    buf.mutex.release(0)
+    with pytest.raises(tb.KeyedMutexTimeout):  # nobody releases 5: B's wait times out on time
+        mbuf.mutex.acquire(5, 0.2)
+    bare.mutex.acquire(0, 5)
+    bare.mutex.release(7, private_data=b"go", sync_value=77)
+    assert mbare.mutex.acquire(7, 10) == 77 and mbare.mutex.private_data == b"go"
+    mbare.mutex.release(8)
+    assert bare.mutex.acquire(8, 10) == 78
+    for r in (mbuf, mbare, buf, bare):
+        r.close()

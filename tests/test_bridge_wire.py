@@ -23,6 +23,7 @@ BUILT = [
     _wire.retire(3),
     _wire.closed(4),
     _wire.km_announce(5, 5, "tex", "texture", 64, 32, "rgba8", 64 * 32 * 4),
+    _wire.km_announce(6, 8, "gate", "mutex", 1, 1, "r8", 1),
     _wire.km_ready(5, 7),
     _wire.km_want(5, True, [1, 2**64 - 1]),
     _wire.km_want(5, False, []),
@@ -99,6 +100,11 @@ def test_transfer_data_round_trips_at_capacity():
     assert _wire.parse_transfer(data) == (2**64 - 1, 12345, b"\xff" * _wire.MAX_PRIVATE)
     with pytest.raises(BridgePeerError):
         _wire.parse_transfer(msgpack.packb([1, 2, b"x" * (_wire.MAX_PRIVATE + 1)]))
+
+
+def test_a_builder_given_bad_values_is_this_sides_bug_not_a_peer_error():
+    with pytest.raises(ValueError):
+        _wire.announce(MAX_STREAMS, "x", 1, 1, "rgba8")
 
 
 def test_mirror_names_are_bounded():

@@ -747,9 +747,9 @@ class Bridge:
             if kind == "texture":
                 fmt = StreamFormat(int(r["width"]), int(r["height"]), str(r["format"]))
                 size = fmt.nbytes
-            else:
+            else:  # bytes as rows of r8 pixels, as wide as the peer takes (the last row padded)
                 size = max(1, int(r.get("size") or 1)) if kind == "buffer" else 1
-                w = min(size, 16384)
+                w = min(size, ses.peer_max[0])
                 fmt = StreamFormat(w, -(-size // w), "r8")
         except (TexbridgeError, ValueError, KeyError) as e:
             ses.refused.add(name)

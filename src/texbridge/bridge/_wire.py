@@ -28,7 +28,7 @@ MAX_KEYS = 48  # a keyed mutex queues at most this many waiters (keyed_mutex.MAX
 MAX_PRIVATE = 2048  # keyed_mutex.PRIVATE_DATA_CAPACITY
 MAX_BUFFER = MAX_DIMENSION * MAX_DIMENSION  # bytes of a keyed-mutex buffer that may cross
 U64 = (1 << 64) - 1
-KINDS = ("texture", "buffer")
+KINDS = ("texture", "buffer", "mutex")  # what a keyed-mutex resource is: its content is pixels, bytes or nothing
 
 Check = Callable[[Any, str], Any]
 
@@ -140,8 +140,12 @@ def parse(message: Any) -> dict[str, Any]:
 
 
 def _built(t_: str, /, **fields: Any) -> dict[str, Any]:
-    """Build through the same table, so this side can never send what the peer would refuse."""
-    return parse({"t": t_, **{k: v for k, v in fields.items() if v is not None}})
+    """Build through the same table, so this side can never send what the peer would refuse (a message that fails
+    here is this side's bug, not the peer's: ValueError, not BridgePeerError)."""
+    try:
+        return parse({"t": t_, **{k: v for k, v in fields.items() if v is not None}})
+    except BridgePeerError as e:
+        raise ValueError(f"built an invalid {t_!r} message: {e}") from None
 
 
 def hello(label: str, max_w: int, max_h: int) -> dict[str, Any]:
