@@ -427,8 +427,9 @@ class ShmLink:
                                   self._own[L.S_TAIL:L.S_TAIL + 1])
         self._own_table = mem[lay.table(side):lay.table(side) + L.TABLE_SIZE]
         self._peer_table = mem[lay.table(peer):lay.table(peer) + L.TABLE_SIZE]
-        self._peer_latest = self._peer_table.view(np.uint64).reshape(MAX_STREAMS, _WORDS)[:, _LATEST]
-        self._seen_latest = self._peer_latest.copy()
+        words = self._peer_table.view(np.uint64).reshape(MAX_STREAMS, _WORDS)
+        self._peer_latest, self._peer_writing = words[:, _LATEST], words[:, L.C_WRITING]
+        self._seen_latest, self._seen_writing = self._peer_latest.copy(), self._peer_writing.copy()
         self._own_area = mem[lay.area(side):lay.area(side) + lay.area_size]
         self._peer_area = mem[lay.area(peer):lay.area(peer) + lay.area_size]
         self._writers: dict[int, _ShmWriter] = {}
@@ -511,13 +512,16 @@ class ShmLink:
             raise self._fail(e) from None
 
     def wait(self, timeout: float) -> None:
-        """Return once a message or a new frame of any peer stream may be there, the link died, or `timeout`."""
+        """Return once a message may be there, a peer stream committed a frame or began one (read_into can follow
+        it), the link died, or `timeout`."""
         def ready() -> bool:
             return (self._in.pending() or self._dead != ""
-                    or not np.array_equal(self._peer_latest, self._seen_latest))
+                    or not np.array_equal(self._peer_latest, self._seen_latest)
+                    or not np.array_equal(self._peer_writing, self._seen_writing))
 
         self._ep.poller.until(ready, timeout)
         self._seen_latest[:] = self._peer_latest
+        self._seen_writing[:] = self._peer_writing
 
     # -- streams ----------------------------------------------------------------------------------------------------
     def open_writer(self, stream: int, fmt: StreamFormat) -> "_ShmWriter":
