@@ -484,6 +484,36 @@ def test_other_geometry_is_skipped_not_fatal():
         a.close(), b.close(), srv.close()
 
 
+def test_each_end_sends_with_its_own_preferred_codec():
+    """Preferences are per sending end; each decodes whatever it has. An IPv6 loopback works like IPv4."""
+    if not {"lz4", "zstd"} <= set(CODECS):
+        pytest.skip("needs lz4 and zstandard")
+    host = "::1" if socket.has_ipv6 else "127.0.0.1"
+    try:
+        srv = TcpEndpoint("serve", host, 0, codecs=("zstd",))
+    except BridgeError:
+        srv = TcpEndpoint("serve", host := "127.0.0.1", 0, codecs=("zstd",))
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.setdefault("s", srv.establish(10)))
+    t.start()
+    b = establish(TcpEndpoint("join", host, srv.port, codecs=("lz4",)))
+    t.join()
+    a = got["s"]
+    try:
+        assert (a.codec, b.codec) == ("zstd", "lz4")
+        fmt = StreamFormat(100, 50, "rgba8")
+        wa, rb = a.open_writer(0, fmt), b.open_reader(0, fmt)
+        wb, ra = b.open_writer(0, fmt), a.open_reader(0, fmt)
+        time.sleep(0.2)
+        for i, frame, damage in ui_frames(fmt, 6):
+            for w, r, link in ((wa, rb, b), (wb, ra, a)):
+                w.begin()[:] = frame
+                w.commit(FrameMeta(i, damage=damage))
+                np.testing.assert_array_equal(read_frame(link, r, i - 1)[0], frame)
+    finally:
+        a.close(), b.close(), srv.close()
+
+
 def test_writer_misuse_is_a_clear_error():
     a, b, srv = local_pair()
     try:
@@ -1117,3 +1147,54 @@ def test_floods_are_bounded():
             link.receive()
     finally:
         sock.close(), link.close(), srv.close()
+
+
+HOSTILE_HANDSHAKES = {
+    "noise": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "hello over its bound": C.header(C.HELLO, C.MAX_HELLO + 1) + b"\x80" * 100,
+    "hello not msgpack": C.header(C.HELLO, 3) + b"\xc1\xc1\xc1",
+    "hello with a bad magic": None,
+    "hello with another version": None,
+    "hello with a 10 KB label": None,
+    "hello with a short nonce": None,
+    "frame before the handshake": frame_msg(payload=b"x"),
+    "auth when no secret is used": C.header(C.AUTH, 32) + bytes(32),
+    "half a header then silence": C.header(C.HELLO, 10)[:5],
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_HANDSHAKES))
+def test_a_hostile_handshake_is_refused_and_the_server_serves_on(name):
+    srv = TcpEndpoint("serve", "127.0.0.1", 0)
+    results: list = []
+    t = threading.Thread(target=lambda: results.append(srv.establish(15)))
+    t.start()
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    try:
+        data = HOSTILE_HANDSHAKES[name]
+        if data is None:
+            over = {"hello with a bad magic": {"magic": "nope"}, "hello with another version": {"version": 99},
+                    "hello with a 10 KB label": {"label": "x" * 10000},
+                    "hello with a short nonce": {"nonce": b"abc"}}[name]
+            hello = {"magic": C.MAGIC, "version": C.PROTOCOL_VERSION, "label": "raw", "codecs": ["raw"],
+                     "nonce": os.urandom(32), "auth": False, **over}
+            body = msgpack.packb(hello)
+            data = C.header(C.HELLO, len(body)) + body
+        sock.sendall(data)
+        sock.settimeout(10)  # the server hangs up (at the latest when its handshake time runs out)
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+    assert wait_until(lambda: srv.errors, 10), "the refusal was not recorded"
+    honest = establish(TcpEndpoint("join", "127.0.0.1", srv.port))  # and it still serves
+    t.join(15)
+    assert results and results[0] is not None, "the server did not link with the honest peer after the hostile one"
+    honest.close()
+    for link in results:
+        if link is not None:
+            link.close()
+    srv.close()

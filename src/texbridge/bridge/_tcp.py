@@ -396,11 +396,11 @@ def _check_hello(payload: bytes) -> _PeerHello:
     return _PeerHello(label, [c for c in codecs if c in C.CODEC_NAMES], nonce, auth)
 
 
-def _handshake(chan: _Channel, inp: _Input, serving: bool, label: str, secret: bytes | None,
-               codecs: list[str]) -> _PeerHello:
+def _handshake(chan: _Channel, inp: _Input, serving: bool, label: str, secret: bytes | None) -> _PeerHello:
     nonce = os.urandom(C.NONCE_SIZE)
     _send_msg(chan, C.HELLO, C.pack_ctrl({"magic": C.MAGIC, "version": C.PROTOCOL_VERSION, "label": label,
-                                          "codecs": codecs, "nonce": nonce, "auth": secret is not None}))
+                                          "codecs": C.available_codecs(), "nonce": nonce,
+                                          "auth": secret is not None}))
     kind, payload = _recv_msg(inp, (C.HELLO, C.REFUSE))
     if kind == C.REFUSE:
         raise _refused(payload)
@@ -687,7 +687,7 @@ class TcpLink:
         mine = [c for c in codecs if c in peer.codecs]
         self.codec = mine[0] if mine else "raw"  # what this end sends with: its first choice the peer decodes
         self._codec = C.CODEC_NAMES[self.codec]
-        self._decodable = {C.CODEC_NAMES[c] for c in codecs} | {C.RAW}
+        self._decodable = {C.CODEC_NAMES[c] for c in C.available_codecs()}  # what our HELLO offered
         self._inp.on_bytes = self._count_in
         self._last_send = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop, name=f"texbridge-tcp-read-{peer.label}",
@@ -1008,7 +1008,8 @@ class TcpEndpoint:
     """One end of a TCP bridge. role="serve" listens on host:port (port 0: any; see `.address`), role="join"
     connects to it (or, with find=LABEL, to the server of that label found over mDNS). secret: the shared secret
     (bytes/str, at least 16 bytes; see load_secret) — required to serve on anything but loopback. tls: TlsOptions.
-    codecs: this end's preference for what it sends (the peer must decode it; raw always works). advertise:
+    codecs: this end's preference for what it sends, the first the peer decodes wins (each end decodes every
+    codec it has; raw always works). advertise:
     serve only, announce the service over mDNS (needs the `net` extra: zeroconf)."""
 
     def __init__(self, role: str, host: str = "127.0.0.1", port: int = 0, *, secret: bytes | str | None = None,
@@ -1131,7 +1132,7 @@ class TcpEndpoint:
                 chan = _Channel(sock)
             inp = _Input(chan, lambda n: None)
             try:
-                peer = _handshake(chan, inp, self.role == "serve", self.label, self._secret, self.codecs)
+                peer = _handshake(chan, inp, self.role == "serve", self.label, self._secret)
             except _Dead as e:
                 raise e.args[0] from None
             _os_timeouts(sock, PEER_TIMEOUT_S)
