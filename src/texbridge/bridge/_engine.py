@@ -148,6 +148,7 @@ class _Import:
     last: int = 0
     rate: _Rate = field(default_factory=_Rate)
     drops: int = 0
+    latency_ns: deque = field(default_factory=lambda: deque(maxlen=256))  # sender's capture -> mirror commit
 
 
 @dataclass
@@ -565,7 +566,7 @@ class Bridge:
             ctx.__exit__(_Torn, _Torn(), None)  # the slot is given back unpublished
             return False
         ctx.__exit__(None, None, None)
-        self._imported(imp, got.frame)
+        self._imported(imp, got)
         return True
 
     def _import_chunked(self, imp: _Import) -> bool:
@@ -585,14 +586,16 @@ class Bridge:
             ctx.__exit__(type(e), e, e.__traceback__)
             raise
         ctx.__exit__(None, None, None)
-        self._imported(imp, got.frame)
+        self._imported(imp, got)
         return True
 
-    def _imported(self, imp: _Import, frame: int) -> None:
-        if imp.last and frame > imp.last + 1:
-            imp.drops += frame - imp.last - 1
-        imp.last = frame
+    def _imported(self, imp: _Import, got: FrameMeta) -> None:
+        if imp.last and got.frame > imp.last + 1:
+            imp.drops += got.frame - imp.last - 1
+        imp.last = got.frame
         imp.rate.add(imp.fmt.nbytes)
+        if got.timestamp_ns:  # wall clock: exact on one host, clock skew included across hosts
+            imp.latency_ns.append(time.time_ns() - got.timestamp_ns)
 
     # -- exports: local sender -> peer stream ---------------------------------------------------------------------------
     def _sender_events(self, ses: _Session, watch: Any) -> None:
@@ -959,9 +962,11 @@ class Bridge:
                                "error": ex.error})
         for imp in list(ses.imports.values()):
             fps, bps = imp.rate.rates()
+            lat = sorted(imp.latency_ns)
             out["in"].append({"name": imp.name, "stream": imp.stream,
                               "size": f"{imp.fmt.width}x{imp.fmt.height} {imp.fmt.format}",
                               "frames": imp.rate.frames, "fps": round(fps, 1), "MBps": round(bps / 1e6, 2),
+                              "latency_us": round(lat[len(lat) // 2] / 1e3, 1) if lat else None,
                               "drops": imp.drops, "receivers": imp.mirror.receivers})
         for sh in list(ses.shared_out.values()) + list(ses.shared_in.values()):
             out["keyed_mutex"].append({"name": sh.name, "kind": sh.kind, "origin": sh.origin,

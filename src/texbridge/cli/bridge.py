@@ -194,7 +194,10 @@ def remove(path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly
 def status(as_json: bool) -> None:
-    """Running bridges of this user: peer, streams each way, fps, MB/s, added latency, drops, peer errors."""
+    """Running bridges of this user: peer, streams each way, fps, MB/s, latency, drops, peer errors.
+
+    Latency: → from the sender's frame to its commit into the link; ← from the sender's capture (wall clock, so
+    including clock skew between hosts) to the mirror's frame."""
     states = read_statuses()
     if as_json:
         console.print(json.dumps(states, indent=1), markup=False, highlight=False, soft_wrap=True)
@@ -220,8 +223,9 @@ def status(as_json: bool) -> None:
             table.add_row("→", s["name"], s["size"], f"{s['fps']:.1f}", f"{s['MBps']:.1f}",
                           "" if lat is None else f"{lat:.0f} µs", s.get("error") or "")
         for s in st.get("in", []):
-            table.add_row("←", s["name"], s["size"], f"{s['fps']:.1f}", f"{s['MBps']:.1f}", "",
-                          f"{s['drops']} / {s['receivers']}")
+            lat = s.get("latency_us")
+            table.add_row("←", s["name"], s["size"], f"{s['fps']:.1f}", f"{s['MBps']:.1f}",
+                          "" if lat is None else f"{lat:.0f} µs", f"{s['drops']} / {s['receivers']}")
         for k in st.get("keyed_mutex", []):
             table.add_row("⇄", k["name"], f"keyed-mutex {k['kind']}", "", "", "",
                           f"content {'here' if k['content_here'] else 'across'}; {k['to_peer']} out, "
