@@ -875,3 +875,23 @@ def test_a_joiner_follows_the_file_being_removed_and_made_anew(tmp_path):
     finally:
         jn.close()
         srv.close()
+
+
+def test_wait_returns_on_a_message_a_commit_a_begun_frame_and_death(ends):
+    """wait() is the engine's only sleep: it must wake for each thing that needs the engine (generous bounds)."""
+    import threading
+
+    s, j = ends
+    w = s.open_writer(0, FMT)
+    j.open_reader(0, FMT)
+    j.wait(0)  # take the current state as seen
+    for poke in (lambda: s.send({"op": "x"}), lambda: w.begin(), lambda: w.commit(FrameMeta(1)), s.close):
+        timer = threading.Timer(0.2, poke)
+        timer.start()
+        t0 = time.monotonic()
+        j.wait(5)
+        took = time.monotonic() - t0
+        timer.join()
+        assert took < 2.5, f"wait() slept {took:.2f} s through {poke}"
+        j.receive() if j.alive else None
+    assert not j.alive
