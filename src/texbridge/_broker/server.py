@@ -27,7 +27,7 @@ from .._errors import (AccessDenied, BrokerBusy, LocalProtocolError, NotFound, Q
 from .._fdinfo import inspect_fd, same_file
 from .._protocol import MAX_FRAME, Connection, Message, Op, State, peek_request_id
 from .._seqpacket import close_fds as _close_all
-from .._seqpacket import SPIN_SECONDS, recv_frame, send_frame
+from .._seqpacket import PREEMPTED_GAP, SPIN_SECONDS, SpinPolicy, recv_frame, send_frame
 from .fdstore import FdStore, KeeperError, local_capacity
 from .registry import Effects, Registry, error_message
 
@@ -136,17 +136,31 @@ class BrokerServer:
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        busy_until = 0.0
+        busy_until = idle_poll = 0.0  # idle_poll: when the last empty spin poll returned (0: the last round served)
+        spin = SpinPolicy(SPIN_SECONDS)
         while self._running:
             # After serving, poll without sleeping for a moment: the next request of a busy client usually follows
             # within microseconds, and catching it awake saves an idle-CPU wake-up on each side (see _seqpacket).
-            spinning = time.perf_counter() < busy_until
+            # Not on an oversubscribed machine: an empty round that took long was descheduled (SpinPolicy).
+            now = time.perf_counter()
+            spinning = now < busy_until
+            if spinning and idle_poll and now - idle_poll > PREEMPTED_GAP:
+                spin.preempted(now)
+                spinning, busy_until = False, 0.0
             if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
                 self.sel.register(self.listener, selectors.EVENT_READ, None)
             events = self.sel.select(timeout=0 if spinning else 0.1 if self._accept_paused_until else 0.5)
+            polled = time.perf_counter()
             if events:
-                busy_until = time.perf_counter() + SPIN_SECONDS
+                window = spin.window(polled)
+                busy_until, idle_poll = (polled + window if window else 0.0), 0.0
+            elif spinning:
+                idle_poll = polled
+                if polled >= busy_until:
+                    spin.clean()
+            else:
+                idle_poll = 0.0
             for key, mask in events:
                 if key.data is None:
                     try:
