@@ -895,3 +895,27 @@ def test_wait_returns_on_a_message_a_commit_a_begun_frame_and_death(ends):
         assert took < 2.5, f"wait() slept {took:.2f} s through {poke}"
         j.receive() if j.alive else None
     assert not j.alive
+
+
+def test_frame_meta_is_judged_only_once_the_read_is_untorn(ends, monkeypatch):
+    """Meta read while the writer rewrote the slot may look invalid: that read is retried, not blamed on the peer
+    (a false BridgePeerError would end a healthy session)."""
+    from texbridge.bridge import _shmfile as F
+    from texbridge.senders import ring as rg
+
+    s, j = ends
+    w, r = s.open_writer(0, FMT), j.open_reader(0, FMT)
+    send(w, FMT, 1, user_data=b"ok")
+    parse = F._ShmReader._parse_meta
+    calls = []
+
+    def torn_once(self, slot):  # type: ignore[no-untyped-def]
+        calls.append(slot)
+        if len(calls) == 1:  # as if the writer was rewriting the meta under us: garbage, and the sequence moves
+            w._u[rg._SEQ + slot] += 2
+            return None
+        return parse(self, slot)
+
+    monkeypatch.setattr(F._ShmReader, "_parse_meta", torn_once)
+    view, meta = take(r)
+    assert len(calls) == 2 and meta.user_data == b"ok" and j.alive

@@ -803,13 +803,10 @@ class _ShmReader:
             assert u is not None and self._rr is not None
             if int(u[_LATEST]) >> _SLOT_BITS <= after:
                 return None
-            bad: list[int] = []
-
             def cb(slot: int) -> Any:
                 meta = self._parse_meta(slot)
                 if meta is None:
-                    bad.append(slot)
-                    return _BAD
+                    return _BAD  # judged after the read proved untorn (a torn read is retried, not blamed)
                 frame = int(u[_SLOT_FRAME + slot])
                 return copy(self._pixels[slot], FrameMeta(frame, meta.timestamp_ns, meta.damage, meta.user_data))
 
