@@ -296,3 +296,28 @@ def test_keyed_mutex_buffers_and_bare_mutexes_cross_and_content_follows_whoever_
     assert bare.mutex.acquire(8, 10) == 78
     for r in (mbuf, mbare, buf, bare):
         r.close()
+
+
+def test_many_streams_both_ways_at_once(pair):
+    p = pair()
+    n = 6
+    senders = [Sender(f"a{i}", 16 + i, 8, session=p.sa) for i in range(n)] + \
+              [Sender(f"b{i}", 8, 16 + i, session=p.sb) for i in range(n)]
+    receivers = [Receiver(f"a{i}@hostA", session=p.sb) for i in range(n)] + \
+                [Receiver(f"b{i}@hostB", session=p.sa) for i in range(n)]
+    try:
+        want = [frames(s.shape, 1, seed=k)[0] for k, s in enumerate(senders)]
+        done = [False] * len(senders)
+        end = time.monotonic() + 20
+        while not all(done) and time.monotonic() < end:
+            for k, (s, r) in enumerate(zip(senders, receivers)):
+                if not done[k]:
+                    s.send(want[k])
+                    got = r.receive()
+                    done[k] = got is not None and np.array_equal(got, want[k])
+            time.sleep(0.01)
+        assert all(done), f"streams not delivered: {[s.name for s, d in zip(senders, done) if not d]}"
+        assert len(p.A.status()["in"]) == n and len(p.B.status()["in"]) == n
+    finally:
+        for x in receivers + senders:
+            x.close()
