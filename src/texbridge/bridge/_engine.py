@@ -383,15 +383,17 @@ class Bridge:
         raise BridgeError("stopped")
 
     def _teardown(self, ses: _Session) -> None:
-        """The link is gone: stop exports, retire mirrors, hand keyed mutexes back (abandoned where held)."""
+        """The link is gone: retire mirrors (first: that is what the other side's users see), stop exports, hand
+        keyed mutexes back (abandoned where held)."""
+        ses.stopping = True
         for ex in list(ses.exports.values()):
             ex.stop.set()
+        for imp in list(ses.imports.values()):
+            self._drop_import(ses, imp, tell=False)
         for ex in list(ses.exports.values()):
             if ex.thread is not None:
                 ex.thread.join(2.0)
         ses.exports.clear()
-        for imp in list(ses.imports.values()):
-            self._drop_import(ses, imp, tell=False)
         for sh in list(ses.shared_out.values()) + list(ses.shared_in.values()):
             self._drop_shared(sh)
         ses.shared_out.clear()
@@ -658,7 +660,7 @@ class Bridge:
                     if rx.status == "no_sender" and rx.events and rx.events[-1].kind == "retired":
                         break
                     continue
-                fmt = StreamFormat(rx.width, rx.height, rx.format)
+                fmt = StreamFormat(got.width, got.height, got.format)  # this frame's own (a resize may follow)
                 if fmt != ex.fmt:
                     if fmt.width > ses.peer_max[0] or fmt.height > ses.peer_max[1]:
                         ex.error = f"{fmt.width}x{fmt.height} exceeds the peer's {ses.peer_max[0]}x{ses.peer_max[1]}"
@@ -697,6 +699,9 @@ class Bridge:
         except TexbridgeError as e:
             ex.error = f"{type(e).__name__}: {e}"
             log.warning("bridge %s: exporting %s: %s", self.label, ex.name, e)
+        except Exception as e:  # a bug costs this stream (shown in status), not the bridge
+            ex.error = f"internal error: {type(e).__name__}: {e}"
+            log.exception("bridge %s: exporting %s", self.label, ex.name)
         finally:
             if rx is not None:
                 try:
@@ -766,6 +771,12 @@ class Bridge:
             res = self._session.open(r["handle"])
         except TexbridgeError as e:
             self._note(f"not sharing {name!r}: {e}")
+            return
+        if kind == "texture" and res.host_visible and res.shape != (fmt.height, fmt.width,
+                                                                     get_format(fmt.format).channels):
+            res.close()  # layers, planes: more than one image of rows, which a stream does not carry
+            ses.refused.add(name)
+            self._note(f"not sharing {name!r}: a {res.shape} texture is not one image")
             return
         try:
             ident = ses.alloc_stream()  # ids share the stream number space: no more than streams can exist
@@ -858,16 +869,36 @@ class Bridge:
         for sh in list(ses.shared_out.values()) + list(ses.shared_in.values()):
             if sh.reader is None or sh.writer is None:
                 continue
-            if sh.has_content:
-                busy |= self._ship(ses, sh)
-            else:
-                busy |= self._take_delivery(ses, sh)
-                if not sh.has_content:
-                    wants = sh.res.mutex.waiting_keys()
-                    if wants != sh.told_wants:
-                        ses.link.send(_wire.km_want(sh.id, sh.origin, wants))
-                        sh.told_wants = wants
+            try:
+                if sh.has_content:
+                    busy |= self._ship(ses, sh)
+                else:
+                    busy |= self._take_delivery(ses, sh)
+                    if not sh.has_content:
+                        wants = sh.res.mutex.waiting_keys()
+                        if wants != sh.told_wants:
+                            ses.link.send(_wire.km_want(sh.id, sh.origin, wants))
+                            sh.told_wants = wants
+            except (BridgeError, KeyboardInterrupt):
+                raise
+            except (TexbridgeError, ValueError) as e:  # this resource's memory or mutex: it stops crossing
+                self._note(f"keyed-mutex {sh.name!r} stops crossing: {type(e).__name__}: {e}")
+                self._unshare(ses, sh)
         return busy
+
+    def _unshare(self, ses: _Session, sh: _Shared) -> None:
+        """Stop sharing one resource (its copy abandoned where this bridge held it); the peer drops its side."""
+        self._drop_shared(sh)
+        if sh.origin:
+            ses.shared_out.pop(sh.id, None)
+            ses.refused.add(sh.name)
+            ses.link.send(_wire.km_retire(sh.id))
+        else:
+            ses.shared_in.pop(sh.id, None)
+            ses.in_bytes -= sh.fmt.nbytes
+            # the origin's content stream (numbered as its id): the origin drops its side and shares it no more;
+            # our own stream back stays reserved (no "closed" will come for it) until the link is renewed
+            ses.link.send(_wire.closed(sh.id))
 
     def _ship(self, ses: _Session, sh: _Shared) -> bool:
         """The content is here and the peer waits for a key: take the key when free, send content and key."""
