@@ -261,7 +261,7 @@ def scatter_rects(frame: np.ndarray, fmt: StreamFormat, rects: tuple[tuple[int, 
         off += n
 
 
-def dirty_rects(a: np.ndarray, b: np.ndarray, fmt: StreamFormat, band: int = 16) -> tuple | None:
+def dirty_rects(a: np.ndarray, b: np.ndarray, fmt: StreamFormat, band: int = 64) -> tuple | None:
     """Where frame `a` differs from `b`: () = nowhere, else rectangles (bands of changed rows, each narrowed to its
     changed columns), None = too much to be worth listing (over half the rows, or more than MAX_DAMAGE runs). One pass of compares, no allocation of a
     frame-sized array, so an unchanged or slightly changed frame costs about one memcmp."""
