@@ -114,6 +114,7 @@ def main() -> None:
     p.add_argument("--fuzz-target", action="store_true",
                    help="readers on stream 0 (64x48) and 1 (1920x1080) and a writer on 0 from the start")
     a = p.parse_args()
+    say("STARTED")
     tls = TlsOptions(a.tls_cert, a.tls_key, a.tls_ca, "localhost") if (a.tls_cert or a.tls_ca) else None
     try:
         ep = TcpEndpoint(a.role, a.host, a.port, secret=a.secret, tls=tls, label=a.label, codecs=(a.codec,))
