@@ -376,6 +376,9 @@ class Bridge:
                     log.info("bridge %s: peer calls itself %s (transport: %s)", self.label, ses.label,
                              ses.link.peer_label)
                 ses.peer_max = (first["max_w"], first["max_h"])
+                if ses.label == self.label:
+                    self._note(f"both sides are labelled {self.label!r}: mirrors here and there read alike "
+                               "(give each side its own --label)")
                 return [_wire.parse(m) for m in msgs[1:]]
             if time.monotonic() > deadline:
                 raise BridgeError(f"no hello from the peer within {HELLO_TIMEOUT:g} s")
