@@ -919,3 +919,42 @@ def test_frame_meta_is_judged_only_once_the_read_is_untorn(ends, monkeypatch):
     monkeypatch.setattr(F._ShmReader, "_parse_meta", torn_once)
     view, meta = take(r)
     assert len(calls) == 2 and meta.user_data == b"ok" and j.alive
+
+
+def test_several_threads_send_and_open_streams_at_once(ends):
+    """The engine sends and opens writers from its export threads: messages arrive whole and streams get their own
+    entries and slots."""
+    import threading
+
+    s, j = ends
+    errors: list = []
+
+    def worker(k: int) -> None:
+        try:
+            w = s.open_writer(100 + k, FMT)
+            for i in range(200):
+                s.send({"k": k, "i": i, "pad": b"x" * 200})
+            send(w, FMT, k + 1)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    got: list = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: unlocked races show at once
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while (any(t.is_alive() for t in threads) or len(got) < 800) and time.monotonic() < deadline:
+            got += j.receive()
+            j.wait(0.01)
+            assert len(got) <= 800
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    for k in range(4):
+        assert [m["i"] for m in got if m["k"] == k] == list(range(200))
+        assert np.array_equal(take(j.open_reader(100 + k, FMT))[0], frame_of(FMT, k + 1))
+    offsets = sorted(o for w in s._writers.values() for o in w._offsets)
+    assert len(set(w._entry for w in s._writers.values())) == 4 and len(set(offsets)) == 12

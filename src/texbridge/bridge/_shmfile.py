@@ -439,6 +439,9 @@ class ShmLink:
         self._peer_error = False
         self._beat = (int(self._peer[L.S_BEAT]), time.monotonic())
         self._closed = False
+        # The engine calls in from several threads (its export threads send and open writers): the producer ring
+        # and the stream bookkeeping each take a lock; writers and readers themselves are used by one thread each.
+        self._send_lock, self._recv_lock, self._streams_lock = threading.Lock(), threading.Lock(), threading.RLock()
         self._stats = LinkStats(peer_label=peer_label, alive=True)
         log.info("shm link up: session %x, %s side, peer %r", session, "serve" if side == SERVE else "join",
                  peer_label)
@@ -497,17 +500,21 @@ class ShmLink:
         self._check()
         data = L.encode(message)
         try:
-            if not self._out.try_push(data):
-                if not self._ep.poller.until(lambda: self._dead != "" or self._out.try_push(data), PEER_TIMEOUT_S):
-                    raise BridgePeerError(f"the peer has not read its messages for {PEER_TIMEOUT_S} s (ring full)")
-                self._check()
+            with self._send_lock:
+                if not self._out.try_push(data):
+                    if not self._ep.poller.until(lambda: self._dead != "" or self._out.try_push(data),
+                                                 PEER_TIMEOUT_S):
+                        raise BridgePeerError(f"the peer has not read its messages for {PEER_TIMEOUT_S} s "
+                                              "(ring full)")
+                    self._check()
         except BridgePeerError as e:
             raise self._fail(e) from None
 
     def receive(self) -> list[dict[str, Any]]:
         self._check()
         try:
-            return [L.decode(raw) for raw in self._in.pop_all()]
+            with self._recv_lock:
+                return [L.decode(raw) for raw in self._in.pop_all()]
         except BridgePeerError as e:
             raise self._fail(e) from None
 
@@ -530,6 +537,10 @@ class ShmLink:
             raise InvalidArgument(f"a stream number is an int in 0..2**32-1, got {stream!r}")
         if not isinstance(fmt, StreamFormat):
             raise InvalidArgument(f"fmt is a StreamFormat, got {type(fmt).__name__}")
+        with self._streams_lock:
+            return self._open_writer(stream, fmt)
+
+    def _open_writer(self, stream: int, fmt: StreamFormat) -> "_ShmWriter":
         old = self._writers.get(stream)
         if old is not None:
             entry, frame = old._entry, old._ring.frame
@@ -569,11 +580,12 @@ class ShmLink:
         self._check()
         if not isinstance(stream, int) or not 0 <= stream < 2**32:
             raise InvalidArgument(f"a stream number is an int in 0..2**32-1, got {stream!r}")
-        if len(self._readers) >= self._ep.max_streams * 4:
-            raise BridgeError(f"too many readers open on this link ({len(self._readers)})")
-        r = _ShmReader(self, stream, fmt)
-        self._readers.add(r)
-        return r
+        with self._streams_lock:
+            if len(self._readers) >= self._ep.max_streams * 4:
+                raise BridgeError(f"too many readers open on this link ({len(self._readers)})")
+            r = _ShmReader(self, stream, fmt)
+            self._readers.add(r)
+            return r
 
     def stats(self) -> LinkStats:
         self._stats.alive = not self._dead
@@ -586,9 +598,11 @@ class ShmLink:
         if self._closed:
             return
         self._closed = True
-        for w in list(self._writers.values()):
+        with self._streams_lock:
+            writers, readers = list(self._writers.values()), list(self._readers)
+        for w in writers:
             w.close()
-        for r in list(self._readers):
+        for r in readers:
             r.close()
         if int(self._own[L.S_SESSION]) == self._session:  # not if the file was reformatted meanwhile
             self._own[L.S_CLOSING] = 1
@@ -679,14 +693,15 @@ class _ShmWriter:
             self._slot = -1
 
     def _release(self, keep_entry: bool) -> None:
-        self.abort()
-        self._closed = True
-        if not keep_entry:
-            self._u[L.C_STREAM] = 0
-            self._ring.close()
-        self._link._allocs.pop(self.stream, None)
-        if self._link._writers.get(self.stream) is self:
-            del self._link._writers[self.stream]
+        with self._link._streams_lock:
+            self.abort()
+            self._closed = True
+            if not keep_entry:
+                self._u[L.C_STREAM] = 0
+                self._ring.close()
+            self._link._allocs.pop(self.stream, None)
+            if self._link._writers.get(self.stream) is self:
+                del self._link._writers[self.stream]
 
     def close(self) -> None:
         if not self._closed:
@@ -896,4 +911,5 @@ class _ShmReader:
         if not self._closed:
             self._closed = True
             self._drop()
-            self._link._readers.discard(self)
+            with self._link._streams_lock:
+                self._link._readers.discard(self)
