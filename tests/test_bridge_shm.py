@@ -958,3 +958,34 @@ def test_several_threads_send_and_open_streams_at_once(ends):
         assert np.array_equal(take(j.open_reader(100 + k, FMT))[0], frame_of(FMT, k + 1))
     offsets = sorted(o for w in s._writers.values() for o in w._offsets)
     assert len(set(w._entry for w in s._writers.values())) == 4 and len(set(offsets)) == 12
+
+
+@pytest.mark.parametrize("word, value, problem", [
+    (L.H_MAGIC, 0x1234, "not formatted"),
+    (L.H_VERSION, 2, "version 2"),
+    (L.H_SIZE, 2 * SIZE, "restart the VM"),
+    (L.H_SIZE, 4096, "formatted 4096 bytes"),
+    (L.H_SESSION, 0, "formatting"),
+])
+def test_a_joiner_refuses_a_bad_header_and_says_why(tmp_path, word, value, problem):
+    """What a joiner reads before any link exists is checked too: it waits (establish returns None) and says why."""
+    path = tmp_path / "shm"
+    srv = ShmEndpoint(path, "serve", size=SIZE)
+    srv.establish(0)
+    srv._map.u64(0, 4)[word] = value
+    jn = ShmEndpoint(path, "join")
+    try:
+        assert jn.establish(0.4) is None and problem in jn.last_problem
+    finally:
+        jn.close()
+        srv.close()
+
+
+def test_a_joiner_on_random_bytes_waits(tmp_path):
+    path = tmp_path / "shm"
+    path.write_bytes(np.random.default_rng(3).integers(0, 256, SIZE, dtype=np.uint8).tobytes())
+    jn = ShmEndpoint(path, "join")
+    try:
+        assert jn.establish(0.3) is None and "not formatted" in jn.last_problem
+    finally:
+        jn.close()
