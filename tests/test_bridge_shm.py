@@ -130,6 +130,14 @@ def test_newest_frame_wins(ends):
     assert j.stats().frames_in == 1
 
 
+def test_a_file_size_qemu_cannot_map_is_refused(tmp_path):
+    """QEMU asserts (aborts the VM) on an ivshmem memdev whose size is not a power of two (hw/pci/pci.c
+    pci_register_bar): refuse to make such a file."""
+    with pytest.raises(BridgeError, match=r"not a power of two.*use 32 or 64 MiB"):
+        ShmEndpoint(tmp_path / "f", "serve", size=48 << 20).establish(0)
+    assert not (tmp_path / "f").exists()
+
+
 def test_file_too_small_names_the_size(tmp_path):
     with pytest.raises(BridgeError, match=r"too small for 3840x2160 frames .* a file of 268435456 bytes \(256 MiB\)"):
         ShmEndpoint(tmp_path / "f", "serve", size=64 << 20, max_frame=(3840, 2160)).establish(0)
@@ -156,12 +164,17 @@ def test_size_for_keeps_looking_glass_floor_and_powers_of_two():
 
 
 def test_vm_args_and_default_path():
+    from texbridge._errors import InvalidArgument
+
     text = iv.vm_args("/dev/shm/texbridge-x", 64)
     assert ("-object memory-backend-file,id=texbridge,mem-path=/dev/shm/texbridge-x,size=64M,share=on "
             "-device ivshmem-plain,memdev=texbridge") in text
     assert "<shmem name='texbridge-x'>" in text and "<size unit='M'>64</size>" in text
     assert "qemu:commandline" in iv.vm_args("/srv/f", 32)
     assert iv.default_path("studio") == "/dev/shm/texbridge-studio"
+    assert "mem-path=/srv/a,,b,size=32M" in iv.vm_args("/srv/a,b", 32)  # QEMU doubles a comma inside a value
+    with pytest.raises(InvalidArgument):
+        iv.vm_args("/dev/shm/x", 48)  # an ivshmem BAR is a power of two
 
 
 def test_find_ivshmem_in_sysfs(tmp_path):

@@ -180,7 +180,8 @@ def qemu_command(kernel: Path, initrd: Path, cmdfile: Path, shm: str | None, mem
            "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap"]
     if shm:
         size = os.stat(shm).st_size
-        cmd += ["-object", f"memory-backend-file,id=tbshm,mem-path={shm},size={size},share=on",
+        path = str(shm).replace(",", ",,")  # QEMU's option syntax
+        cmd += ["-object", f"memory-backend-file,id=tbshm,mem-path={path},size={size},share=on",
                 "-device", "ivshmem-plain,memdev=tbshm"]
     return cmd
 

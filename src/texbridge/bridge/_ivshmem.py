@@ -62,9 +62,10 @@ def vm_args(path: str, size_mb: int) -> str:
     if size_mb <= 0 or size_mb & (size_mb - 1):
         raise InvalidArgument(f"an ivshmem size is a power of two MiB, got {size_mb}")
     p = Path(path)
+    q = str(p).replace(",", ",,")  # QEMU's option syntax: a comma inside a value is doubled
     lines = [
         "# QEMU (add to the command line):",
-        f"-object memory-backend-file,id=texbridge,mem-path={p},size={size_mb}M,share=on "
+        f"-object memory-backend-file,id=texbridge,mem-path={q},size={size_mb}M,share=on "
         "-device ivshmem-plain,memdev=texbridge",
         "",
         "# libvirt (virsh edit <domain>, inside <devices>):",
@@ -76,7 +77,7 @@ def vm_args(path: str, size_mb: int) -> str:
         lines += [f"# libvirt's <shmem name='NAME'> maps /dev/shm/NAME only; for {p} use <qemu:commandline>:",
                   "<qemu:commandline>",
                   "  <qemu:arg value='-object'/>",
-                  f"  <qemu:arg value='memory-backend-file,id=texbridge,mem-path={p},size={size_mb}M,share=on'/>",
+                  f"  <qemu:arg value='memory-backend-file,id=texbridge,mem-path={q},size={size_mb}M,share=on'/>",
                   "  <qemu:arg value='-device'/>", "  <qemu:arg value='ivshmem-plain,memdev=texbridge'/>",
                   "</qemu:commandline>"]
     lines += ["", "# in the guest: texbridge bridge join --shm auto"]

@@ -182,6 +182,11 @@ class ShmEndpoint:
             m = _Mapping.of_buffer(self._buffer)
         else:
             assert self._path is not None
+            want = self._size_wanted
+            if want and want & (want - 1):
+                lo = 1 << (want.bit_length() - 1)
+                raise BridgeError(f"{self._path}: {want} bytes is not a power of two, and QEMU aborts on an ivshmem "
+                                  f"device of such a size; use {lo >> 20 or lo} or {(lo << 1) >> 20 or lo << 1} MiB")
             # The lock has its own open file: mmap keeps a dup of the fd it maps, which would keep a lock taken on
             # that fd's file description for as long as any view of the mapping lives.
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
