@@ -59,6 +59,22 @@ def _fail(element: Gst.Element, text: str) -> None:
     element.post_message(Gst.Message.new_error(element, error, text))
 
 
+def _write(buf: Gst.Buffer, info: GstVideo.VideoInfo, pixels: np.ndarray) -> None:
+    """Copy a frame into a buffer laid out as `info` says, or as its video meta says (a pool's padded rows)."""
+    meta = GstVideo.buffer_get_video_meta(buf)
+    stride = meta.stride[0] if meta else info.stride[0]
+    offset = meta.offset[0] if meta else info.offset[0]
+    row = pixels.reshape(pixels.shape[0], -1)
+    ok, mapped = buf.map(Gst.MapFlags.WRITE)
+    if not ok:
+        raise texbridge.TexbridgeError("cannot map an output buffer for writing")
+    try:
+        dst = np.ndarray(row.shape, np.uint8, buffer=mapped.data, offset=offset, strides=(stride, 1))
+        np.copyto(dst, row.view(np.uint8))
+    finally:
+        buf.unmap(mapped)
+
+
 def _monotonic_clock(clock: Gst.Clock | None) -> bool:
     return isinstance(clock, Gst.SystemClock) and clock.props.clock_type == Gst.ClockType.MONOTONIC
 
@@ -176,6 +192,8 @@ class TexbridgeSrc(GstBase.BaseSrc):
         self.sender_name = ""
         self._rx: texbridge.Receiver | None = None
         self._key: tuple[int, int, str] | None = None  # (width, height, format) of the caps set
+        self._info: GstVideo.VideoInfo | None = None
+        self._pending: Any = None  # the frame the first negotiation waited for, pushed by the first create()
         self._fps = 0.0
         self._unlocked = False
         self._last_pts = -1
@@ -194,7 +212,7 @@ class TexbridgeSrc(GstBase.BaseSrc):
         except texbridge.TexbridgeError as e:
             _fail(self, f"texbridgesrc: {e}")
             return False
-        self._key, self._last_pts = None, -1
+        self._key, self._last_pts, self._pending = None, -1, None
         return True
 
     def do_stop(self) -> bool:
@@ -212,9 +230,31 @@ class TexbridgeSrc(GstBase.BaseSrc):
         return True
 
     def do_negotiate(self) -> bool:
-        """Before the first frame there is nothing to negotiate: create() sets the caps of the first frame, so
-        downstream never configures itself for a placeholder size."""
-        return True if self._key is None else GstBase.BaseSrc.do_negotiate(self)
+        """Caps are the first frame's, so the first negotiation waits for it (kept for create()): downstream never
+        configures itself, or a buffer pool, for a placeholder size."""
+        if self._key is None:
+            frame = self._wait_frame(copy=True)
+            if frame is None:
+                return False
+            self._pending = frame
+            self._key, self._fps = (frame.width, frame.height, frame.format), self._rx.sender_fps
+        if not GstBase.BaseSrc.do_negotiate(self):
+            return False
+        self._info = GstVideo.VideoInfo.new_from_caps(self._current_caps())
+        return True
+
+    def _wait_frame(self, copy: bool) -> Any:
+        """The next new frame, or None once unlocked (flushing, stopping)."""
+        rx = self._rx
+        while rx is not None and not self._unlocked:
+            frame = rx.next_frame(self._POLL, copy=copy)
+            if frame is not None:
+                if frame.format not in SRC_FORMATS:
+                    _fail(self, f"texbridgesrc: sender format {frame.format} has no raw GStreamer format "
+                                f"(supported: {', '.join(SRC_FORMATS)})")
+                    return None
+                return frame
+        return None
 
     def do_get_caps(self, filter: Gst.Caps | None) -> Gst.Caps:
         caps = self._current_caps() if self._key else self.get_pad_template("src").get_caps()
@@ -248,27 +288,23 @@ class TexbridgeSrc(GstBase.BaseSrc):
             return Gst.FlowReturn.FLUSHING, None
         try:
             while True:
-                if self._unlocked:
-                    return Gst.FlowReturn.FLUSHING, None
-                frame = rx.next_frame(self._POLL, copy=False)
+                frame, pending, self._pending = self._pending, self._pending is not None, None
                 if frame is None:
-                    continue
-                if frame.format not in SRC_FORMATS:
-                    _fail(self, f"texbridgesrc: sender format {frame.format} has no raw GStreamer format "
-                                f"(supported: {', '.join(SRC_FORMATS)})")
-                    return Gst.FlowReturn.NOT_NEGOTIATED, None
+                    frame = self._wait_frame(copy=False)
+                    if frame is None:
+                        return (Gst.FlowReturn.FLUSHING if self._unlocked else Gst.FlowReturn.NOT_NEGOTIATED), None
                 key = (frame.width, frame.height, frame.format)
-                if key != self._key:  # first frame or a resize: (re)negotiate before pushing
+                if key != self._key:  # a resize: caps and the allocation (pool) again
                     self._key, self._fps = key, rx.sender_fps
-                    if not self.set_caps(self._current_caps()):
+                    if not self.negotiate():
                         return Gst.FlowReturn.NOT_NEGOTIATED, None
                 pixels = frame.pixels
-                out = Gst.Buffer.new_allocate(None, pixels.nbytes, None)
-                ok, mapped = out.map(Gst.MapFlags.WRITE)
-                try:
-                    np.copyto(np.ndarray(pixels.shape, pixels.dtype, buffer=mapped.data), pixels)
-                finally:
-                    out.unmap(mapped)
+                ret, out = GstBase.BaseSrc.do_alloc(self, offset, self._info.size)  # downstream's pool, if any
+                if ret != Gst.FlowReturn.OK:
+                    return ret, None
+                _write(out, self._info, pixels)
+                if pending:  # the negotiation's frame: a copy of our own
+                    break
                 valid = rx.still_valid()  # the pinned slot was not overwritten during the copy
                 rx.release()
                 if valid:  # else every slot was pinned and the sender overwrote ours: the next frame instead
