@@ -14,6 +14,7 @@ BENCHMARKS = {
     "keyed_mutex": "AcquireSync/ReleaseSync handoff latency, 4K handoff rate, timeout precision (vs multiprocessing, a pipe)",
     "senders": "sender → receiver latency and frames/s at 1080p/4K (vs multiprocessing.Queue, shared_memory)",
     "vulkan": "fd → VkImage, open → VkImage, upload/download throughput, keyed-mutex ping-pong",
+    "gst": "GStreamer 1080p: texbridgesrc / texbridgesink frames/s (vs appsrc / appsink with NumPy copies)",
     "gl": "exported fd → GL texture, against the raw GL calls",
     "gpu_receive": "GL receiver: receive() into a GL texture vs download + upload, 1080p and 4K",
     "cuda": "open → device pointer/torch, handoff with a kernel per side, Vulkan → CUDA chain; with and without MPS (vs torch.multiprocessing)",
