@@ -236,3 +236,24 @@ def test_view_keys_picker_list_fullscreen_and_redraws_only_on_change(runtime, di
     # ~20 frames in 2 s at 10 fps: one draw per new frame (and a few for the overlay's refresh and start-up), not
     # hundreds of redraws of an unchanged picture
     assert out["shown"] >= 5 and out["draws"] <= out["shown"] + 8, out
+
+
+def test_the_view_extra_installs_everything_the_viewer_imports():
+    """`pip install texbridge[view]` must give a working viewer (PyOpenGL was missing once): every third-party
+    module the viewer imports belongs to a base dependency or to the [view] extra."""
+    import ast
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    wanted = {r.split(">")[0].split("=")[0].split("[")[0].strip().lower()
+              for r in project["dependencies"] + project["optional-dependencies"]["view"]}
+    tree = ast.parse((root / "src/texbridge/cli/viewer.py").read_text())
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    third_party = modules - set(sys.stdlib_module_names) - {"texbridge"}
+    dists = importlib.metadata.packages_distributions()
+    missing = {m: dists.get(m) for m in third_party if not {d.lower() for d in dists.get(m, [])} & wanted}
+    assert third_party >= {"glfw", "OpenGL"} and not missing, f"imported by the viewer but not in [view]: {missing}"
