@@ -1199,3 +1199,34 @@ def test_a_hostile_handshake_is_refused_and_the_server_serves_on(name):
         if link is not None:
             link.close()
     srv.close()
+
+
+def test_a_silent_stranger_does_not_hold_the_door():
+    """Connections that never speak take their handshake slots, not the server: the real peer links meanwhile,
+    and a handshake that completes after establish() returned waits for the next call."""
+    srv = TcpEndpoint("serve", "127.0.0.1", 0, secret=SECRET)
+    strangers = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]
+    try:
+        got: dict = {}
+        t = threading.Thread(target=lambda: got.setdefault("s", srv.establish(10)))
+        t.start()
+        t0 = time.monotonic()
+        honest = establish(TcpEndpoint("join", "127.0.0.1", srv.port, secret=SECRET))
+        t.join()
+        assert got["s"] is not None and time.monotonic() - t0 < 4.0  # well before the strangers' 5 s time-out
+        honest.close(), got["s"].close()
+        # a handshake that ends after establish() returned is kept for a later call
+        joined: dict = {}
+        t = threading.Thread(target=lambda: joined.setdefault(
+            "j", TcpEndpoint("join", "127.0.0.1", srv.port, secret=SECRET).establish(10)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while (kept := srv.establish(0.001)) is None:
+            assert time.monotonic() < deadline
+        t.join()
+        assert kept.alive and joined["j"] is not None
+        kept.close(), joined["j"].close()
+    finally:
+        for s in strangers:
+            s.close()
+        srv.close()

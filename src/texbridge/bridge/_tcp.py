@@ -62,6 +62,8 @@ log = logging.getLogger("texbridge.bridge")
 T = TypeVar("T")
 
 HANDSHAKE_S = 5.0  # a peer that has not finished the handshake by then is dropped
+MAX_HANDSHAKES = 8  # handshakes in progress at once on a serving end; more connections are closed at once
+ACCEPT_POLL_S = 0.02
 SEND_STALL_S = 10 * PEER_TIMEOUT_S  # a peer that reads nothing for this long (while still alive) is dropped
 MAX_QUEUED_CTRL = 4096  # control messages waiting for the socket; more = the peer is not reading: link dies
 MAX_INBOX = 4096  # control messages received but not yet taken by receive(); more = a flooding peer: link dies
@@ -1036,6 +1038,9 @@ class TcpEndpoint:
         self._listener: socket.socket | None = None
         self._mdns: Any = None
         self.errors: list[str] = []  # handshakes that failed (serving end), newest last
+        self._made: list[TcpLink] = []  # links whose handshake finished while nobody was in establish()
+        self._made_lock = threading.Lock()
+        self._shaking = 0
         if role == "serve":
             if self._secret is None and not _is_loopback(host, port):
                 raise BridgeError(f"refusing to serve on {host or '*'}:{port} without a shared secret: anyone who "
@@ -1074,24 +1079,59 @@ class TcpEndpoint:
         return self._connect(deadline)
 
     def _accept(self, deadline: float) -> TcpLink | None:
-        if self._listener is None:
-            raise BridgeError("endpoint closed")
+        """Accept connections and shake hands with each in its own thread (at most MAX_HANDSHAKES at once), so a
+        stranger who connects and says nothing cannot hold the door shut for the real peer; the first link
+        made wins. A link made after the deadline waits in `_made` for the next call."""
         while True:
+            with self._made_lock:
+                if self._made:  # even one that died meanwhile: its first call says why, as any link's would
+                    return self._made.pop(0)
+            if self._listener is None:
+                raise BridgeError("endpoint closed")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            self._listener.settimeout(remaining)
+            self._listener.settimeout(min(remaining, ACCEPT_POLL_S))
             try:
                 sock, addr = self._listener.accept()
             except TimeoutError:
-                return None
+                continue
             except OSError as e:
                 raise BridgeError(f"accept failed: {e.strerror}") from None
-            try:
-                return self._setup(sock, f"from {addr[0]}:{addr[1]}", max(1.0, min(HANDSHAKE_S, remaining)))
-            except BridgeError as e:
-                self.errors = (self.errors + [f"{addr[0]}:{addr[1]}: {e}"])[-_ERRORS_KEPT:]
-                log.warning("bridge: refused a peer from %s:%s: %s", addr[0], addr[1], e)
+            with self._made_lock:
+                busy = self._shaking >= MAX_HANDSHAKES
+                if not busy:
+                    self._shaking += 1
+            if busy:
+                sock.close()
+                self._refused(addr, BridgeError(f"{MAX_HANDSHAKES} handshakes already in progress"))
+                continue
+            threading.Thread(target=self._shake, args=(sock, addr), name="texbridge-tcp-handshake",
+                             daemon=True).start()
+
+    def _shake(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            link = self._setup(sock, f"from {addr[0]}:{addr[1]}", HANDSHAKE_S)
+        except BridgeError as e:
+            self._refused(addr, e)
+            return
+        except Exception as e:  # never let a handshake bug kill the thread silently
+            log.exception("bridge handshake failed")
+            self._refused(addr, BridgeError(f"handshake failed: {type(e).__name__}"))
+            return
+        finally:
+            with self._made_lock:
+                self._shaking -= 1
+        with self._made_lock:
+            if self._listener is None:  # the endpoint closed meanwhile
+                link.close()
+            else:
+                self._made.append(link)
+
+    def _refused(self, addr: Any, e: BridgeError) -> None:
+        with self._made_lock:
+            self.errors = (self.errors + [f"{addr[0]}:{addr[1]}: {e}"])[-_ERRORS_KEPT:]
+        log.warning("bridge: refused a peer from %s:%s: %s", addr[0], addr[1], e)
 
     def _connect(self, deadline: float) -> TcpLink | None:
         while True:
@@ -1152,6 +1192,10 @@ class TcpEndpoint:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        with self._made_lock:
+            made, self._made = self._made, []
+        for link in made:
+            link.close()
 
     # ----- mDNS
 
