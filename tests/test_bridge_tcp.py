@@ -365,6 +365,36 @@ def test_shared_secret_round_trip_and_wrong_secret_refused_both_ways(peers):
         link.close()
 
 
+def test_a_reflecting_server_is_refused():
+    """A server without the secret that copies the joiner's nonce into its own HELLO and sends the joiner's proof
+    back as its own: refused (the nonce replay is caught, and the role letter in each proof differs anyway)."""
+    fake = socket.create_server(("127.0.0.1", 0))
+    result: list = []
+
+    def reflect():
+        c, _ = fake.accept()
+        try:
+            kind, body = raw_recv(c)
+            hello = msgpack.unpackb(body)
+            mine = msgpack.packb({**hello, "label": "mirror"})
+            c.sendall(C.header(C.HELLO, len(mine)) + mine)
+            kind, proof = raw_recv(c)
+            c.sendall(C.header(C.AUTH, len(proof)) + proof)
+            result.append(raw_recv(c)[0])
+        except (AssertionError, OSError) as e:  # the joiner hung up on us
+            result.append(str(e))
+        finally:
+            c.close()
+
+    t = threading.Thread(target=reflect, daemon=True)
+    t.start()
+    with pytest.raises(BridgeAuthError, match="replayed|did not prove"):
+        TcpEndpoint("join", "127.0.0.1", fake.getsockname()[1], secret=SECRET).establish(10)
+    t.join(10)
+    fake.close()
+    assert result and result[0] != C.READY
+
+
 def test_the_secret_never_crosses_the_wire():
     captured = bytearray()
     a, b, srv = local_pair(secret=SECRET)

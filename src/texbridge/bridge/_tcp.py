@@ -407,6 +407,9 @@ def _handshake(chan: _Channel, inp: _Input, serving: bool, label: str, secret: b
     if kind == C.REFUSE:
         raise _refused(payload)
     peer = _check_hello(payload)
+    if peer.nonce == nonce:  # a peer replaying our own challenge (a reflection attempt)
+        _refuse(chan, "nonce replayed")
+        raise BridgeAuthError("the peer replayed this end's challenge")
     if peer.auth != (secret is not None):
         reason = ("this end requires a shared secret and the peer has none" if secret is not None
                   else "the peer requires a shared secret and this end has none")
