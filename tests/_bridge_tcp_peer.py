@@ -111,13 +111,16 @@ def main() -> None:
     p.add_argument("--drive", type=int, default=0)
     p.add_argument("--size", default="320x240")
     p.add_argument("--once", action="store_true", help="exit when the first link dies")
+    p.add_argument("--advertise", action="store_true", help="serve: announce over mDNS")
+    p.add_argument("--find", help="join: the server announcing this label over mDNS")
     p.add_argument("--fuzz-target", action="store_true",
                    help="readers on stream 0 (64x48) and 1 (1920x1080) and a writer on 0 from the start")
     a = p.parse_args()
     say("STARTED")
     tls = TlsOptions(a.tls_cert, a.tls_key, a.tls_ca, "localhost") if (a.tls_cert or a.tls_ca) else None
     try:
-        ep = TcpEndpoint(a.role, a.host, a.port, secret=a.secret, tls=tls, label=a.label, codecs=(a.codec,))
+        ep = TcpEndpoint(a.role, "" if a.find else a.host, a.port, secret=a.secret, tls=tls, label=a.label,
+                         codecs=(a.codec,), advertise=a.advertise, find=a.find)
     except BridgeError as e:
         say("REFUSED", f"{type(e).__name__}: {e}")
         sys.exit(3)

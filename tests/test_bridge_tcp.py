@@ -1129,6 +1129,20 @@ def test_link_across_a_veth_pair_between_namespaces(peers, netns_pair):
     assert "refused" in wrong.wait_line("AUTH", timeout=30)
 
 
+def test_mdns_across_namespaces_server_on_every_address(peers, netns_pair):
+    """A server on 0.0.0.0 inside one namespace (secret required) announces its interfaces' addresses; a joiner in
+    the other namespace finds it by label over the veth pair and links."""
+    pytest.importorskip("zeroconf", reason="mDNS discovery needs zeroconf (the [net] extra)")
+    a, b, server_ip = netns_pair
+    srv = peers("serve", "--host", "0.0.0.0", "--port", "7412", "--secret", SECRET, "--label", "ns-a-server",
+                "--advertise", prefix=["ip", "netns", "exec", a])
+    srv.port()
+    driver = peers("join", "--find", "ns-a-server", "--secret", SECRET, "--drive", "3", "--size", "64x64",
+                   prefix=["ip", "netns", "exec", b])
+    assert driver.wait_line("LINKED", timeout=40) == "LINKED ns-a-server lz4"
+    assert driver.wait_line("VERIFIED", timeout=40) == "VERIFIED 3"
+
+
 def test_mdns_advertise_and_find_by_label():
     zeroconf = pytest.importorskip("zeroconf", reason="mDNS discovery needs zeroconf (the [net] extra)")
     from texbridge.bridge._tcp import discover, find_peer

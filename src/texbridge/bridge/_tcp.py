@@ -1204,12 +1204,15 @@ class TcpEndpoint:
 
     def _advertise(self) -> None:
         zeroconf = _zeroconf()
-        host = self.address[0]
-        if ipaddress.ip_address(host).is_unspecified:
-            host = socket.gethostbyname(socket.gethostname())
+        hosts = [self.address[0]]
+        if ipaddress.ip_address(hosts[0]).is_unspecified:  # every address of this machine's interfaces
+            import ifaddr  # a dependency of zeroconf
+
+            hosts = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+                     if isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback] or ["127.0.0.1"]
         hostname = "".join(c if c.isalnum() or c == "-" else "-" for c in self.label)[:60]
         info = zeroconf.ServiceInfo(MDNS_TYPE, f"{self.label}.{MDNS_TYPE}", port=self.port,
-                                    parsed_addresses=[host], server=f"texbridge-{hostname}.local.",
+                                    parsed_addresses=hosts, server=f"texbridge-{hostname}.local.",
                                     properties={"label": self.label, "version": str(C.PROTOCOL_VERSION),
                                                 "tls": "1" if self._tls else "0",
                                                 "auth": "1" if self._secret else "0"})
