@@ -30,12 +30,13 @@ def _ctx():
 
 
 # -- receivers in another process ------------------------------------------------------------------------------------
-def _tb_receiver(port: int, codec: str, conn) -> None:
+def _tb_receiver(port: int, codec: str, conn, ca: str | None = None) -> None:
     from texbridge.bridge._link import BridgeError, StreamFormat
-    from texbridge.bridge._tcp import TcpEndpoint
+    from texbridge.bridge._tcp import TcpEndpoint, TlsOptions
 
     conn.send(("up", time.monotonic()))  # CLOCK_MONOTONIC: one clock for every process of this machine
-    link = TcpEndpoint("join", "127.0.0.1", port, label="bench-rx", codecs=(codec,)).establish(30)
+    tls = TlsOptions(ca=ca, server_name="localhost") if ca else None
+    link = TcpEndpoint("join", "127.0.0.1", port, label="bench-rx", codecs=(codec,), tls=tls).establish(30)
     reader, last, t_first, n_first, b_first = None, 0, None, 0, 0
     try:
         while True:
@@ -78,13 +79,14 @@ def _bare_receiver(port: int, nbytes: int, conn) -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def _serve_one(codec: str, target, *args):
-    """A serving endpoint here and a receiver process joined to it: (link, process, pipe end)."""
-    from texbridge.bridge._tcp import TcpEndpoint
+def _serve_one(codec: str, target, *args, tls: tuple[str, str] | None = None):
+    """A serving endpoint here and a receiver process joined to it: (link, process, pipe end). tls: (cert, key)."""
+    from texbridge.bridge._tcp import TcpEndpoint, TlsOptions
 
-    ep = TcpEndpoint("serve", "127.0.0.1", 0, label="bench-tx", codecs=(codec,))
+    ep = TcpEndpoint("serve", "127.0.0.1", 0, label="bench-tx", codecs=(codec,),
+                     tls=TlsOptions(cert=tls[0], key=tls[1]) if tls else None)
     parent, child = _ctx().Pipe()
-    proc = _ctx().Process(target=target, args=(ep.port, *args, child), daemon=True)
+    proc = _ctx().Process(target=target, args=(ep.port, *args, child, *((tls[0],) if tls else ())), daemon=True)
     proc.start()
     link = ep.establish(60)
     ep.close()
@@ -105,11 +107,12 @@ def _open(link, fmt) -> object:
     return w
 
 
-def _tb_round(fmt, frames: list[np.ndarray], seconds: float) -> tuple[int, float, int, int]:
+def _tb_round(fmt, frames: list[np.ndarray], seconds: float,
+              tls: tuple[str, str] | None = None) -> tuple[int, float, int, int]:
     """One texbridge round: (frames received, seconds, bytes received, drops)."""
     from texbridge.bridge._link import FrameMeta
 
-    link, proc, conn = _serve_one("raw", _tb_receiver, "raw")
+    link, proc, conn = _serve_one("raw", _tb_receiver, "raw", tls=tls)
     try:
         w = _open(link, fmt)
         n, t0 = 0, time.monotonic()
@@ -171,6 +174,31 @@ def _raw_throughput(seconds: float, rounds: int) -> list[Row]:
                 None, f"{total / fmt.nbytes / bsecs:.0f} frames/s", True),
             rate_row("TCP loopback 1080p raw frames/s", "texbridge TcpLink (raw codec)", frames_in, secs, "frames/s",
                      "target ≥ 100")]
+
+
+def _tls_throughput(seconds: float, rounds: int) -> list[Row]:
+    """The raw round again over TLS (a self-signed P-256 certificate made with the openssl command)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from texbridge.bridge._link import StreamFormat
+
+    if not shutil.which("openssl"):
+        return []
+    fmt = StreamFormat(W, H, "rgba8")
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (fmt.height, fmt.row_bytes), dtype=np.uint8) for _ in range(2)]
+    with tempfile.TemporaryDirectory() as d:
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True)
+        best = max((_tb_round(fmt, frames, seconds, tls=(cert, key)) for _ in range(rounds)),
+                   key=lambda r: r[2] / r[1])
+    frames_in, secs, nbytes, _ = best
+    return [Row("TCP loopback 1080p raw over TLS", "texbridge TcpLink (raw codec, TLS 1.3)", nbytes / secs / 1e6,
+                "MB/s", None, f"{frames_in / secs:.0f} frames/s; best of {rounds}", True)]
 
 
 def _ui_frame(rng: np.random.Generator) -> np.ndarray:
@@ -298,6 +326,7 @@ def _liveness() -> list[Row]:
 def rows(quick: bool = False) -> list[Row]:
     """Every TCP figure above, as benchmark rows (the first row of each group is texbridge)."""
     out = _raw_throughput(1.0, 2 if quick else 5)
+    out += _tls_throughput(1.0, 1 if quick else 3)
     n = 10 if quick else 30
     out.append(_wire_cost("lz4", True, n))
     out.append(_wire_cost("lz4", False, n))
