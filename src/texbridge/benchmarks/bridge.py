@@ -6,6 +6,8 @@ End-to-end rows, peers measured in the same run:
   processes, frames one at a time every 20 ms so nothing queues); the producer stamps CLOCK_MONOTONIC into the
   pixels, the consumer process subtracts it on arrival (one host: one clock);
 - the sender's frames/s with four remote receivers reading its mirror, against the same sender unbridged;
+- a keyed-mutex ping-pong (producer on one side, consumer process on the other) against the same between two
+  processes of one namespace;
 - kill -9 of either bridge process: how long the other side takes to retire the mirrors, and how long a restarted
   bridge takes to link again (from its process start, and from the moment its CLI is up).
 """
@@ -237,6 +239,66 @@ def _sender_rate(ns_send: str, ns_recv: str | None, name_recv: str, receivers: i
     return rate
 
 
+def _km_consumer(ns: str, name: str, rounds: int, conn) -> None:
+    """Side B: acquire 1, check, release 0, `rounds` times; sends back the seconds each acquire waited."""
+    import texbridge
+
+    with texbridge.connect(ns, app_name="bench-km") as s:
+        end = time.monotonic() + 30
+        res = None
+        while res is None and time.monotonic() < end:
+            try:
+                res = s.open(name)
+            except texbridge.NotFound:
+                time.sleep(0.02)
+        conn.send("ready" if res is not None else "missing")
+        waits = []
+        for i in range(rounds):
+            t = time.perf_counter()
+            res.mutex.acquire(1, 10)
+            waits.append(time.perf_counter() - t)
+            if int(res.numpy()[0, 0, 0]) != i % 256:
+                conn.send(f"round {i}: stale content")
+                return
+            res.mutex.release(0)
+        conn.send(waits)
+
+
+def _km_rows(b: "_Bridges", transport: str, rounds: int) -> list[Row]:
+    """Producer on A (acquire 0, write, release 1), consumer process on B (acquire 1, read, release 0) through the
+    bridges, against the same ping-pong between two processes of one namespace."""
+    import texbridge
+
+    out = []
+    for label, ns_b, name in (("through the bridge", b.ns_b, "km@A"), ("local (one namespace)", b.ns_a, "km")):
+        with texbridge.connect(b.ns_a, app_name="bench-km") as s:
+            tex = s.create_texture(256, 256, "rgba8", keyed_mutex=True, name="km")
+            ctx = mp.get_context("spawn")
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_km_consumer, args=(ns_b, name, rounds, child), daemon=True)
+            p.start()
+            try:
+                if parent.recv() != "ready":
+                    raise RuntimeError(f"{name} never appeared")
+                t0 = time.perf_counter()
+                for i in range(rounds):
+                    tex.mutex.acquire(0, 10)
+                    tex.numpy()[0, 0, 0] = i % 256
+                    tex.mutex.release(1)
+                got = parent.recv()
+                elapsed = time.perf_counter() - t0
+            finally:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                tex.close()
+        if isinstance(got, str):
+            raise RuntimeError(got)
+        out.append(Row(f"bridge {transport}: keyed-mutex ping-pong, 256x256 rgba8 (A: 0 -> 1, B: 1 -> 0)", label,
+                       rounds / elapsed, "round trips/s", None, "", True))
+    return out
+
+
 def _kill_rows(transport: str) -> list[Row]:
     """kill -9 each end once: time until the survivor retires the dead side's mirror, then time to link again."""
     import texbridge
@@ -312,6 +374,7 @@ def _e2e_rows(quick: bool) -> list[Row]:
             out.append(Row(g, "bridged, 4 receivers of its mirror", four, "frames/s", None,
                            f"sender slowed {100 * (1 - four / alone):.0f}% (target < 10%)", True))
             out.append(Row(g, "the same sender, nobody receiving", alone, "frames/s", None, "", True))
+            out += _km_rows(b, transport, 50 if quick else 300)
         out += _kill_rows(transport)
     return out
 

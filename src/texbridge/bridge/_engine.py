@@ -51,6 +51,7 @@ STATUS_INTERVAL = 0.5  # seconds between status-file writes
 RESOURCE_POLL = 0.5  # seconds between looks for keyed-mutex resources to share
 HELLO_TIMEOUT = 5.0  # a peer that sends no hello this long after the link is up is dropped
 MAX_ERRORS = 8  # peer errors kept for status
+KM_HOT_S = 0.25  # after keyed-mutex traffic, poll local waiters every ~0.5 ms (else every 2 ms) for this long
 EXPORT_CHUNKS = 8  # a frame is copied into the link in this many row bands, each announced with progress()
 
 
@@ -193,6 +194,7 @@ class _Session:
         self.refused: set[str] = set()
         self.since = time.time()
         self.stopping = False
+        self.km_hot_until = 0.0  # keyed-mutex traffic seen lately: the loop polls waiters' keys fast until then
 
     # -- stream numbers ---------------------------------------------------------------------------------------------
     def alloc_stream(self) -> int:
@@ -330,7 +332,9 @@ class Bridge:
                     if now >= next_poll:
                         next_poll = now + RESOURCE_POLL
                         self._poll_resources(ses)
-                    busy |= self._pump_shared(ses)
+                    if self._pump_shared(ses):
+                        ses.km_hot_until = time.monotonic() + KM_HOT_S
+                    busy |= time.monotonic() < ses.km_hot_until  # a ping-pong in progress: poll its wants fast
                 self._reap_exports(ses)
                 self._write_status()
                 link.wait(0.0005 if busy else (0.002 if ses.shared_in or ses.shared_out else 0.02))
@@ -882,6 +886,7 @@ class Bridge:
                         if wants != sh.told_wants:
                             ses.link.send(_wire.km_want(sh.id, sh.origin, wants))
                             sh.told_wants = wants
+                            busy = True
             except (BridgeError, KeyboardInterrupt):
                 raise
             except (TexbridgeError, ValueError) as e:  # this resource's memory or mutex: it stops crossing

@@ -119,7 +119,8 @@ def bridge() -> None:
               help="Serve over a shared file (default /dev/shm/texbridge-NS), for a VM's ivshmem device.")
 @click.option("--size", "size_mb", type=click.IntRange(1, 1 << 20), default=None, metavar="MB",
               help="Shared file size in MiB (default: from --max-size, Looking Glass's rule as the floor).")
-@click.option("--tcp", default=None, metavar="[HOST:]PORT", help="Serve over TCP (HOST default 127.0.0.1).")
+@click.option("--tcp", default=None, metavar="[HOST:]PORT",
+              help="Serve over TCP (HOST default 127.0.0.1; :PORT listens on every interface and needs --token-file).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), default=None, help="TCP: TLS certificate.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), default=None, help="TCP: TLS private key.")
 @click.option("--advertise", is_flag=True, help="TCP: announce this server over mDNS (_texbridge._tcp).")
