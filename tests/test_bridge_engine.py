@@ -178,6 +178,10 @@ def test_a_dead_link_retires_mirrors_abandons_held_copies_and_reconnects(pair):
         mirror.mutex.release(0)
         receive_exact(rx, a, frames((16, 16, 4), 1, seed=5)[0])  # relinked: mirrored again
         assert p.A.disconnects >= 1 and any("lost" in e for e in p.B.errors)
+        # the old mirror (still held here) gave its name up: the new link publishes a fresh one under it
+        again = until(lambda: _try_open(p.sb, "km@hostA"), what="keyed-mutex mirror published again")
+        assert again.handle != mirror.handle
+        again.close()
     mirror.close()
     tex.close()
 
@@ -191,6 +195,24 @@ def test_per_peer_stream_limit_refuses_extra_streams_not_the_session(pair):
         names = {i.name for i in list_senders(p.sb)}
         assert len(names & {"one@hostA", "two@hostA"}) == 1
         assert p.B.connected and p.B.disconnects == 0
+
+
+def test_a_peer_of_another_protocol_version_is_refused(runtime):
+    rv = Rendezvous(("future", "good"))
+    evil_end, good_end = rv.endpoints()
+    s = tb.connect()
+    bridge = Bridge(good_end, label="good", session=s, status_file=False)
+    th = threading.Thread(target=bridge.run, daemon=True)
+    th.start()
+    try:
+        link: MemLink = until(lambda: evil_end.establish(0.2), what="link")
+        link.send({"t": "hello", "v": _wire.VERSION + 1, "label": "future", "max_w": 64, "max_h": 64})
+        until(lambda: any("version" in e for e in bridge.errors), what="version refused")
+        assert not bridge.connected or not link.alive
+    finally:
+        bridge.stop()
+        th.join(10)
+        s.close()
 
 
 @pytest.mark.parametrize("garbage", [{"t": "announce", "s": 99}, {"t": "format", "s": 0, "to": 1, "w": 0, "h": 1,
