@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,22 @@ def test_wrong_secret_is_refused(bridged, tmp_path):
     b.joiner.args[-1] = str(good)
     b.joiner.start()
     b.linked()
+
+
+def test_tls_with_a_secret_through_the_cli(bridged, tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command to make a test certificate")
+    key, crt, token = tmp_path / "key.pem", tmp_path / "cert.pem", tmp_path / "token"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    token.write_text("a shared secret of some length")
+    b = bridged("tcp", serve_extra=["--token-file", str(token), "--tls-cert", str(crt), "--tls-key", str(key)],
+                join_extra=["--token-file", str(token), "--tls-ca", str(crt), "--tls-server-name", "localhost"])
+    b.linked()
+    assert "tls+secret" in b.server.text()
+    with Sender("cam", 32, 16, session=b.sa) as a, Receiver("cam@A", session=b.sb) as rx:
+        deliver(a, rx, pattern(a.shape, 9))
 
 
 @pytest.mark.parametrize("victim", ["serve", "join"])
