@@ -208,6 +208,7 @@ class Viewer:
         self.overlay = overlay
         self.show_list = False
         self.first = self.receiver.wait_frame(2.0, copy=False)
+        self.display_fps = 0.0
         w, h = size or self._initial_size()
         glfw.window_hint(glfw.RESIZABLE, True)
         self.base_title = title
@@ -241,7 +242,6 @@ class Viewer:
         self.text_at = 0.0
         self.shown = 0  # new frames displayed
         self.draws = 0  # frames drawn (redraws happen only when something changed)
-        self.display_fps = 0.0
         self._last_new = 0.0
         self._dirty = True
         self._windowed: tuple[int, int, int, int] | None = None  # position and size to restore after fullscreen
@@ -264,12 +264,15 @@ class Viewer:
         return f"waiting for {who} - {self.base_title}"
 
     def _initial_size(self) -> tuple[int, int]:
+        """The image's size (at most 1280x720), plus the overlay bar's height, so the image starts out unscaled."""
         r = self.receiver
         if not r.width:
             return 640, 360
         w, h = r.width, r.height
         scale = min(1.0, 1280 / w, 720 / h)
-        return max(160, int(w * scale)), max(90, int(h * scale))
+        w, h = max(160, int(w * scale)), max(90, int(h * scale))
+        self.show_list = False
+        return w, h + (overlay_layout(self.overlay_items(), (w, h), None)[2] if self.overlay else 0)
 
     def senders(self) -> list[Any]:
         """The live senders (refreshed at most once a second: one LIST request)."""
