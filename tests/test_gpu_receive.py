@@ -82,12 +82,12 @@ def test_zero_copy_gives_the_pinned_slot(runtime, receiver):
         view = rx.wait_frame(5, copy=False)
         assert view is not None and _uniform(view, 5) and rx.still_valid()
         assert view.handle is not None  # the imported slot itself, not a receiver-owned copy
-        tx.send(_fill(tx.shape, 6))
-        tx.send(_fill(tx.shape, 7))
+        for n in range(6, 11):  # more frames than slots: without the pin, frame 5's slot would be rewritten
+            tx.send(_fill(tx.shape, n))
         assert rx.still_valid() and _uniform(view, 5), "the sender must avoid the slot a zero-copy view pins"
         rx.release()
         later = rx.wait_frame(5, copy=False)
-        assert later is not None and _uniform(later, 7)
+        assert later is not None and _uniform(later, 10)
 
 
 def test_receive_into_the_callers_gl_texture(runtime):
