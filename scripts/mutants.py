@@ -17,6 +17,7 @@ Run it in a clean worktree: it refuses to start when a file it would mutate has 
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -276,6 +277,14 @@ MUTANTS = [
     Mutant("out-of-fds-check-raises", "_broker/server.py", "    except OSError as e:\n        return e.errno in _FD_ERRORS",
            "    except ValueError:\n        return True", ("tests/test_broker.py::test_fds_dropped_by_a_broker_out_of_fds_are_answered_busy",),
            "a broker out of fds answers busy when the kernel dropped a frame's fds (the check itself needs an fd)"),
+    Mutant("runtime-dir-open", "_broker/daemon.py", "ensure_runtime_dir(0o711 if args.allow_uid else 0o700)",
+           "ensure_runtime_dir(0o711)", ("tests/test_daemon.py::test_the_runtime_directory_and_socket_modes_are_the_first_gate",),
+           "without --allow-uid the runtime directory is 0700 (other users cannot reach the socket)"),
+    Mutant("socket-open", "_broker/daemon.py", "os.chmod(path, 0o666 if args.allow_uid else 0o600)", "os.chmod(path, 0o666)",
+           ("tests/test_daemon.py::test_the_runtime_directory_and_socket_modes_are_the_first_gate",),
+           "without --allow-uid the socket is 0600"),
+    Mutant("upload-casts", "_resources.py", "    if arr.dtype != dtype:\n", "    if False:\n",
+           ("tests/test_bad_input.py", "tests/test_memfd.py"), "uploads and sends never cast pixels silently"),
     # -- liveness and senders -------------------------------------------------------------------------------------
     Mutant("pid-reuse", "_liveness.py", "    return start == 0 or s == start", "    return True",
            ("tests/test_liveness.py",), "a reused pid (other start time) is not the recorded process"),
@@ -340,6 +349,9 @@ def check(m: Mutant, repeat: int, timeout: float) -> tuple[bool, list[str]]:
 
 
 def main() -> int:
+    # A shell's background job ignores SIGINT and its children inherit that: tests that interrupt their own children
+    # (the keyed mutex's Ctrl-C tests) would fail under every mutant, a false catch. Children get the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
     ap.add_argument("--list", action="store_true")

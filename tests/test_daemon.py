@@ -199,3 +199,18 @@ def test_a_broker_that_never_answers_the_hello_is_an_error_not_a_hang(runtime):
         assert time.monotonic() - t0 < 5
     finally:
         mute.close()
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_the_runtime_directory_and_socket_modes_are_the_first_gate(runtime, allow):
+    """Without --allow-uid nobody else may even reach the socket (directory 0700, socket 0600): SO_PEERCRED is the
+    second gate, not the only one. With it, the directory is 0711 and the socket 0666, so SO_PEERCRED decides."""
+    import stat as stat_mod
+
+    from texbridge._paths import socket_path
+
+    run_py("import texbridge._launch as l, sys; l.start_broker(extra_args=sys.argv[1:])",
+           *(["--allow-uid", "4242"] if allow else []))
+    sock = socket_path()
+    assert stat_mod.S_IMODE(os.stat(runtime).st_mode) == (0o711 if allow else 0o700)
+    assert stat_mod.S_IMODE(os.stat(sock).st_mode) == (0o666 if allow else 0o600)

@@ -34,6 +34,7 @@ from texbridge.keyed_mutex import KeyedMutex
 from texbridge._errors import *
 from texbridge._sharedmem import map_fd
 ARGS = [int(a) for a in sys.argv[1:]]
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell's background job
 def say(*a):
     print(*a, flush=True)
 """
@@ -519,6 +520,25 @@ def test_death_inside_the_meta_lock_is_recovered(fd, mutex, children, owning, re
     mutex.release(1)
     assert mutex.acquire(1, 0) >= 1  # normal operation afterwards
     mutex.release(0)
+
+
+def test_an_owner_whose_pid_now_names_another_process_is_dead(fd, mutex):
+    """Pid reuse: the recorded owner's pid exists but started at another time, so it is not the owner; the waiter
+    gets the mutex abandoned. Made deterministic by rewriting the owner's recorded start time (offset 48)."""
+    mutex.acquire(0, 0)
+    raw = map_fd(fd, KEYED_MUTEX_STATE_SIZE)
+    try:
+        start = int.from_bytes(raw[48:56], "little")
+        assert start > 0 and int.from_bytes(raw[32:36], "little") == os.getpid()
+        raw[48:56] = (start + 1).to_bytes(8, "little")  # the same pid, another process's start time
+    finally:
+        raw.close()
+    with KeyedMutex(fd) as other:
+        with pytest.raises(KeyedMutexAbandoned):
+            other.acquire(0, 5)
+        assert other.owned
+        other.release(0)
+    assert not mutex.owned
 
 
 def test_abandoned_goes_to_the_earliest_waiter_the_others_queue_on(fd, children):
