@@ -541,6 +541,28 @@ def test_an_owner_whose_pid_now_names_another_process_is_dead(fd, mutex):
     assert not mutex.owned
 
 
+def test_an_owner_that_died_before_waking_from_its_grant_passes_it_on_unabandoned(fd, mutex, children):
+    """The grant reached a waiter that never ran again (stopped, then killed): it cannot have touched the data, so
+    the next waiter for the same key gets the mutex normally, not abandoned."""
+    c = children("""
+        m = KeyedMutex(ARGS[0])
+        say("waiting")
+        m.acquire(1)
+        say("woke")
+    """, fd)
+    mutex.acquire(0, 0)
+    assert c.line() == "waiting"
+    wait_until(lambda: mutex.statistics().waiters == 1)
+    c.proc.send_signal(signal.SIGSTOP)  # asleep in the kernel: it cannot see its grant
+    mutex.release(1)  # granted to the stopped child
+    assert mutex.statistics().owner_pid == c.proc.pid
+    c.proc.kill()
+    c.proc.wait()
+    assert mutex.acquire(1, 5) >= 1  # no KeyedMutexAbandoned: the dead owner never ran
+    assert mutex.statistics().abandoned_count == 0
+    mutex.release(0)
+
+
 def test_abandoned_goes_to_the_earliest_waiter_the_others_queue_on(fd, children):
     c = children(HOLD_FOREVER, fd)
     assert c.line() == "held"
@@ -633,6 +655,21 @@ def test_scribbled_page_is_an_error_not_a_hang(fd, mutex):
         assert time.monotonic() - t < 5
     finally:
         raw.close()
+
+
+def test_a_scribbled_private_length_is_corruption_never_an_overrun(fd, mutex):
+    """private_len (offset 64) is peer-writable: past the 2048-byte capacity it must read as a corrupted state,
+    never as a length to copy (the copy would run past the page and the stack buffer)."""
+    mutex.acquire(0, 0)
+    mutex.release(0, private_data=b"ok")
+    mutex.acquire(0, 0)
+    raw = map_fd(fd, KEYED_MUTEX_STATE_SIZE)
+    try:
+        raw[64:68] = (PRIVATE_DATA_CAPACITY + 1952).to_bytes(4, "little")
+    finally:
+        raw.close()
+    with pytest.raises(KeyedMutexError, match="corrupt"):
+        mutex.private_data
 
 
 def test_scribble_under_a_sleeping_waiter_wakes_it_with_an_error(fd, mutex):
