@@ -17,7 +17,6 @@ Run it in a clean worktree: it refuses to start when a file it would mutate has 
 from __future__ import annotations
 
 import argparse
-import signal
 import subprocess
 import sys
 import time
@@ -355,9 +354,6 @@ def check(m: Mutant, repeat: int, timeout: float) -> tuple[bool, list[str]]:
 
 
 def main() -> int:
-    # A shell's background job ignores SIGINT and its children inherit that: tests that interrupt their own children
-    # (the keyed mutex's Ctrl-C tests) would fail under every mutant, a false catch. Children get the default.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
     ap.add_argument("--list", action="store_true")

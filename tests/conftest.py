@@ -17,6 +17,11 @@ from hypothesis import HealthCheck, settings
 import texbridge
 from texbridge._launch import connect_socket
 
+# A shell's background job starts with SIGINT ignored, and children inherit that: every test that interrupts a
+# child (keyed mutex waits, the demo's Ctrl-C) would fail for the environment's sake. Children get the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # CI has 2 cores shared with the processes the tests start: judge hypothesis by examples, not wall time.
 settings.register_profile("texbridge", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("texbridge")

@@ -34,7 +34,6 @@ from texbridge.keyed_mutex import KeyedMutex
 from texbridge._errors import *
 from texbridge._sharedmem import map_fd
 ARGS = [int(a) for a in sys.argv[1:]]
-signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell's background job
 def say(*a):
     print(*a, flush=True)
 """
