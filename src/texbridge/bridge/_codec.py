@@ -22,11 +22,11 @@ import struct
 import zlib
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from .._errors import InvalidArgument
-from ._link import MAX_DAMAGE, MAX_MESSAGE, MAX_STREAMS, MAX_USER_DATA, BridgePeerError, FrameMeta, StreamFormat
+from ._link import (MAX_DAMAGE, MAX_MESSAGE, MAX_STREAMS, MAX_USER_DATA, BridgePeerError, FrameMeta,
+                    StreamFormat, decode_message, encode_message)
 
 PROTOCOL_VERSION = 1
 MAGIC = "texbridge-tcp"
@@ -92,28 +92,8 @@ def check_header(data: bytes | memoryview) -> tuple[int, int]:
     return kind, length
 
 
-def pack_ctrl(message: dict[str, Any]) -> bytes:
-    """A control message's bytes; a message that is not a dict or too large is our bug (InvalidArgument)."""
-    if not isinstance(message, dict):
-        raise InvalidArgument(f"a control message is a dict, not {type(message).__name__}")
-    try:
-        data = msgpack.packb(message, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidArgument(f"control message not msgpack-able: {e}") from None
-    if len(data) > MAX_MESSAGE:
-        raise InvalidArgument(f"control message of {len(data)} bytes (at most {MAX_MESSAGE})")
-    return data
-
-
-def unpack_map(data: bytes | memoryview, what: str) -> dict[str, Any]:
-    """A msgpack map from the peer (bounded: the caller checked len(data)); anything else is a BridgePeerError."""
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several builtin types on garbage: all are the peer's fault
-        raise BridgePeerError(f"{what}: not msgpack ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise BridgePeerError(f"{what}: expected a map, got {type(obj).__name__}")
-    return obj
+pack_ctrl = encode_message  # the one encoding of control messages lives in _link
+unpack_map = decode_message
 
 
 def fmt_tag(fmt: StreamFormat) -> int:

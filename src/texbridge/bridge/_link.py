@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
 
+import msgpack
 import numpy as np
 
 from .._errors import InvalidArgument, TexbridgeError
@@ -60,6 +61,32 @@ class BridgeAuthError(BridgeError):
     """The peer did not prove it knows the shared secret (or we could not prove it to the peer)."""
 
     code = "bridge_auth"
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    """A control message's bytes, for every transport; one that is not a dict, not msgpack-able or larger than
+    MAX_MESSAGE is this side's bug (InvalidArgument), never sent."""
+    if not isinstance(message, dict):
+        raise InvalidArgument(f"a control message is a dict, not {type(message).__name__}")
+    try:
+        data = msgpack.packb(message, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidArgument(f"control message not msgpack-able: {e}") from None
+    if len(data) > MAX_MESSAGE:
+        raise InvalidArgument(f"control message of {len(data)} bytes (at most {MAX_MESSAGE})")
+    return data
+
+
+def decode_message(data: bytes | memoryview, what: str = "control message") -> dict[str, Any]:
+    """A msgpack map from the peer (bounded: the caller checked len(data)); anything else is a BridgePeerError.
+    Map keys must be strings or bytes (strict_map_key): a peer cannot make us hash arbitrary objects."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several builtin types on garbage: all are the peer's fault
+        raise BridgePeerError(f"{what}: not msgpack ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise BridgePeerError(f"{what}: expected a map, got {type(obj).__name__}")
+    return obj
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
 
 from ..senders.ring import CONTROL_SIZE, TRANSPORT_WORDS
-from ._link import MAX_DAMAGE, MAX_MESSAGE, MAX_STREAMS, MAX_USER_DATA, BridgePeerError, StreamFormat
+from ._link import (MAX_DAMAGE, MAX_MESSAGE, MAX_STREAMS, MAX_USER_DATA, BridgePeerError, StreamFormat,
+                    decode_message, encode_message)
 
 PAGE = 4096
 MAGIC = int.from_bytes(b"TBBRIDGE", "little")
@@ -110,29 +110,7 @@ def size_needed(area_bytes: int) -> int:
 
 
 # -- the control-message ring: one producer (its side), one consumer (the peer) ----------------------------------------
-def encode(message: dict) -> bytes:
-    from .._errors import InvalidArgument
-
-    if not isinstance(message, dict):
-        raise InvalidArgument(f"a control message is a dict, got {type(message).__name__}")
-    try:
-        data = msgpack.packb(message, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidArgument(f"a control message must be msgpack-able: {e}") from None
-    if len(data) > MAX_MESSAGE:
-        raise InvalidArgument(f"a control message is at most {MAX_MESSAGE} bytes encoded, this one {len(data)}")
-    return data
-
-
-def decode(data: bytes) -> dict:
-    """The peer's message, or BridgePeerError: anything msgpack rejects or that is not a map."""
-    try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as e:  # msgpack raises several types (ExtraData, FormatError, StackError, ValueError...)
-        raise BridgePeerError(f"undecodable control message ({type(e).__name__})") from None
-    if not isinstance(msg, dict):
-        raise BridgePeerError(f"a control message must be a map, got {type(msg).__name__}")
-    return msg
+encode, decode = encode_message, decode_message  # the one encoding of control messages lives in _link
 
 
 class RingProducer:
