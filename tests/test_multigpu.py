@@ -170,3 +170,95 @@ def test_device_is_refused_for_a_receiver_that_is_not_cuda(runtime):
     for backend in (None, "gl", "vulkan", "memfd"):
         with pytest.raises(InvalidArgument, match="device= picks the GPU of a CUDA receiver"):
             texbridge.Receiver("x", backend=backend, device=1)
+
+
+@needs_two_gpus
+def test_vulkan_frames_reach_gpu1_ordered_by_the_timeline_semaphore(session):
+    """Vulkan renders on GPU 0 under the keyed mutex (its timeline semaphore crosses with the handle); a process that
+    wants the frames on GPU 1 peer-copies each one after acquire(): the copy waits for Vulkan's signal on the GPU."""
+    from texbridge._errors import BackendError
+    from texbridge.backends.cuda import get_device
+
+    try:
+        from texbridge.backends import _vk
+
+        vk = _vk.default_device()
+    except (ImportError, BackendError) as e:
+        pytest.skip(f"needs a Vulkan device with VK_KHR_external_memory_fd: {e}")
+    if vk.device_uuid != get_device(0).uuid or vk.gpu_sync != "timeline_semaphore":
+        pytest.skip(f"needs the Vulkan device to be CUDA device 0 with exportable timeline semaphores ({vk.name})")
+    n = 300
+    tex = session.create_texture(512, 256, "rgba8", backend="vulkan", keyed_mutex=True, name="tl0",
+                                 memory="opaque_fd")
+    peer = spawn_py(child(f"""
+        with texbridge.connect() as s:
+            r = s.open("tl0", backend="cuda", device=1)
+            assert r.access == "copy" and r.semaphore is not None and r.semaphore.device.ordinal == 0
+            mine = None
+            for i in range({n}):
+                r.mutex.acquire(1, timeout=30)  # GPU 0's stream waits for Vulkan's signal
+                mine = r.peer_copy(mine)  # queued behind that wait, then over the link to GPU 1
+                got = mine.download()
+                assert mine.device.ordinal == 1 and (got == i % 251).all(), f"frame {{i}}: {{got[0, 0]}}"
+                r.mutex.release(0)
+            print(r.cuda_sync)
+    """))
+    try:
+        for i in range(n):
+            tex.mutex.acquire(0, timeout=30)
+            tex.upload(np.full((256, 512, 4), i % 251, np.uint8))
+            tex.mutex.release(1)
+        out, err = peer.communicate(timeout=180)
+    finally:
+        peer.kill()
+    assert peer.returncode == 0, err
+    assert out.strip() == "timeline_semaphore"
+
+
+@needs_two_gpus
+def test_gpu_work_queued_before_release_is_in_the_peer_copy(session):
+    """The ordering a GPU-side keyed mutex promises, across GPUs: a CUDA producer on GPU 0 queues ~ms of writes and
+    releases at once (the timeline signal follows them on its stream); the consumer's peer copy to GPU 1, queued after
+    acquire(), must see the last write whole — without the GPU wait it would copy mid-way."""
+    from texbridge._errors import BackendError
+
+    try:
+        from texbridge.backends import _vk
+
+        vk = _vk.default_device()
+    except (ImportError, BackendError) as e:
+        pytest.skip(f"needs a Vulkan device with VK_KHR_external_memory_fd: {e}")
+    if vk.gpu_sync != "timeline_semaphore":
+        pytest.skip(f"needs exportable timeline semaphores ({vk.name})")
+    n, size = 60, 64 << 20
+    buf = session.create_buffer(size, backend="vulkan", keyed_mutex=True, name="gw0")
+    producer = spawn_py(child(f"""
+        with texbridge.connect() as s:
+            r = s.open("gw0", backend="cuda")
+            r.sync_stream = r.stream
+            for i in range({n}):
+                r.mutex.acquire(0, timeout=30)
+                for j in range(16):  # ~ms of GPU work still running when release() returns
+                    r.clear(0xA0000000 + i * 100 + j, stream=r.stream)
+                r.mutex.release(1)
+            print(r.cuda_sync)
+    """))
+    consumer = spawn_py(child(f"""
+        with texbridge.connect() as s:
+            r = s.open("gw0", backend="cuda", device=1)
+            mine = None
+            for i in range({n}):
+                r.mutex.acquire(1, timeout=30)
+                mine = r.peer_copy(mine)
+                got = np.unique(mine.download().view("<u4"))
+                assert list(got) == [0xA0000000 + i * 100 + 15], f"frame {{i}}: {{[hex(v) for v in got[:4]]}}"
+                r.mutex.release(0)
+            print("ok")
+    """))
+    try:
+        outs = [p.communicate(timeout=180) for p in (producer, consumer)]
+    finally:
+        producer.kill()
+        consumer.kill()
+    assert producer.returncode == 0 and consumer.returncode == 0, outs
+    assert [o.strip() for o, _ in outs] == ["timeline_semaphore", "ok"]
