@@ -143,7 +143,6 @@ mount -t tmpfs tmpfs /upper; mkdir -p /upper/u /upper/w
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w /root
 for d in proc sys dev; do mount --bind /$d /root/$d 2>/dev/null || mount -t $d $d /root/$d; done
 mount -t tmpfs tmpfs /root/run; mkdir -p /root/dev/shm; mount -t tmpfs tmpfs /root/dev/shm
-mount -t tmpfs tmpfs /root/tmp
 chroot /root /bin/sh "$CMD"
 echo "{mark}$?"
 poweroff -f
