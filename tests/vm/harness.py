@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import io
 import lzma
 import os
@@ -64,7 +65,9 @@ def _static_busybox() -> bool:
 def ensure_guest() -> tuple[Path, Path]:
     """The cached (vmlinuz, initrd.gz), built on first use."""
     d = cache_dir()
-    kernel, initrd = d / "vmlinuz", d / "initrd.gz"
+    # The init script lives in the initramfs: a changed INIT must not boot a stale cached one.
+    tag = hashlib.sha256(INIT.encode()).hexdigest()[:12]
+    kernel, initrd = d / "vmlinuz", d / f"initrd-{tag}.gz"
     if kernel.exists() and initrd.exists():
         return kernel, initrd
     d.mkdir(parents=True, exist_ok=True)
