@@ -43,6 +43,10 @@ pytestmark = pytest.mark.skipif(_loader_problem() is not None, reason=str(_loade
 def gst_env(runtime, tmp_path):
     """The environment a user has: this test's broker namespace, plus GST_PLUGIN_PATH from the CLI."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    # A user runs gst-launch without texbridge's venv activated (scripts/dev puts .venv/bin first on PATH): with it
+    # first, GStreamer's embedded Python takes the venv for its home and cannot import gi (see path_problem()).
+    venv_bin = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep) if d != venv_bin)
     out = subprocess.run([sys.executable, "-m", "texbridge.cli", "gst-plugin-path"], capture_output=True, text=True,
                          env=env, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -243,3 +247,26 @@ def test_a_pipewire_stream_becomes_a_texbridge_sender_pixel_exact(gst_env, tmp_p
     assert frames, "no frame arrived through PipeWire"
     for f in frames:
         assert np.array_equal(f.pixels, ref), f"frame {f.frame_number} changed on the way"
+
+
+def test_plugin_path_warns_when_an_activated_venv_would_hide_pygobject(tmp_path):
+    """The one setup the loader files cannot rescue (measured: "pygobject initialization failed" in
+    gst-plugin-scanner): the CLI says so, and only then."""
+    from texbridge.gst import path_problem
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python3").write_text("")
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    assert "PyGObject" in path_problem(f"{venv / 'bin'}:/usr/bin")
+    assert path_problem("/usr/bin") is None
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = true\n")
+    assert path_problem(f"{venv / 'bin'}:/usr/bin") is None
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "texbridge.cli", "gst-plugin-path"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0 and os.path.isdir(out.stdout.strip())
+    venv_here = os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "pyvenv.cfg"))
+    assert ("pygobject" in out.stderr.lower() or "PyGObject" in out.stderr) == (venv_here and path_problem(env["PATH"])
+                                                                                 is not None)

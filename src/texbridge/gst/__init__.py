@@ -66,3 +66,24 @@ def plugin_path() -> Path:
             tmp.write_text(text)
             os.replace(tmp, path)  # a loader scanning now sees the old file or the new one, never half of one
     return root
+
+
+def path_problem(path_env: str | None = None) -> str | None:
+    """Why GStreamer's Python loader would fail in this PATH, or None. The loader embeds the system Python, which
+    takes the first `python3` on PATH for its home: an activated venv without system site packages then hides the
+    system's `gi` (PyGObject), and the loader stops with "pygobject initialization failed" before texbridge's files
+    are read. Nothing a plugin file can do fixes that, so the CLI says it."""
+    for d in (path_env if path_env is not None else os.environ.get("PATH", "")).split(os.pathsep):
+        exe = Path(d or ".") / "python3"
+        if not exe.is_file():
+            continue
+        cfg = exe.parent.parent / "pyvenv.cfg"
+        if not cfg.is_file():
+            return None
+        text = cfg.read_text(errors="replace").replace(" ", "").lower()
+        if "include-system-site-packages=true" in text:
+            return None
+        return (f"the first python3 on PATH is the venv {exe.parent.parent} (no system site packages): GStreamer's "
+                "Python loader would take it for its home and not find PyGObject (gi). Run gst-launch-1.0 with "
+                f"that venv's bin/ off PATH (e.g. after `deactivate`), or make the venv with --system-site-packages")
+    return None
