@@ -27,7 +27,7 @@ def _two_gpu_reason() -> str | None:
 
 
 REASON = _two_gpu_reason()
-needs_two_gpus = pytest.mark.skipif(REASON is not None, reason=f"needs {REASON}")
+needs_two_gpus = pytest.mark.skipif(REASON is not None, reason=f"two peer-capable CUDA devices: {REASON}")
 
 
 @needs_two_gpus
