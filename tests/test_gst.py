@@ -128,9 +128,9 @@ PATTERN = np.random.default_rng(4).integers(0, 256, (48, 64, 4), dtype=np.uint8)
 SMALL = np.random.default_rng(5).integers(0, 256, (16, 32, 4), dtype=np.uint8)
 
 
-def _send_patterns(stop: threading.Event, resize_at: int) -> None:
+def _send_patterns(stop: threading.Event, resize_at: int, name: str = "gst-src", period: float = 0.005) -> None:
     """Frame n is PATTERN ^ n (64x48), from frame resize_at SMALL ^ n (32x16): every byte checks the frame."""
-    with texbridge.Sender("gst-src", 64, 48) as s:
+    with texbridge.Sender(name, 64, 48) as s:
         s.wait_for_receivers(1, 30)  # texbridgesrc attached: from now on it sees every size
         n = 0
         while not stop.is_set():
@@ -138,7 +138,16 @@ def _send_patterns(stop: threading.Event, resize_at: int) -> None:
             if n == resize_at:
                 s.resize(32, 16)
             s.send((PATTERN if n < resize_at else SMALL) ^ np.uint8(n % 256))
-            time.sleep(0.005)
+            time.sleep(period)
+
+
+def _whole_frames(data: bytes, base: np.ndarray) -> int:
+    """How many whole frames `data` holds, each `base ^ n` for some n (a torn or shifted frame fails)."""
+    frames = np.frombuffer(data, np.uint8).reshape(-1, base.size)
+    for i, f in enumerate(frames):
+        n = int(f[0] ^ base.reshape(-1)[0])
+        assert np.array_equal(f, (base ^ np.uint8(n)).reshape(-1)), f"buffer {i} is not one whole frame"
+    return len(frames)
 
 
 def test_texbridgesrc_gives_pixel_exact_buffers_and_renegotiates_on_resize(gst_env, tmp_path):
@@ -202,11 +211,11 @@ pipewire > "$XDG_RUNTIME_DIR/pipewire.log" 2>&1 &
 for i in $(seq 50); do [ -S "$XDG_RUNTIME_DIR/pipewire-0" ] && break; sleep 0.1; done
 wireplumber > "$XDG_RUNTIME_DIR/wireplumber.log" 2>&1 &
 sleep 1
-gst-launch-1.0 videotestsrc is-live=true pattern=colors ! $CAPS ! \
+gst-launch-1.0 $PROVIDE ! \
     pipewiresink mode=provide stream-properties="props,media.class=Video/Source,node.name=texbridge-test" \
     > "$XDG_RUNTIME_DIR/provide.log" 2>&1 &
 for i in $(seq 100); do pw-cli ls Node 2>/dev/null | grep -q 'node.name = "texbridge-test"' && break; sleep 0.1; done
-timeout 30 gst-launch-1.0 pipewiresrc target-object=texbridge-test num-buffers=20 ! $CAPS ! texbridgesink sender=gst-pw
+timeout 30 gst-launch-1.0 pipewiresrc target-object=texbridge-test num-buffers=20 ! $CONSUME
 rc=$?
 kill %3 %2 %1 2>/dev/null
 wait
@@ -214,39 +223,64 @@ exit $rc
 """
 
 
-def test_a_pipewire_stream_becomes_a_texbridge_sender_pixel_exact(gst_env, tmp_path):
-    """A PipeWire video source (videotestsrc ! pipewiresink, as OBS's virtual camera or a screen cast would be)
-    read with pipewiresrc ! texbridgesink: through a real PipeWire daemon and WirePlumber started for the test on
-    their own D-Bus session and runtime dir. (texbridgesrc ! pipewiresink, the other way, does not pass here:
-    docs/gstreamer.md, "PipeWire", says why.)"""
+def _pipewire(gst_env, tmp_path, provide: str, consume: str) -> dict[str, str]:
+    """Run `provide ! pipewiresink` (a PipeWire video source node) and `pipewiresrc ! consume` (20 buffers) through
+    a real PipeWire daemon and WirePlumber started for the test on their own D-Bus session and runtime dir; the
+    tails of their logs."""
     missing = [t for t in ("pipewire", "wireplumber", "pw-cli", "dbus-run-session") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (Debian: pipewire wireplumber dbus)")
     if subprocess.run(["gst-inspect-1.0", "pipewiresink"], capture_output=True, env=gst_env).returncode != 0:
         pytest.skip("GStreamer's pipewire elements are missing (Debian: gstreamer1.0-pipewire)")
-    caps = "video/x-raw,format=RGBA,width=64,height=48,framerate=30/1"
-    ref = np.frombuffer(reference(gst_env, tmp_path, caps, "colors"), np.uint8).reshape(48, 64, 4)
     runtime_dir = tmp_path / "xdg"
     runtime_dir.mkdir(mode=0o700)
-    env = {**gst_env, "XDG_RUNTIME_DIR": str(runtime_dir), "CAPS": caps}
+    env = {**gst_env, "XDG_RUNTIME_DIR": str(runtime_dir), "PROVIDE": provide, "CONSUME": consume}
     env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    proc = subprocess.run(["dbus-run-session", "--", "bash", "-c", PIPEWIRE_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=120)
+    logs = {p.name: p.read_text(errors="replace")[-2000:] for p in runtime_dir.glob("*.log")}
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}{logs}"
+    return logs
+
+
+def test_a_pipewire_stream_becomes_a_texbridge_sender_pixel_exact(gst_env, tmp_path):
+    """A PipeWire video source (videotestsrc ! pipewiresink, as OBS's virtual camera or a screen cast would be)
+    read with pipewiresrc ! texbridgesink."""
+    caps = "video/x-raw,format=RGBA,width=64,height=48,framerate=30/1"
+    ref = np.frombuffer(reference(gst_env, tmp_path, caps, "colors"), np.uint8).reshape(48, 64, 4)
     rx = texbridge.Receiver("gst-pw")
     frames: list[texbridge.Frame] = []
     stop = threading.Event()
     t = threading.Thread(target=_collect, args=(rx, stop, frames))
     t.start()
     try:
-        proc = subprocess.run(["dbus-run-session", "--", "bash", "-c", PIPEWIRE_SCRIPT], capture_output=True,
-                              text=True, env=env, timeout=120)
+        _pipewire(gst_env, tmp_path, f"videotestsrc is-live=true pattern=colors ! {caps}",
+                  f"{caps} ! texbridgesink sender=gst-pw")
     finally:
         stop.set()
         t.join(5)
         rx.close()
-    logs = {p.name: p.read_text(errors="replace")[-2000:] for p in runtime_dir.glob("*.log")}
-    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}{logs}"
     assert frames, "no frame arrived through PipeWire"
     for f in frames:
         assert np.array_equal(f.pixels, ref), f"frame {f.frame_number} changed on the way"
+
+
+def test_a_texbridge_sender_becomes_a_pipewire_stream_pixel_exact(gst_env, tmp_path):
+    """texbridgesrc ! pipewiresink (texbridge senders to OBS or a browser): pipewiresink proposes its own buffer
+    pool with size 0, so texbridgesrc has to size it (PipeWire 0.3.65 made empty buffers otherwise: critical
+    warnings, a crash, no frame), and read back with pipewiresrc, every buffer is one whole sent frame."""
+    stop = threading.Event()
+    t = threading.Thread(target=_send_patterns, args=(stop, 1 << 30, "gst-pw-out", 1 / 30))
+    t.start()
+    out = tmp_path / "pw.raw"
+    try:
+        logs = _pipewire(gst_env, tmp_path, "texbridgesrc sender=gst-pw-out",
+                         f"video/x-raw,format=RGBA,width=64,height=48 ! filesink location={out}")
+    finally:
+        stop.set()
+        t.join(10)
+    assert _whole_frames(out.read_bytes(), PATTERN) == 20
+    assert "gst_buffer" not in logs["provide.log"] and "please add queues" not in logs["provide.log"], logs
 
 
 def test_plugin_path_warns_when_an_activated_venv_would_hide_pygobject(tmp_path):

@@ -243,6 +243,30 @@ class TexbridgeSrc(GstBase.BaseSrc):
         self._info = GstVideo.VideoInfo.new_from_caps(self._current_caps())
         return True
 
+    def do_decide_allocation(self, query: Gst.Query) -> bool:
+        """Downstream's pool, sized for one frame: BaseSrc keeps the size downstream proposed, and pipewiresink
+        proposes 0, which PipeWire 0.3.65 turns into buffers without memory (critical warnings, a crash, no frame
+        delivered). A source that knows its frame size says it, as videotestsrc does."""
+        caps, _ = query.parse_allocation()
+        info = GstVideo.VideoInfo.new_from_caps(caps) if caps else None
+        if info is not None:
+            for i in range(query.get_n_allocation_pools()):
+                pool, size, lo, hi = query.parse_nth_allocation_pool(i)
+                if size < info.size:
+                    query.set_nth_allocation_pool(i, pool, info.size, lo, hi)
+        return GstBase.BaseSrc.do_decide_allocation(self, query)
+
+    def do_gst_base_src_query(self, query: Gst.Query) -> bool:  # BaseSrc's query vfunc (Element has one too)
+        """Latency as a live video source reports it (v4l2src, videotestsrc): one frame, the time a buffer stamped
+        with its capture time takes to be ready, with no upper bound. BaseSrc's default (0, 0) leaves synchronised
+        sinks no room for their processing deadline ("Pipeline construction is invalid, please add queues") and makes
+        every buffer a little late."""
+        if query.type != Gst.QueryType.LATENCY:
+            return GstBase.BaseSrc.do_query(self, query)
+        frame = int(1e9 * self._info.fps_d / self._info.fps_n) if self._info and self._info.fps_n > 0 else 0
+        query.set_latency(True, frame, Gst.CLOCK_TIME_NONE)
+        return True
+
     def _wait_frame(self, copy: bool) -> Any:
         """The next new frame, or None once unlocked (flushing, stopping)."""
         rx = self._rx
