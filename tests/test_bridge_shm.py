@@ -910,6 +910,104 @@ def test_wait_returns_on_a_message_a_commit_a_begun_frame_and_death(ends):
     assert not j.alive
 
 
+def test_a_peer_on_this_kernel_wakes_a_sleeping_wait_at_once():
+    """The doorbell: a message or a committed frame futex-wakes the peer's wait() even when its poll steps are long
+    (2 s here), so a same-kernel peer never waits for a poll step; a VM peer (no futex across) is seen at the steps."""
+    import threading
+
+    from texbridge.bridge._shmfile import _Poller
+
+    slow = dict(spin_s=0.0, min_sleep=2.0, active_sleep=2.0, idle_sleep=2.0, woken_sleep=2.0)
+    poller = _Poller(**slow)
+    s, j, srv, jn = pair(poller=poller)
+    try:
+        w = s.open_writer(0, FMT)
+        j.open_reader(0, FMT)
+        j.wait(0)
+        pokes = [lambda: s.send({"op": "x"})] * 3 + [lambda n=n: send(w, FMT, n) for n in (1, 2, 3)]
+        woken = set()
+        for n, poke in enumerate(pokes):
+            timer = threading.Timer(0.1, poke)
+            timer.start()
+            t0 = time.monotonic()
+            j.wait(5)
+            took = time.monotonic() - t0
+            timer.join()
+            assert took < 1.0, f"wait() slept {took:.2f} s through poke {n}"
+            if poller._last_wake > t0:  # a futex wake (not a look at the word) ended the sleep
+                woken.add("message" if n < 3 else "frame")
+            j.receive()
+        assert woken == {"message", "frame"}, f"only {woken or 'nothing'} rang the doorbell"
+    finally:
+        jn.close()
+        srv.close()
+
+
+def test_a_peer_that_rings_no_bell_is_still_seen_at_the_poll_steps(ends):
+    """The doorbell is a hint: a frame committed without it (an older or hostile peer, a guest whose wake cannot
+    cross) is still seen by polling the stream words."""
+    s, j = ends
+    w = s.open_writer(0, FMT)
+    j.open_reader(0, FMT)
+    j.wait(0)
+    s._ring_bell = lambda: None  # this end stops ringing
+    send(w, FMT, 1)
+    t0 = time.monotonic()
+    j.wait(5)
+    assert time.monotonic() - t0 < 1.0
+    assert take(j.open_reader(0, FMT))[1].frame == 1
+
+
+def test_wait_word_spins_then_sleeps_and_says_how_it_ended():
+    """_synccore.wait_word: 0 after the timeout, 1 for a word already changed (or changed during the spin), 2 when
+    a futex wake ended the sleep: the shared-file poller learns from 2 that the peer's wakes reach it."""
+    import threading
+
+    from texbridge import _synccore as core
+
+    buf = np.zeros(64, np.uint8)
+    t0 = time.monotonic()
+    assert core.wait_word(buf, 8, 0, 0.05, 0.01) == 0
+    assert 0.04 < time.monotonic() - t0 < 2
+    assert core.wait_word(buf, 8, 1, 5.0) == 1  # not the expected value: at once
+
+    def bump(value: int, wake: bool) -> None:
+        buf[8] = value
+        if wake:
+            core.wake_word(buf, 8)
+
+    timer = threading.Timer(0.005, bump, (1, False))  # changed while spinning: seen without a wake
+    timer.start()
+    assert core.wait_word(buf, 8, 0, 5.0, 0.5) == 1
+    timer.join()
+    timer = threading.Timer(0.1, bump, (2, True))
+    timer.start()
+    t0 = time.monotonic()
+    assert core.wait_word(buf, 8, 1, 5.0) == 2
+    assert time.monotonic() - t0 < 2.5
+    timer.join()
+    with pytest.raises(ValueError):
+        core.wait_word(buf, 62, 0, 0.0)
+
+
+def test_read_into_without_follow_leaves_a_frame_being_written(ends):
+    """follow=False (the engine's choice for small frames): a frame begun but not committed is not waited for."""
+    s, j = ends
+    w, r = s.open_writer(0, FMT), j.open_reader(0, FMT)
+    send(w, FMT, 1)
+    out = np.empty((FMT.height, FMT.row_bytes), np.uint8)
+    assert r.read_into(out, 0, follow=False).frame == 1
+    view = w.begin()
+    view[...] = frame_of(FMT, 2)
+    w.progress(FMT.height // 2)
+    t0 = time.monotonic()
+    assert r.read_into(out, 1, timeout=5, follow=False) is None
+    assert time.monotonic() - t0 < 1.0
+    w.commit(FrameMeta(2))
+    assert r.read_into(out, 1, follow=False).frame == 2
+    assert np.array_equal(out, frame_of(FMT, 2))
+
+
 def test_frame_meta_is_judged_only_once_the_read_is_untorn(ends, monkeypatch):
     """Meta read while the writer rewrote the slot may look invalid: that read is retried, not blamed on the peer
     (a false BridgePeerError would end a healthy session)."""

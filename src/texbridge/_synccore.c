@@ -1036,39 +1036,67 @@ static a32 *word_at(PyObject *buf, Py_buffer *view, Py_ssize_t offset) {
     return (a32 *)((char *)view->buf + offset);
 }
 
-/* wait_word(buffer, offset, expected, timeout=None): sleep while the word equals `expected` (GIL released, Ctrl-C
- * checked every slice). Returns False on timeout, True otherwise (changed, woken, or spurious: callers re-check). */
+/* wait_word(buffer, offset, expected, timeout=None, spin=0.0): while the word equals `expected`, spin for up to
+ * `spin` seconds (only with more than one CPU), then sleep on its futex (GIL released throughout, Ctrl-C checked
+ * every slice). Memory a futex cannot key (a PCI BAR mapped through sysfs: EFAULT) is polled in POLL_NS sleeps
+ * instead of spinning through the failing syscall. Returns 0 on timeout, 2 when a futex wake ended the sleep (the
+ * writer shares this kernel), 1 otherwise (seen changed, or spurious: callers re-check). */
+#define POLL_NS 50000ull
 static PyObject *mod_wait_word(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *buf, *timeout_obj = Py_None;
     Py_ssize_t offset;
     unsigned long long expected;
-    if (!PyArg_ParseTuple(args, "OnK|O", &buf, &offset, &expected, &timeout_obj)) return NULL;
+    double spin = 0;
+    if (!PyArg_ParseTuple(args, "OnK|Od", &buf, &offset, &expected, &timeout_obj, &spin)) return NULL;
     double timeout = -1;
     if (timeout_obj != Py_None) {
         timeout = PyFloat_AsDouble(timeout_obj);
         if (timeout == -1 && PyErr_Occurred()) return NULL;
         if (!(timeout >= 0)) timeout = 0; /* negative or NaN: poll */
     }
+    if (!(spin > 0) || !g_spin) spin = 0;
+    if (spin > 0.01) spin = 0.01; /* a spin is a few hundred microseconds, never a busy wait in disguise */
     Py_buffer view;
     a32 *w = word_at(buf, &view, offset);
     if (!w) return NULL;
-    uint64_t deadline = timeout < 0 ? UINT64_MAX : mono_ns() + (uint64_t)(timeout * 1e9);
-    int timed_out = 0;
-    for (;;) {
+    uint64_t start = mono_ns();
+    uint64_t deadline = timeout < 0 ? UINT64_MAX : start + (uint64_t)(timeout * 1e9);
+    int timed_out = 0, changed = 0, woken = 0;
+    if (spin > 0 && atomic_load_explicit(w, memory_order_acquire) == (uint32_t)expected) {
+        uint64_t until = start + (uint64_t)(spin * 1e9);
+        if (until > deadline) until = deadline;
+        Py_BEGIN_ALLOW_THREADS
+        for (unsigned i = 0;; i++) {
+            if (atomic_load_explicit(w, memory_order_acquire) != (uint32_t)expected) { changed = 1; break; }
+            cpu_relax();
+            if ((i & 15) == 15 && mono_ns() >= until) break;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (; !changed;) {
         if (atomic_load_explicit(w, memory_order_acquire) != (uint32_t)expected) break;
         uint64_t now = mono_ns();
         if (now >= deadline) { timed_out = 1; break; }
         uint64_t until = deadline - now > SLICE_NS ? now + SLICE_NS : deadline;
         long r;
+        int err = 0;
         Py_BEGIN_ALLOW_THREADS
         r = futex_wait_abs(w, (uint32_t)expected, until);
+        if (r != 0) {
+            err = errno;
+            if (err == EFAULT || err == ENOSYS || err == EINVAL || err == EPERM) {
+                uint64_t nap = until - now > POLL_NS ? now + POLL_NS : until;
+                struct timespec ts = {(time_t)(nap / NS), (long)(nap % NS)};
+                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+            }
+        }
         Py_END_ALLOW_THREADS
-        if (r == 0) break; /* woken */
+        if (r == 0) { woken = 1; break; }
         if (PyErr_CheckSignals() < 0) { PyBuffer_Release(&view); return NULL; }
     }
     PyBuffer_Release(&view);
-    return PyBool_FromLong(!timed_out);
+    return PyLong_FromLong(timed_out ? 0 : woken ? 2 : 1);
 }
 
 static PyObject *mod_wake_word(PyObject *self, PyObject *args) {
@@ -1092,7 +1120,8 @@ static PyObject *mod_fence(PyObject *self, PyObject *unused) {
 
 static PyMethodDef mod_methods[] = {
     {"wait_word", mod_wait_word, METH_VARARGS,
-     "wait_word(buffer, offset, expected, timeout=None) -> bool: futex-wait while the u32 word equals expected"},
+     "wait_word(buffer, offset, expected, timeout=None, spin=0.0) -> 0 (timeout) / 1 (changed) / 2 (woken): spin, "
+     "then futex-wait while the u32 word equals expected"},
     {"wake_word", mod_wake_word, METH_VARARGS, "wake_word(buffer, offset): wake every waiter on the u32 word"},
     {"fence", mod_fence, METH_NOARGS, "fence(): a full (sequentially consistent) memory barrier"},
     {"init", mod_init, METH_VARARGS, "init(buffer, initial_key): format a fresh state page"},

@@ -349,13 +349,14 @@ def _kill_rows(transport: str) -> list[Row]:
     return out
 
 
-def _e2e_rows(quick: bool) -> list[Row]:
+def _e2e_rows(quick: bool, latency_only: bool = False) -> list[Row]:
     out: list[Row] = []
     frames = 60 if quick else 250
     secs = 1.5 if quick else 4.0
+    sizes = (("64x64", (64, 64), 0.005), ("1080p", HD, 0.02))
     for transport in TRANSPORTS:
         with _bridged(transport) as b:
-            for label, size, period in (("64x64", (64, 64), 0.005), ("1080p", HD, 0.02)):
+            for label, size, period in sizes:
                 g = (f"bridge {transport}: sender → receiver latency, {label} rgba8 (one frame every "
                      f"{period * 1e3:.0f} ms)")
                 bridged = _latency(b.ns_a, b.ns_b, "bench@A", size, frames, period)
@@ -368,6 +369,9 @@ def _e2e_rows(quick: bool) -> list[Row]:
                     out.append(Row(g, "added by the bridge (p50 / p99 difference)", p50, "us", p99,
                                    "two more copies of the frame" + (": targets (shm) p50 ≤ 100 us, p99 ≤ 1 ms"
                                                                      if transport == "shm" else "")))
+            if latency_only:
+                out += _km_rows(b, transport, 50 if quick else 300)
+                continue
             g = f"bridge {transport}: 1080p sender frames/s, 4 remote receivers vs none"
             four = _sender_rate(b.ns_a, b.ns_b, "bench@A", 4, secs)
             alone = _sender_rate(b.ns_a, None, "", 0, secs)
@@ -406,7 +410,14 @@ def e2e(quick: bool) -> list[Row]:
     return _e2e_rows(quick)
 
 
+def latency(quick: bool) -> list[Row]:
+    """Only the added-latency and keyed-mutex rows (`python -m texbridge.benchmarks.bridge --latency`): a minute
+    or two, no 1080p throughput, no kill -9 rounds."""
+    return _e2e_rows(quick, latency_only=True)
+
+
 if __name__ == "__main__":
     from ._report import print_rows
 
-    print_rows(e2e("--quick" in sys.argv) if "--e2e" in sys.argv else run("--quick" in sys.argv))
+    q = "--quick" in sys.argv
+    print_rows(latency(q) if "--latency" in sys.argv else e2e(q) if "--e2e" in sys.argv else run(q))

@@ -42,8 +42,8 @@ from ..senders.frame import realtime_offset_ns
 from ..senders.receiver import Receiver
 from ..senders.sender import Sender
 from . import _wire
-from ._link import (MAX_STREAMS, Backoff, BridgeAuthError, BridgeError, BridgePeerError, Endpoint, FrameMeta, Link, StreamFormat,
-                    StreamReader, StreamWriter)
+from ._link import (FOLLOW_MIN_BYTES, MAX_STREAMS, Backoff, BridgeAuthError, BridgeError, BridgePeerError, Endpoint,
+                    FrameMeta, Link, StreamFormat, StreamReader, StreamWriter)
 
 log = logging.getLogger("texbridge.bridge")
 
@@ -52,7 +52,8 @@ RESOURCE_POLL = 0.5  # seconds between looks for keyed-mutex resources to share
 HELLO_TIMEOUT = 5.0  # a peer that sends no hello this long after the link is up is dropped
 MAX_ERRORS = 8  # peer errors kept for status
 KM_HOT_S = 0.25  # after keyed-mutex traffic, poll local waiters every ~0.5 ms (else every 2 ms) for this long
-EXPORT_CHUNKS = 8  # a frame is copied into the link in this many row bands, each announced with progress()
+EXPORT_CHUNKS = 8  # a large frame is copied into the link in up to this many row bands, each announced with progress()
+EXPORT_BAND_BYTES = 512 * 1024  # ... of at least this many bytes: a smaller frame is one band (a band costs Python time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,7 +586,8 @@ class Bridge:
         buf = ctx.__enter__()
         try:
             rows = _rows(buf, imp.fmt)
-            got = None if rows is None else imp.reader.read_into(rows, imp.last)
+            got = None if rows is None else imp.reader.read_into(rows, imp.last,
+                                                                 follow=imp.fmt.nbytes >= FOLLOW_MIN_BYTES)
             if got is None:
                 ctx.__exit__(_Torn, _Torn(), None)  # nothing new (or torn): the slot goes back unpublished
                 return False if rows is not None else self._import_lazy(imp)
@@ -657,7 +659,9 @@ class Bridge:
         link = ses.link
         writer: StreamWriter | None = None
         rx: Receiver | None = None
-        frames = 0
+        frames = bands = step = 0
+        dtype: Any = None
+        shape: tuple[int, int, int] = (0, 0, 0)
         try:
             rx = Receiver(ex.name, session=self._session, app_name="texbridge-bridge")
             while not ex.stop.is_set() and not ses.stopping:
@@ -667,8 +671,9 @@ class Bridge:
                     if rx.status == "no_sender" and rx.events and rx.events[-1].kind == "retired":
                         break
                     continue
-                fmt = StreamFormat(got.width, got.height, got.format)  # this frame's own (a resize may follow)
-                if fmt != ex.fmt:
+                fmt = ex.fmt
+                if fmt is None or (got.width, got.height, got.format) != (fmt.width, fmt.height, fmt.format):
+                    fmt = StreamFormat(got.width, got.height, got.format)  # this frame's own (a resize follows)
                     if fmt.width > ses.peer_max[0] or fmt.height > ses.peer_max[1]:
                         ex.error = f"{fmt.width}x{fmt.height} exceeds the peer's {ses.peer_max[0]}x{ses.peer_max[1]}"
                         rx.release()
@@ -686,12 +691,17 @@ class Bridge:
                         writer.close()
                     writer, ex.stream, ex.fmt = new_writer, new, fmt
                     ex.error = ""
+                    bands = max(1, min(EXPORT_CHUNKS, fmt.nbytes // EXPORT_BAND_BYTES))
+                    step = -(-fmt.height // bands)
+                    dtype, shape = get_format(fmt.format).numpy_dtype, (fmt.height, fmt.width, -1)
                 buf = writer.begin()
-                dst = _pixels(buf, fmt)
-                step = -(-fmt.height // EXPORT_CHUNKS)
-                for r0 in range(0, fmt.height, step):  # rows final as they go: the peer may copy them out already
-                    np.copyto(dst[r0:r0 + step], frame[r0:r0 + step])
-                    writer.progress(min(r0 + step, fmt.height))
+                dst = buf.view(dtype).reshape(shape)
+                if bands == 1:
+                    np.copyto(dst, frame)
+                else:
+                    for r0 in range(0, fmt.height, step):  # rows final as they go: the peer may copy them out already
+                        np.copyto(dst[r0:r0 + step], frame[r0:r0 + step])
+                        writer.progress(min(r0 + step, fmt.height))
                 if rx.still_valid():
                     frames += 1
                     # the wire carries wall-clock time: the peer's CLOCK_MONOTONIC is another clock

@@ -43,6 +43,7 @@ MAX_USER_DATA = 4096  # bytes of per-frame user data
 MAX_DIMENSION = 16384  # widest/tallest frame a peer may announce
 HEARTBEAT_S = 0.25  # each end shows it is alive at least this often
 PEER_TIMEOUT_S = 1.0  # silent this long = dead
+FOLLOW_MIN_BYTES = 256 * 1024  # a smaller frame is copied out once committed: following its rows costs more than it saves
 
 
 class BridgeError(TexbridgeError):

@@ -14,6 +14,7 @@ a bad one ends the session with BridgePeerError. Polling only: there is no inter
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import mmap
 import os
@@ -26,12 +27,13 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from .. import _synccore as _core
 from .._errors import InvalidArgument
 from ..senders.ring import (_CLOSED, _FMT, _GEN, _HANDLES, _HEIGHT, _HSEQ, _LATEST, _NSLOTS, _SLOT_BITS, _SLOT_FRAME,
                             _SLOT_MASK, _WIDTH, CONTROL_SIZE, MAX_SLOTS, ControlWords, RingReader, RingWriter, Stale,
                             _format_word)
 from . import _shmlayout as L
-from ._link import (HEARTBEAT_S, MAX_DAMAGE, MAX_STREAMS, MAX_USER_DATA, PEER_TIMEOUT_S, BridgeError,
+from ._link import (FOLLOW_MIN_BYTES, HEARTBEAT_S, MAX_DAMAGE, MAX_STREAMS, MAX_USER_DATA, PEER_TIMEOUT_S, BridgeError,
                     BridgePeerError, FrameMeta, LinkStats, StreamFormat)
 
 log = logging.getLogger("texbridge.bridge.shm")
@@ -62,27 +64,43 @@ def _tight_timers() -> None:
 
 
 class _Poller:
-    """Adaptive polling (no futex crosses a VM): spin briefly, then sleep in steps that grow to a cap: `active_sleep`
-    while events came within the last `idle_after` seconds (a stream is flowing: ~half of it is the added latency),
-    `idle_sleep` once quiet (an idle bridge costs little; the first frame after a pause waits at most that long)."""
+    """Adaptive polling (no interrupt crosses a VM): spin briefly, then sleep in steps that grow to a cap:
+    `active_sleep` while events came within the last `idle_after` seconds (a stream is flowing: ~half of it is the
+    added latency), `idle_sleep` once quiet (an idle bridge costs little; the first frame after a pause waits at most
+    that long).
+
+    With a `bell` (the peer's doorbell word: it bumps it and futex-wakes it at every message, frame begun and frame
+    committed) the spin and the sleeps wait on that word with the GIL released, so a peer on this kernel (two
+    namespaces, a container, a host-side pair) wakes us at once. A peer across a VM cannot wake a futex here: its bell
+    is seen at the end of each step, as plain polling would. Steps grow to `woken_sleep` once a futex wake has been
+    seen lately (the peer's wakes reach us: a longer step costs no latency, only fewer idle wake-ups)."""
 
     def __init__(self, spin_s: float = 50e-6, min_sleep: float = 20e-6, active_sleep: float = 100e-6,
-                 idle_sleep: float = 1e-3, idle_after: float = 1.0) -> None:
+                 idle_sleep: float = 1e-3, idle_after: float = 1.0, woken_sleep: float = 5e-3) -> None:
         self.spin_s, self.min_sleep, self.active_sleep, self.idle_sleep = spin_s, min_sleep, active_sleep, idle_sleep
-        self.idle_after = idle_after
+        self.idle_after, self.woken_sleep = idle_after, woken_sleep
         self._last_event = 0.0
+        self._last_wake = -1e9  # when a futex wake last ended one of our sleeps
 
-    def until(self, ready: Callable[[], bool], timeout: float) -> bool:
-        if ready():
-            self._last_event = time.monotonic()
-            return True
+    def until(self, ready: Callable[[], bool], timeout: float, bell: np.ndarray | None = None) -> bool:
+        """True once ready() is, False after `timeout`. bell: the peer's doorbell word as 8 uint8 bytes."""
         start = time.monotonic()
+        word = bell.view(np.uint64) if bell is not None else None
+        seen = int(word[0]) & 0xFFFFFFFF if word is not None else 0  # read before ready(): no ring is lost
+        if ready():
+            self._last_event = start
+            return True
         deadline = start + max(timeout, 0.0)
-        spin_end = start + self.spin_s
-        while time.monotonic() < spin_end:
-            if ready():
+        if bell is not None:
+            if _core.wait_word(bell, 0, seen, min(self.spin_s, timeout), self.spin_s) and ready():
                 self._last_event = time.monotonic()
                 return True
+        else:
+            spin_end = start + self.spin_s
+            while time.monotonic() < spin_end:
+                if ready():
+                    self._last_event = time.monotonic()
+                    return True
         cap = self.active_sleep if start - self._last_event < self.idle_after else self.idle_sleep
         _tight_timers()
         step = self.min_sleep
@@ -90,7 +108,17 @@ class _Poller:
             now = time.monotonic()
             if now >= deadline:
                 return ready()
-            time.sleep(min(step, deadline - now))
+            if bell is not None:
+                if now - self._last_wake < 2 * self.idle_after:
+                    step = max(step, self.woken_sleep)
+                seen = int(word[0]) & 0xFFFFFFFF
+                if ready():
+                    self._last_event = time.monotonic()
+                    return True
+                if _core.wait_word(bell, 0, seen, min(step, deadline - now)) == 2:
+                    self._last_wake = time.monotonic()
+            else:
+                time.sleep(min(step, deadline - now))
             if ready():
                 self._last_event = time.monotonic()
                 return True
@@ -435,6 +463,10 @@ class ShmLink:
         words = self._peer_table.view(np.uint64).reshape(MAX_STREAMS, _WORDS)
         self._peer_latest, self._peer_writing = words[:, _LATEST], words[:, L.C_WRITING]
         self._seen_latest, self._seen_writing = self._peer_latest.copy(), self._peer_writing.copy()
+        bell = L.S_BELL * 8
+        self._own_bell = mem[lay.side(side) + bell:lay.side(side) + bell + 8]
+        self._peer_bell = mem[lay.side(peer) + bell:lay.side(peer) + bell + 8]
+        self._bell_count = itertools.count(1)  # ours: never read back from the file
         self._own_area = mem[lay.area(side):lay.area(side) + lay.area_size]
         self._peer_area = mem[lay.area(peer):lay.area(peer) + lay.area_size]
         self._writers: dict[int, _ShmWriter] = {}
@@ -500,6 +532,12 @@ class ShmLink:
         if self._dead:
             raise (BridgePeerError if self._peer_error else BridgeError)(f"shm link down: {self._dead}")
 
+    def _ring_bell(self) -> None:
+        """Bump our doorbell and wake a peer sleeping on it (one on this kernel; across a VM it sees the bump when it
+        next looks). Any thread: a lost bump between two threads still changes the word."""
+        self._own_bell.view(np.uint64)[0] = next(self._bell_count)
+        _core.wake_word(self._own_bell, 0)
+
     # -- control messages -------------------------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
         self._check()
@@ -512,6 +550,7 @@ class ShmLink:
                         raise BridgePeerError(f"the peer has not read its messages for {PEER_TIMEOUT_S} s "
                                               "(ring full)")
                     self._check()
+                self._ring_bell()
         except BridgePeerError as e:
             raise self._fail(e) from None
 
@@ -531,7 +570,7 @@ class ShmLink:
                     or not np.array_equal(self._peer_latest, self._seen_latest)
                     or not np.array_equal(self._peer_writing, self._seen_writing))
 
-        self._ep.poller.until(ready, timeout)
+        self._ep.poller.until(ready, timeout, self._peer_bell)
         self._seen_latest[:] = self._peer_latest
         self._seen_writing[:] = self._peer_writing
 
@@ -653,6 +692,8 @@ class _ShmWriter:
         self._metau[slot][L.M_PROGRESS] = 0
         self._u[L.C_WRITING] = ((self._begins << _SLOT_BITS) | slot) & _U64
         self._slot = slot
+        if self.fmt.nbytes >= FOLLOW_MIN_BYTES:
+            self._link._ring_bell()  # the peer may follow the rows as they come (read_into)
         return self._pixels[slot]
 
     def progress(self, rows: int) -> None:
@@ -687,6 +728,7 @@ class _ShmWriter:
         self._ring.commit(slot)
         self._u[L.C_WRITING] = 0
         self._slot = -1
+        self._link._ring_bell()
         st = self._link._stats
         st.frames_out += 1
         st.bytes_out += self.fmt.nbytes
@@ -851,16 +893,17 @@ class _ShmReader:
             st.drops += frame - self._last - 1
         self._last = frame
 
-    def read_into(self, out: np.ndarray, after: int, timeout: float = 0.1) -> FrameMeta | None:
+    def read_into(self, out: np.ndarray, after: int, timeout: float = 0.1, follow: bool = True) -> FrameMeta | None:
         """Copy the newest frame above `after` into `out` ((height, row_bytes) uint8). When none is complete but
-        the peer is writing one, copy its rows as the writer marks them final (StreamWriter.progress) and finish at
-        its commit, waiting up to `timeout`: the copy overlaps the write (Looking Glass's chunked copy). `out` holds
-        nothing meaningful when None is returned (a torn or abandoned frame)."""
+        the peer is writing one (and `follow`), copy its rows as the writer marks them final
+        (StreamWriter.progress) and finish at its commit, waiting up to `timeout`: the copy overlaps the write
+        (Looking Glass's chunked copy). `out` holds nothing meaningful when None is returned (a torn or abandoned
+        frame)."""
         if out.shape != (self.fmt.height, self.fmt.row_bytes) or out.dtype != np.uint8:
             raise InvalidArgument(f"read_into wants a ({self.fmt.height}, {self.fmt.row_bytes}) uint8 array, "
                                   f"got {out.dtype} {out.shape}")
         got = self.read(lambda v, m: (np.copyto(out, v), m)[1], after)
-        if got is not None:
+        if got is not None or not follow:
             return got
         try:
             return self._follow(out, after, timeout)

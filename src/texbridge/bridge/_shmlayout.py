@@ -7,6 +7,7 @@ only layout value to validate is that size. All words are aligned little-endian 
     side 0 (serve), side 1 (join), each:
       side page          BEAT (+1 every ≤ 250 ms), SESSION (the session this side serves/joined), PID, CLOSING,
                          HEAD (bytes written into this side's ring), TAIL (bytes consumed of the *peer's* ring),
+                         BELL (bumped and futex-woken at every message/begin/commit: a same-kernel peer sleeps on it),
                          LABEL (u8 length + UTF-8)                                            written by that side
       message ring       RING_SIZE bytes: records [u64 length][msgpack, padded to 8] that side produces
       stream table       MAX_STREAMS entries of CONTROL_SIZE: a senders.ring control page per stream that side writes
@@ -37,6 +38,7 @@ H_MAGIC, H_VERSION, H_SESSION, H_SIZE = range(4)
 # side page words
 S_BEAT, S_SESSION, S_PID, S_CLOSING = range(4)
 S_HEAD, S_TAIL = 8, 16  # separate cache lines: HEAD is this side's producer word, TAIL its consumer word
+S_BELL = 24  # doorbell: bumped (and futex-woken) at every message, frame begun, frame committed; a hint only
 S_LABEL = 256  # byte offset: u8 length + up to LABEL_MAX bytes of UTF-8
 LABEL_MAX = 63
 
