@@ -119,7 +119,7 @@ class MemLink:
         self._check()
         return _Reader(self, stream, fmt)
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float, spin: float = 0.0) -> None:
         with self.shared.lock:
             self._check()
             if not self.shared.messages[self.side]:

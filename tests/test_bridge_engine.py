@@ -343,3 +343,55 @@ def test_many_streams_both_ways_at_once(pair):
     finally:
         for x in receivers + senders:
             x.close()
+
+
+def test_cadence_spins_only_around_a_periodic_streams_next_frame():
+    """The exporter and the importer spin only inside a window around a periodic stream's next frame (sleeping
+    otherwise): centred on the frame's due time mapped to our clock by the fastest transit, no wider than
+    SPIN_SHARE of the period, and none for an irregular or late stream."""
+    from texbridge.bridge._engine import SPIN_MAX_S, SPIN_MIN_S, SPIN_SHARE, _Cadence
+
+    c = _Cadence()
+    offset = 1000.0  # the frames' own clock (a sender's wall clock) runs 1000 s ahead of ours
+    t = 5.0
+    for k in range(6):
+        c.tick(t + offset, t + 0.0002 + (0.0003 if k % 2 else 0.0))  # transits 200 us (fastest) and 500 us
+        t += 0.005
+    assert c.window(t) is None  # too few regular frames yet
+    for _ in range(6):
+        c.tick(t + offset, t + 0.0002)
+        t += 0.005
+    start, end = c.window(t - 0.001)
+    due = t + 0.0002  # the last frame (t - 5 ms) + one period, seen after the fastest transit
+    assert start < due < end and abs((start + end) / 2 - due) < 1e-6
+    assert SPIN_MIN_S <= (end - start) / 2 <= min(SPIN_MAX_S, SPIN_SHARE * 0.005)
+    assert c.window(end + 1e-4) is None  # missed (a skipped frame, a paused sender): sleep until it comes
+    c.tick(t + 0.05 + offset, t + 0.05)  # a pause of ten periods: learned afresh
+    assert c.window(t + 0.05) is None
+    slow = _Cadence()
+    for k in range(20):
+        slow.tick(k * 2.0, k * 2.0)  # a frame every 2 s: sleeping costs nothing worth a spin
+    assert slow.window(38.5) is None
+    fast = _Cadence()
+    for k in range(20):
+        at = k * 0.001 + (0.0001 if k % 2 else 0.0)  # 1000 fps, ±100 us of jitter: the window would be wide,
+        fast.tick(at, at)                             # but stays within SPIN_SHARE of the period
+    s, e = fast.window(0.0195)
+    assert (e - s) / 2 <= SPIN_SHARE * 0.0011
+
+
+def test_a_receiver_spinning_for_a_due_frame_takes_it(runtime):
+    """Receiver.wait_frame(spin=...) (the exporter's wait in a window): a frame sent during the spin is returned,
+    and a spin longer than the timeout ends at the timeout."""
+    ns = os.environ["TEXBRIDGE_NAMESPACE"]
+    with tb.connect(ns + "s") as s, Sender("spun", 8, 8, session=s) as snd, Receiver("spun", session=s) as rx:
+        snd.send(np.zeros(snd.shape, np.uint8))
+        until(lambda: rx.wait_frame(0.1) is not None, what="first frame")
+        t0 = time.monotonic()
+        assert rx.wait_frame(0.05, spin=1.0) is None
+        assert time.monotonic() - t0 < 0.9
+        timer = threading.Timer(0.02, lambda: snd.send(np.full(snd.shape, 9, np.uint8)))
+        timer.start()
+        got = rx.next_frame(5.0, spin=0.005)
+        timer.join()
+        assert got is not None and int(got.pixels[0, 0, 0]) == 9

@@ -1036,19 +1036,21 @@ static a32 *word_at(PyObject *buf, Py_buffer *view, Py_ssize_t offset) {
     return (a32 *)((char *)view->buf + offset);
 }
 
-/* wait_word(buffer, offset, expected, timeout=None, spin=0.0): while the word equals `expected`, spin for up to
- * `spin` seconds (only with more than one CPU), then sleep on its futex (GIL released throughout, Ctrl-C checked
- * every slice). Memory a futex cannot key (a PCI BAR mapped through sysfs: EFAULT) is polled in POLL_NS sleeps
- * instead of spinning through the failing syscall. Returns 0 on timeout, 2 when a futex wake ended the sleep (the
- * writer shares this kernel), 1 otherwise (seen changed, or spurious: callers re-check). */
+/* wait_word(buffer, offset, expected, timeout=None, spin=0.0, poll=0.0): while the word equals `expected`, spin for
+ * up to `spin` seconds (only with more than one CPU), then sleep on its futex, looking at the word again at least
+ * every `poll` seconds (0: every SLICE_NS) for a writer that cannot wake us (another kernel: a VM across ivshmem);
+ * GIL released throughout, Ctrl-C checked every slice. Memory a futex cannot key (a PCI BAR mapped through sysfs:
+ * EFAULT) is polled in sleeps of `poll` (0: POLL_NS) instead of spinning through the failing syscall. Returns 0 on
+ * timeout, 2 when a futex wake ended the sleep (the writer shares this kernel), 1 otherwise (seen changed, or
+ * spurious: callers re-check). */
 #define POLL_NS 50000ull
 static PyObject *mod_wait_word(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *buf, *timeout_obj = Py_None;
     Py_ssize_t offset;
     unsigned long long expected;
-    double spin = 0;
-    if (!PyArg_ParseTuple(args, "OnK|Od", &buf, &offset, &expected, &timeout_obj, &spin)) return NULL;
+    double spin = 0, poll = 0;
+    if (!PyArg_ParseTuple(args, "OnK|Odd", &buf, &offset, &expected, &timeout_obj, &spin, &poll)) return NULL;
     double timeout = -1;
     if (timeout_obj != Py_None) {
         timeout = PyFloat_AsDouble(timeout_obj);
@@ -1057,6 +1059,11 @@ static PyObject *mod_wait_word(PyObject *self, PyObject *args) {
     }
     if (!(spin > 0) || !g_spin) spin = 0;
     if (spin > 0.01) spin = 0.01; /* a spin is a few hundred microseconds, never a busy wait in disguise */
+    uint64_t slice = SLICE_NS, nap_ns = POLL_NS;
+    if (poll > 0) {
+        nap_ns = poll < 1e-5 ? 10000ull : poll * 1e9 < (double)SLICE_NS ? (uint64_t)(poll * 1e9) : SLICE_NS;
+        slice = nap_ns;
+    }
     Py_buffer view;
     a32 *w = word_at(buf, &view, offset);
     if (!w) return NULL;
@@ -1074,25 +1081,29 @@ static PyObject *mod_wait_word(PyObject *self, PyObject *args) {
         }
         Py_END_ALLOW_THREADS
     }
-    for (; !changed;) {
-        if (atomic_load_explicit(w, memory_order_acquire) != (uint32_t)expected) break;
-        uint64_t now = mono_ns();
-        if (now >= deadline) { timed_out = 1; break; }
-        uint64_t until = deadline - now > SLICE_NS ? now + SLICE_NS : deadline;
-        long r;
-        int err = 0;
+    while (!changed && !timed_out && !woken) {
+        /* GIL released for up to SLICE_NS at a time, however short the look-again steps: a waiter taking the GIL
+         * back every step would contend with the threads that have work (and miss the wake it waits for). */
+        int done = 0;
         Py_BEGIN_ALLOW_THREADS
-        r = futex_wait_abs(w, (uint32_t)expected, until);
-        if (r != 0) {
-            err = errno;
+        uint64_t slice_end = mono_ns() + SLICE_NS;
+        for (;;) {
+            if (atomic_load_explicit(w, memory_order_acquire) != (uint32_t)expected) { done = 1; break; }
+            uint64_t now = mono_ns();
+            if (now >= deadline) { timed_out = 1; break; }
+            if (now >= slice_end) break;
+            uint64_t until = deadline - now > slice ? now + slice : deadline;
+            if (futex_wait_abs(w, (uint32_t)expected, until) == 0) { woken = 1; break; }
+            int err = errno;
+            if (err == EINTR) break; /* a signal: the handler may need to run (Ctrl-C) */
             if (err == EFAULT || err == ENOSYS || err == EINVAL || err == EPERM) {
-                uint64_t nap = until - now > POLL_NS ? now + POLL_NS : until;
+                uint64_t nap = until - now > nap_ns ? now + nap_ns : until;
                 struct timespec ts = {(time_t)(nap / NS), (long)(nap % NS)};
                 clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
             }
         }
         Py_END_ALLOW_THREADS
-        if (r == 0) { woken = 1; break; }
+        if (done) break;
         if (PyErr_CheckSignals() < 0) { PyBuffer_Release(&view); return NULL; }
     }
     PyBuffer_Release(&view);
@@ -1120,8 +1131,8 @@ static PyObject *mod_fence(PyObject *self, PyObject *unused) {
 
 static PyMethodDef mod_methods[] = {
     {"wait_word", mod_wait_word, METH_VARARGS,
-     "wait_word(buffer, offset, expected, timeout=None, spin=0.0) -> 0 (timeout) / 1 (changed) / 2 (woken): spin, "
-     "then futex-wait while the u32 word equals expected"},
+     "wait_word(buffer, offset, expected, timeout=None, spin=0.0, poll=0.0) -> 0 (timeout) / 1 (changed) / 2 (woken): "
+     "spin, then futex-wait while the u32 word equals expected, looking again every `poll` s"},
     {"wake_word", mod_wake_word, METH_VARARGS, "wake_word(buffer, offset): wake every waiter on the u32 word"},
     {"fence", mod_fence, METH_NOARGS, "fence(): a full (sequentially consistent) memory barrier"},
     {"init", mod_init, METH_VARARGS, "init(buffer, initial_key): format a fresh state page"},

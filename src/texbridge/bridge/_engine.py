@@ -53,6 +53,8 @@ HELLO_TIMEOUT = 5.0  # a peer that sends no hello this long after the link is up
 MAX_ERRORS = 8  # peer errors kept for status
 KM_HOT_S = 0.25  # after keyed-mutex traffic, poll local waiters every ~0.5 ms (else every 2 ms) for this long
 EXPORT_CHUNKS = 8  # a large frame is copied into the link in up to this many row bands, each announced with progress()
+SPIN_MIN_S, SPIN_MAX_S = 30e-6, 250e-6  # half-width of the spin window around a periodic stream's next frame ...
+SPIN_SHARE = 0.05  # ... and at most this share of its period (two windows per frame: ≤ 10 % of a core per thread)
 EXPORT_BAND_BYTES = 512 * 1024  # ... of at least this many bytes: a smaller frame is one band (a band costs Python time)
 
 
@@ -122,6 +124,49 @@ class _Rate:
         return len(self.events) / span, sum(n for _, n in self.events) / span
 
 
+class _Cadence:
+    """When a periodic stream's next frame is due here, so the thread waiting for it sleeps until just before and
+    spins across it: a sleeper pays a scheduler wake-up per frame (tens of microseconds, more from a deep idle
+    state, the bulk of the bridge's added latency), a spinner none. The frames' own times (`event`: any clock with
+    a steady offset to ours, e.g. the sender's wall clock) give the period; the least recent transit (arrival -
+    event) maps them to our clock, so a frame seen late (from a sleep) does not drag the window late. No window for
+    an irregular stream (too few frames within ±50 % of the period) or a period over a second; the window is
+    2 x (SPIN_MIN_S + 3 x jitter + transit spread), capped by SPIN_MAX_S and SPIN_SHARE of the period."""
+
+    __slots__ = ("last", "dt", "jitter", "regular", "transit")
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.dt = self.jitter = 0.0
+        self.regular = 0
+        self.transit: deque[float] = deque(maxlen=32)
+
+    def tick(self, event: float, arrival: float) -> None:
+        if self.last is not None:
+            d = event - self.last
+            if self.dt and 0.5 * self.dt < d < 1.5 * self.dt:
+                self.jitter += (abs(d - self.dt) - self.jitter) / 8
+                self.dt += (d - self.dt) / 8
+                self.regular += 1
+            else:  # the first interval, a pause, a skipped frame, a new rate: learn afresh
+                self.dt, self.jitter, self.regular = max(d, 0.0), 0.0, 0
+        self.last = event
+        self.transit.append(arrival - event)
+
+    def window(self, now: float) -> tuple[float, float] | None:
+        """(start, end) on time.monotonic() of the spin window around the next frame; None: just sleep."""
+        if self.regular < 8 or self.last is None or not 0 < self.dt <= 1.0:
+            return None
+        transit = sorted(self.transit)
+        fastest = transit[0]
+        margin = min(SPIN_MAX_S, SPIN_SHARE * self.dt,
+                     SPIN_MIN_S + 3 * self.jitter + (transit[len(transit) // 2] - fastest))
+        due = self.last + self.dt + fastest
+        if now > due + margin:
+            return None  # late (skipped, or the sender paused): no spinning until it comes
+        return due - margin, due + margin
+
+
 @dataclass
 class _Export:
     """A local sender streamed to the peer (its own thread)."""
@@ -134,6 +179,7 @@ class _Export:
     stop: threading.Event = field(default_factory=threading.Event)
     rate: _Rate = field(default_factory=_Rate)
     latency_ns: deque = field(default_factory=lambda: deque(maxlen=256))  # sender commit -> stream commit
+    cadence: _Cadence = field(default_factory=_Cadence)
     error: str = ""
     refused: bool = False  # the peer refused the stream (limits): not retired, not restarted
 
@@ -151,6 +197,7 @@ class _Import:
     rate: _Rate = field(default_factory=_Rate)
     drops: int = 0
     latency_ns: deque = field(default_factory=lambda: deque(maxlen=256))  # sender's capture -> mirror commit
+    cadence: _Cadence = field(default_factory=_Cadence)
 
 
 @dataclass
@@ -242,6 +289,7 @@ class Bridge:
         else:
             self.status_path = status_file or None
         self._status_t = 0.0
+        self._woke = 0.0
 
     # -- lifetime -----------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -338,7 +386,17 @@ class Bridge:
                     busy |= time.monotonic() < ses.km_hot_until  # a ping-pong in progress: poll its wants fast
                 self._reap_exports(ses)
                 self._write_status()
-                link.wait(0.0005 if busy else (0.002 if ses.shared_in or ses.shared_out else 0.02))
+                timeout = 0.0005 if busy else (0.002 if ses.shared_in or ses.shared_out else 0.02)
+                spin, now = 0.0, time.monotonic()
+                for imp in ses.imports.values():  # a mirrored stream's frame is due: wake for its window, spin
+                    win = imp.cadence.window(now)
+                    if win is not None:
+                        if now < win[0]:
+                            timeout = min(timeout, win[0] - now)
+                        else:
+                            spin = max(spin, win[1] - now)
+                link.wait(max(timeout, spin), spin)
+                self._woke = time.monotonic()  # when a frame imported next was noticed (its cadence's arrival)
             ses.stopping = True
             try:
                 link.send(_wire.bye())
@@ -601,6 +659,8 @@ class Bridge:
         return True
 
     def _imported(self, imp: _Import, got: FrameMeta) -> None:
+        if got.timestamp_ns:  # the sender's wall clock: periodic like its frames, at a steady offset from ours
+            imp.cadence.tick(got.timestamp_ns * 1e-9, self._woke)
         if imp.last and got.frame > imp.last + 1:
             imp.drops += got.frame - imp.last - 1
         imp.last = got.frame
@@ -665,7 +725,17 @@ class Bridge:
         try:
             rx = Receiver(ex.name, session=self._session, app_name="texbridge-bridge")
             while not ex.stop.is_set() and not ses.stopping:
-                got = rx.next_frame(0.1, copy=False)
+                now = time.monotonic()
+                win = ex.cadence.window(now)
+                if win is None:
+                    got = rx.next_frame(0.1, copy=False)
+                else:  # a frame is due: sleep until its window opens, then spin across it
+                    got = rx.next_frame(win[0] - now, copy=False) if now < win[0] else None
+                    if got is None:
+                        got = rx.next_frame(0.1, copy=False, spin=max(0.0, win[1] - time.monotonic()))
+                if got is not None:
+                    sent = rx.sent_ns * 1e-9  # the sender's commit, on our clock: no transit to learn
+                    ex.cadence.tick(sent, sent)
                 frame = None if got is None else got.pixels
                 if frame is None:
                     if rx.status == "no_sender" and rx.events and rx.events[-1].kind == "retired":

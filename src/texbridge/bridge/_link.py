@@ -180,7 +180,9 @@ class Link(Protocol):
     """One end of an established bridge link. send()/receive() carry control messages (dicts of msgpack types,
     ≤ MAX_MESSAGE encoded); open_writer/open_reader give a numbered stream's ends (the engine agrees on numbers
     and formats through control messages first). wait() sleeps until something may have arrived (a futex is
-    impossible across a VM: shared-file links poll, spin first then short sleeps). Raises BridgeError once dead."""
+    impossible across a VM: shared-file links poll, spin first then short sleeps); its `spin` is the engine's hint
+    that a frame is due now (spin that long before sleeping; a transport may ignore it). Raises BridgeError once
+    dead."""
 
     @property
     def peer_label(self) -> str: ...
@@ -196,7 +198,7 @@ class Link(Protocol):
 
     def open_reader(self, stream: int, fmt: StreamFormat) -> StreamReader: ...
 
-    def wait(self, timeout: float) -> None: ...
+    def wait(self, timeout: float, spin: float = 0.0) -> None: ...
 
     def stats(self) -> LinkStats: ...
 

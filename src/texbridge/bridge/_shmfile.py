@@ -69,38 +69,54 @@ class _Poller:
     added latency), `idle_sleep` once quiet (an idle bridge costs little; the first frame after a pause waits at most
     that long).
 
-    With a `bell` (the peer's doorbell word: it bumps it and futex-wakes it at every message, frame begun and frame
-    committed) the spin and the sleeps wait on that word with the GIL released, so a peer on this kernel (two
-    namespaces, a container, a host-side pair) wakes us at once. A peer across a VM cannot wake a futex here: its bell
-    is seen at the end of each step, as plain polling would. Steps grow to `woken_sleep` once a futex wake has been
-    seen lately (the peer's wakes reach us: a longer step costs no latency, only fewer idle wake-ups)."""
+    With a `bell` (the peer's doorbell word: it bumps it and futex-wakes it at every message, committed frame and
+    heartbeat) the whole wait is one GIL-free call that spins, then sleeps on the bell's futex and looks at the word
+    every step: a peer on this kernel (two namespaces, a container, a host-side pair) wakes us at once, a peer across
+    a VM is seen within a step. Once a wake has reached us (`wakes_reach`, per link) we stop looking on our own: the
+    peer's wakes come (and the caller's timeout bounds what a peer that rings without waking would cost itself). A
+    peer that has never rung (an older or hostile one) is polled the plain way, ready() at every step."""
 
     def __init__(self, spin_s: float = 50e-6, min_sleep: float = 20e-6, active_sleep: float = 100e-6,
-                 idle_sleep: float = 1e-3, idle_after: float = 1.0, woken_sleep: float = 5e-3) -> None:
+                 idle_sleep: float = 1e-3, idle_after: float = 1.0) -> None:
         self.spin_s, self.min_sleep, self.active_sleep, self.idle_sleep = spin_s, min_sleep, active_sleep, idle_sleep
-        self.idle_after, self.woken_sleep = idle_after, woken_sleep
+        self.idle_after = idle_after
         self._last_event = 0.0
-        self._last_wake = -1e9  # when a futex wake last ended one of our sleeps
+        self.wakes_reach = False  # a futex wake from the peer ended one of our sleeps (reset for each link)
 
-    def until(self, ready: Callable[[], bool], timeout: float, bell: np.ndarray | None = None) -> bool:
-        """True once ready() is, False after `timeout`. bell: the peer's doorbell word as 8 uint8 bytes."""
+    def until(self, ready: Callable[[], bool], timeout: float, bell: np.ndarray | None = None,
+              spin: float = 0.0) -> bool:
+        """True once ready() is, False after `timeout`. bell: the peer's doorbell word as 8 uint8 bytes. spin: spin
+        this long rather than `spin_s` (a frame is due: the caller knows the stream's cadence)."""
         start = time.monotonic()
         word = bell.view(np.uint64) if bell is not None else None
-        seen = int(word[0]) & 0xFFFFFFFF if word is not None else 0  # read before ready(): no ring is lost
+        seen = int(word[0]) if word is not None else 0  # read before ready(): a ring after it is not lost
         if ready():
             self._last_event = start
             return True
         deadline = start + max(timeout, 0.0)
-        if bell is not None:
-            if _core.wait_word(bell, 0, seen, min(self.spin_s, timeout), self.spin_s) and ready():
-                self._last_event = time.monotonic()
-                return True
-        else:
-            spin_end = start + self.spin_s
-            while time.monotonic() < spin_end:
+        spin_s = max(self.spin_s if start - self._last_event < self.idle_after else 0.0, spin)  # idle: no spin
+        if bell is not None and seen:  # the peer rings: wait on its bell alone, GIL-free
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    return ready()
+                cap = (0.0 if self.wakes_reach  # the peer's wakes come: no need to look on our own
+                       else self.idle_sleep if now - self._last_event >= self.idle_after else self.active_sleep)
+                got = _core.wait_word(bell, 0, seen & 0xFFFFFFFF, deadline - now, spin_s, cap)
+                if got == 2:
+                    self.wakes_reach = True
+                if not got and int(word[0]) == seen:
+                    return ready()  # the timeout, the bell silent
+                seen = int(word[0])
                 if ready():
                     self._last_event = time.monotonic()
                     return True
+                spin_s = 0.0  # a ring for something not ours to see (a heartbeat): back to sleep
+        spin_end = start + spin_s
+        while time.monotonic() < spin_end:
+            if ready():
+                self._last_event = time.monotonic()
+                return True
         cap = self.active_sleep if start - self._last_event < self.idle_after else self.idle_sleep
         _tight_timers()
         step = self.min_sleep
@@ -108,17 +124,7 @@ class _Poller:
             now = time.monotonic()
             if now >= deadline:
                 return ready()
-            if bell is not None:
-                if now - self._last_wake < 2 * self.idle_after:
-                    step = max(step, self.woken_sleep)
-                seen = int(word[0]) & 0xFFFFFFFF
-                if ready():
-                    self._last_event = time.monotonic()
-                    return True
-                if _core.wait_word(bell, 0, seen, min(step, deadline - now)) == 2:
-                    self._last_wake = time.monotonic()
-            else:
-                time.sleep(min(step, deadline - now))
+            time.sleep(min(step, deadline - now))
             if ready():
                 self._last_event = time.monotonic()
                 return True
@@ -317,6 +323,8 @@ class ShmEndpoint:
                     link = self._link
                 if link is not None:
                     link._watch(time.monotonic())
+                    if not link._dead:
+                        link._ring_bell()  # the peer learns at once whether our wakes reach it
             except Exception:  # never let the heart stop silently: the peer would declare us dead
                 log.exception("shm heartbeat")
 
@@ -480,6 +488,7 @@ class ShmLink:
         # and the stream bookkeeping each take a lock; writers and readers themselves are used by one thread each.
         self._send_lock, self._recv_lock, self._streams_lock = threading.Lock(), threading.Lock(), threading.RLock()
         self._stats = LinkStats(peer_label=peer_label, alive=True)
+        ep.poller.wakes_reach = False  # learnt again for this peer
         log.info("shm link up: session %x, %s side, peer %r", session, "serve" if side == SERVE else "join",
                  peer_label)
 
@@ -519,6 +528,7 @@ class ShmLink:
         if self._dead:
             return
         self._dead, self._peer_error = why, peer
+        _core.wake_word(self._peer_bell, 0)  # our own engine, asleep on the peer's bell: the link is dead now
         self._stats.alive = False
         self._stats.errors = (self._stats.errors + [why])[-8:]
         level = logging.ERROR if peer else logging.DEBUG if why == _CLOSED_HERE else logging.WARNING
@@ -562,15 +572,15 @@ class ShmLink:
         except BridgePeerError as e:
             raise self._fail(e) from None
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float, spin: float = 0.0) -> None:
         """Return once a message may be there, a peer stream committed a frame or began one (read_into can follow
-        it), the link died, or `timeout`."""
+        it), the link died, or `timeout`; spin up to `spin` seconds first (GIL released, on the doorbell)."""
         def ready() -> bool:
             return (self._in.pending() or self._dead != ""
                     or not np.array_equal(self._peer_latest, self._seen_latest)
                     or not np.array_equal(self._peer_writing, self._seen_writing))
 
-        self._ep.poller.until(ready, timeout, self._peer_bell)
+        self._ep.poller.until(ready, timeout, self._peer_bell, spin)
         self._seen_latest[:] = self._peer_latest
         self._seen_writing[:] = self._peer_writing
 

@@ -759,7 +759,9 @@ class TcpLink:
             self._cond.notify()
         return r
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float, spin: float = 0.0) -> None:
+        """Sleep until the reader thread has news (it sets an Event: a wake within this process, so `spin`, which
+        would hold the GIL that thread needs, is ignored)."""
         if self._wake.wait(timeout):
             self._wake.clear()
 

@@ -495,9 +495,9 @@ class Receiver:
             return self._frame(self.receive(copy=copy, out=out))
 
     def next_frame(self, timeout: float | None = None, *, copy: bool = True,
-                   out: np.ndarray | None = None) -> Frame | None:
+                   out: np.ndarray | None = None, spin: float = 0.0) -> Frame | None:
         """wait_frame() as a Frame: block until a frame newer than the last one returned (None after `timeout`)."""
-        pixels = self.wait_frame(timeout, copy=copy, out=out)
+        pixels = self.wait_frame(timeout, copy=copy, out=out, spin=spin)
         with self._lock:
             return self._frame(pixels)
 
@@ -546,9 +546,11 @@ class Receiver:
         self._pinned = None
 
     def wait_frame(self, timeout: float | None = None, *, copy: bool = True,
-                   out: "np.ndarray | Resource | None" = None) -> Any:
+                   out: "np.ndarray | Resource | None" = None, spin: float = 0.0) -> Any:
         """Block until a frame newer than the last one returned arrives (or a sender appears and sends one).
-        Returns it, or None after `timeout` seconds. Sleeps on a futex: no polling."""
+        Returns it, or None after `timeout` seconds. Sleeps on a futex: no polling. spin: seconds to spin (GIL
+        released, more than one CPU only) before sleeping, for a consumer that knows a frame is due now and cannot
+        afford a scheduler wake-up (the bridge's exporter); the spin burns a core while it lasts."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -568,7 +570,8 @@ class Receiver:
                 return None
             if self._gone or link.ring.closed:
                 continue
-            link.ring.wait(latest, left)
+            link.ring.wait(latest, left, spin)
+            spin = 0.0
 
     # -- lifetime -------------------------------------------------------------------------------------------------------
     @property

@@ -118,7 +118,7 @@ class FrameSource(Protocol):
 
     def release(self) -> None: ...
 
-    def wait(self, seen: int, timeout: float | None) -> None: ...
+    def wait(self, seen: int, timeout: float | None, spin: float = 0.0) -> None: ...
 
 
 # -- the shared words ---------------------------------------------------------------------------------------------------
@@ -155,11 +155,12 @@ class ControlWords:
     def closed(self) -> bool:
         return self._closed or (self.res is not None and self.res.closed)
 
-    def wait(self, index: int, expected: int, timeout: float | None) -> None:
-        """Sleep while the low 32 bits of word `index` equal `expected` (they change with every update)."""
+    def wait(self, index: int, expected: int, timeout: float | None, spin: float = 0.0) -> None:
+        """Sleep while the low 32 bits of word `index` equal `expected` (they change with every update); spin (GIL
+        released) up to `spin` seconds first."""
         if self.closed:
             raise ClosedError("the sender's control buffer is closed (sender or receiver closed while waiting)")
-        _core.wait_word(self.raw, index * 8, expected & 0xFFFFFFFF, timeout)
+        _core.wait_word(self.raw, index * 8, expected & 0xFFFFFFFF, timeout, spin)
 
     def wake(self, index: int) -> None:
         _core.wake_word(self.raw, index * 8)
@@ -482,9 +483,10 @@ class RingReader:
         """Unpin: the sender may reuse the slot."""
         self.rows[self.row, _R_PIN] = 0
 
-    def wait(self, seen: int, timeout: float | None) -> None:
-        """Sleep (futex) while `latest` still equals `seen` (a latest() value), or until `timeout`."""
-        self.ctl.wait(_LATEST, seen, timeout)
+    def wait(self, seen: int, timeout: float | None, spin: float = 0.0) -> None:
+        """Sleep (futex) while `latest` still equals `seen` (a latest() value), or until `timeout`; spin up to
+        `spin` seconds first (a frame is due: a spinner sees it at once, a sleeper after a scheduler wake-up)."""
+        self.ctl.wait(_LATEST, seen, timeout, spin)
 
     def wake(self) -> None:
         """Wake this ring's waiters (wait_frame() threads), e.g. when the sender is known to be gone."""
