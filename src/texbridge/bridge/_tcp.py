@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import hmac
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -44,6 +45,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from .. import _synccore as _core
 from .._errors import InvalidArgument
 from . import _codec as C
 from ._link import (
@@ -683,7 +685,12 @@ class TcpLink:
         self._inbox: collections.deque[dict[str, Any]] = collections.deque()
         self._inbox_bytes = 0
         self._acks: dict[int, int] = {}  # frames processed per peer stream, not yet acknowledged
-        self._wake = threading.Event()
+        # news for the engine (a control message, a frame, death): a word the engine's wait() sleeps on GIL-free (and
+        # may spin on when a frame is due), bumped and futex-woken by whoever has news
+        self._bell = np.zeros(8, np.uint8)
+        self._bellw = self._bell.view(np.uint64)
+        self._bell_n = itertools.count(1)
+        self._bell_seen = 0
         self._out: dict[int, _OutStream] = {}
         self._in: dict[int, _InStream] = {}
         self._error: BridgeError | None = None
@@ -760,10 +767,14 @@ class TcpLink:
         return r
 
     def wait(self, timeout: float, spin: float = 0.0) -> None:
-        """Sleep until the reader thread has news (it sets an Event: a wake within this process, so `spin`, which
-        would hold the GIL that thread needs, is ignored)."""
-        if self._wake.wait(timeout):
-            self._wake.clear()
+        """Sleep until there is news since the last wait() returned (the reader thread rings: a control message, a
+        frame, death), spinning up to `spin` seconds first; GIL released throughout."""
+        _core.wait_word(self._bell, 0, self._bell_seen & 0xFFFFFFFF, timeout, spin)
+        self._bell_seen = int(self._bellw[0])
+
+    def _ring(self) -> None:
+        self._bellw[0] = next(self._bell_n)
+        _core.wake_word(self._bell, 0)
 
     def stats(self) -> LinkStats:
         with self._lock:
@@ -786,7 +797,7 @@ class TcpLink:
             self._sock.close()
         except OSError:
             pass
-        self._wake.set()
+        self._ring()
 
     # ----- internals
 
@@ -813,7 +824,7 @@ class TcpLink:
             log.warning("bridge link to %r died: %s", self._peer_label, err)
             self._cond.notify_all()
             self._shutdown()
-        self._wake.set()
+        self._ring()
 
     def _shutdown(self) -> None:
         try:
@@ -887,7 +898,7 @@ class TcpLink:
                                                   f"{MAX_INBOX_BYTES >> 20} MiB not yet received")
                         self._inbox.append(msg)
                         self._inbox_bytes += length
-                    self._wake.set()
+                    self._ring()
                 elif kind == C.PING:
                     pass
                 elif kind == C.RESYNC:
@@ -984,7 +995,7 @@ class TcpLink:
                 r.publish(FrameMeta(frame, ts, rects, user), rects, swap=True)
         with self._lock:
             self._stats.frames_in += 1
-        self._wake.set()
+        self._ring()
         return stream
 
 
