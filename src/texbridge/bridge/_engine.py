@@ -51,7 +51,8 @@ STATUS_INTERVAL = 0.5  # seconds between status-file writes
 RESOURCE_POLL = 0.5  # seconds between looks for keyed-mutex resources to share
 HELLO_TIMEOUT = 5.0  # a peer that sends no hello this long after the link is up is dropped
 MAX_ERRORS = 8  # peer errors kept for status
-KM_HOT_S = 0.25  # after keyed-mutex traffic, poll local waiters every ~0.5 ms (else every 2 ms) for this long
+KM_HOT_S = 0.25  # after keyed-mutex traffic, poll local waiters every KM_HOT_POLL_S (else every 2 ms) for this long
+KM_HOT_POLL_S = 100e-6
 EXPORT_CHUNKS = 8  # a large frame is copied into the link in up to this many row bands, each announced with progress()
 SPIN_MIN_S, SPIN_MAX_S = 30e-6, 250e-6  # half-width of the spin window around a periodic stream's next frame ...
 SPIN_SHARE = 0.05  # ... and at most this share of its period (two windows per frame: ≤ 10 % of a core per thread)
@@ -369,6 +370,7 @@ class Bridge:
             for m in pending:
                 self._handle(ses, m)
             next_poll = 0.0
+            km_hot = False
             while not self._stop.is_set():
                 if not link.alive:
                     raise BridgeError("the peer stopped answering")
@@ -383,10 +385,11 @@ class Bridge:
                         self._poll_resources(ses)
                     if self._pump_shared(ses):
                         ses.km_hot_until = time.monotonic() + KM_HOT_S
-                    busy |= time.monotonic() < ses.km_hot_until  # a ping-pong in progress: poll its wants fast
+                    km_hot = time.monotonic() < ses.km_hot_until  # a ping-pong in progress: poll its wants fast
                 self._reap_exports(ses)
                 self._write_status()
-                timeout = 0.0005 if busy else (0.002 if ses.shared_in or ses.shared_out else 0.02)
+                timeout = (KM_HOT_POLL_S if km_hot else 0.0005 if busy
+                           else 0.002 if ses.shared_in or ses.shared_out else 0.02)
                 spin, now = 0.0, time.monotonic()
                 for imp in ses.imports.values():  # a mirrored stream's frame is due: wake for its window, spin
                     win = imp.cadence.window(now)
