@@ -118,6 +118,37 @@ def test_view_without_overlay_and_resize(runtime, display, tmp_path):
     np.testing.assert_array_equal(got[..., :3], expected[..., :3])
 
 
+@pytest.mark.parametrize("fmt", ["rgba8", "bgra8"])
+def test_view_opens_1_to_1_and_copies_the_frame_exactly(runtime, display, tmp_path, fmt):
+    """Without --size the window is the image plus the bar, so the image is copied 1:1 (the blit path that costs
+    no shader on llvmpipe); RGBA frames are swizzled into the window's BGRA order while uploading, BGRA ones are
+    not: both must come out exactly."""
+    shot = tmp_path / "shot.npy"
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (240, 320, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    sent = rgba[..., [2, 1, 0, 3]].copy() if fmt == "bgra8" else rgba  # the sender's own byte order
+    with texbridge.Sender(f"one-to-one-{fmt}", 320, 240, fmt) as s:
+        stop = threading.Event()
+
+        def pump() -> None:
+            while not stop.is_set():
+                s.send(sent)
+                time.sleep(0.02)
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        try:
+            res = _view(display, f"one-to-one-{fmt}", "--frames", "3", "--screenshot", str(shot), "--timeout", "30")
+        finally:
+            stop.set()
+            t.join()
+    assert res.returncode == 0, res.stderr
+    got = np.load(shot)
+    assert got.shape[1] == 320 and 240 < got.shape[0] < 240 + 100, got.shape  # 1:1, plus the overlay bar
+    np.testing.assert_array_equal(got[-240:, :, :3], rgba[..., :3])
+
+
 def test_view_times_out_without_sender(runtime, display):
     res = _view(display, "nobody-here", "--frames", "1", "--screenshot", "/dev/null", "--timeout", "1")
     assert res.returncode == 2 and "timed out" in res.stderr

@@ -228,14 +228,15 @@ class Viewer:
 
         glfw.set_framebuffer_size_callback(self.window, resized)
         glfw.set_window_refresh_callback(self.window, lambda *_: self._touch())
-        self.tex = GL.glGenTextures(1)
-        self.text_tex = GL.glGenTextures(1)
+        # The image and the overlay bar each live in a texture attached to a framebuffer object, and are drawn
+        # with glBlitFramebuffer: 1:1 (the window sized to the image) and in the driver's own layout, that is a
+        # plain copy in llvmpipe, where a textured quad runs a shader per pixel (docs/senders.md, "view").
+        self.tex, self.text_tex = GL.glGenTextures(2)
+        self.fbo, self.text_fbo = GL.glGenFramebuffers(2)
         for t in (self.tex, self.text_tex):
             GL.glBindTexture(GL.GL_TEXTURE_2D, t)
             GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_MIN_FILTER, GL.GL_NEAREST)
             GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_MAG_FILTER, GL.GL_NEAREST)
-            GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_WRAP_S, GL.GL_CLAMP_TO_EDGE)
-            GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_WRAP_T, GL.GL_CLAMP_TO_EDGE)
         self.tex_shape: tuple[int, int] | None = None
         self.text_shape = (0, 0)
         self.text_key: tuple[Any, ...] = ()
@@ -248,6 +249,8 @@ class Viewer:
         self._senders: list[Any] = []
         self._senders_at = 0.0
         self._items: list[list[str]] | None = None  # the overlay's lines as last drawn (None: recompute)
+        self._layout_key: tuple[Any, ...] | None = None  # (window, image size) the layout below is for
+        self._layout: tuple[int, tuple[int, int, int, int] | None] = (0, None)  # (bar height, image rect)
         if self.first is not None:
             self._upload(self.first)
 
@@ -264,15 +267,29 @@ class Viewer:
         return f"waiting for {who} - {self.base_title}"
 
     def _initial_size(self) -> tuple[int, int]:
-        """The image's size (at most 1280x720), plus the overlay bar's height, so the image starts out unscaled."""
+        """The image's size plus the overlay bar's height, so the image starts out unscaled (1:1 is also the cheap
+        way to draw it), or at 1/2, 1/3... when that does not fit the screen's work area (whole pixels, no
+        uneven rows)."""
         r = self.receiver
         if not r.width:
             return 640, 360
-        w, h = r.width, r.height
-        scale = min(1.0, 1280 / w, 720 / h)
-        w, h = max(160, int(w * scale)), max(90, int(h * scale))
+        room_w, room_h = self._screen_room()
+        k = 1
+        while k < 64 and (r.width / k > room_w or r.height / k + 60 > room_h):
+            k += 1
+        w, h = max(160, r.width // k), max(90, r.height // k)
         self.show_list = False
         return w, h + (overlay_layout(self.overlay_items(), (w, h), None)[2] if self.overlay else 0)
+
+    def _screen_room(self) -> tuple[int, int]:
+        """The primary monitor's work area less room for the title bar (1280x760 when GLFW cannot say)."""
+        glfw = self.glfw
+        try:
+            monitor = glfw.get_primary_monitor()
+            _, _, w, h = glfw.get_monitor_workarea(monitor) if monitor else (0, 0, 0, 0)
+        except Exception:  # an old GLFW without work areas
+            w = h = 0
+        return (w, h - 40) if w > 0 and h > 40 else (1280, 760)
 
     def senders(self) -> list[Any]:
         """The live senders (refreshed at most once a second: one LIST request)."""
@@ -355,17 +372,31 @@ class Viewer:
                                                                                       + 4 * w]
         else:
             base = np.ascontiguousarray(data)
+        if self.tex_shape != (w, h):
+            self._storage(self.tex, self.fbo, w, h)
+            self.tex_shape = (w, h)
         GL.glBindTexture(GL.GL_TEXTURE_2D, self.tex)
         GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
         GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, row if row != w else 0)
         src = GL.GL_BGRA if bgra else GL.GL_RGBA
-        if self.tex_shape != (w, h):
-            GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA8, w, h, 0, src, GL.GL_UNSIGNED_BYTE, base)
-            self.tex_shape = (w, h)
-        else:
-            GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, src, GL.GL_UNSIGNED_BYTE, base)
+        GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, src, GL.GL_UNSIGNED_BYTE, base)
         GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, 0)
         self._dirty = True
+
+    def _storage(self, tex: int, fbo: int, w: int, h: int) -> None:
+        """(Re)allocate `tex` at w x h and attach it to `fbo`, the blit's source. The unsized GL_RGBA specified with
+        GL_BGRA data lets the driver store it as the window does (B8G8R8A8: Mesa picks the layout matching the
+        format only for unsized internal formats; GL_RGBA8 would be R8G8B8A8), so a 1:1 blit is a copy with no
+        conversion; RGBA frames are swizzled once, while uploading."""
+        GL = self.GL
+        GL.glBindTexture(GL.GL_TEXTURE_2D, tex)
+        GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA, w, h, 0, GL.GL_BGRA, GL.GL_UNSIGNED_BYTE, None)
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, fbo)
+        GL.glFramebufferTexture2D(GL.GL_READ_FRAMEBUFFER, GL.GL_COLOR_ATTACHMENT0, GL.GL_TEXTURE_2D, tex, 0)
+        status = GL.glCheckFramebufferStatus(GL.GL_READ_FRAMEBUFFER)
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, 0)
+        if status != GL.GL_FRAMEBUFFER_COMPLETE:
+            raise BackendError(f"the viewer's {w}x{h} texture cannot be read as a framebuffer (status {status:#x})")
 
     def overlay_items(self) -> list[list[str]]:
         """The overlay's lines, each a list of items (wrapped to the window by overlay_layout)."""
@@ -402,51 +433,72 @@ class Viewer:
                 if mh > 0 and mw > 0:
                     img[y:y + mh, x:x + mw][mask[:mh, :mw]] = (255, 255, 255, 255)
             GL = self.GL
+            if self.text_shape != (img.shape[1], img.shape[0]):
+                self._storage(self.text_tex, self.text_fbo, img.shape[1], img.shape[0])
+                self.text_shape = (img.shape[1], img.shape[0])
             GL.glBindTexture(GL.GL_TEXTURE_2D, self.text_tex)
             GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
-            GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA8, img.shape[1], img.shape[0], 0, GL.GL_RGBA,
-                            GL.GL_UNSIGNED_BYTE, img)
-            self.text_shape = (img.shape[1], img.shape[0])
+            GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, img.shape[1], img.shape[0], GL.GL_RGBA,
+                               GL.GL_UNSIGNED_BYTE, img)
         return bar, scale
 
-    @staticmethod
-    def _quad(GL: Any, x0: float, y0: float, x1: float, y1: float) -> None:
-        """A textured quad in window pixels, y down; texture row 0 (the image's top) at y0."""
-        GL.glBegin(GL.GL_QUADS)
-        for (tx, ty), (x, y) in (((0, 0), (x0, y0)), ((1, 0), (x1, y0)), ((1, 1), (x1, y1)), ((0, 1), (x0, y1))):
-            GL.glTexCoord2f(tx, ty)
-            GL.glVertex2f(x, y)
-        GL.glEnd()
+    def _blit(self, fbo: int, size: tuple[int, int], rect: tuple[int, int, int, int]) -> None:
+        """Copy a texture (its framebuffer `fbo`, `size`) to window pixels rect = (x0, y0, x1, y1), y down: the
+        texture's first row (the image's top) lands on row y0. Nearest-pixel when the sizes differ."""
+        GL = self.GL
+        fh = self.fb_size[1]
+        x0, y0, x1, y1 = rect
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, fbo)
+        GL.glBlitFramebuffer(0, 0, size[0], size[1], x0, fh - y0, x1, fh - y1, GL.GL_COLOR_BUFFER_BIT, GL.GL_NEAREST)
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, 0)
+
+    def _clear_around(self, rect: tuple[int, int, int, int] | None, top: int) -> None:
+        """Clear the window below `top` except `rect` (y down): nothing at all when the image fills it, as a 1:1
+        window does, so the frame costs no fill."""
+        GL = self.GL
+        fw, fh = self.fb_size
+        if rect is None:
+            strips = [(0, top, fw, fh)]
+        else:
+            x0, y0, x1, y1 = rect
+            strips = [(0, top, fw, y0), (0, y1, fw, fh), (0, y0, x0, y1), (x1, y0, fw, y1)]
+        strips = [(a, b, c, d) for a, b, c, d in strips if c > a and d > b]
+        if not strips:
+            return
+        GL.glClearColor(0.08, 0.08, 0.1, 1)
+        GL.glEnable(GL.GL_SCISSOR_TEST)
+        for a, b, c, d in strips:
+            GL.glScissor(a, fh - d, c - a, d - b)
+            GL.glClear(GL.GL_COLOR_BUFFER_BIT)
+        GL.glDisable(GL.GL_SCISSOR_TEST)  # a scissor would also clip the blits
 
     def draw(self) -> None:
         GL = self.GL
         fw, fh = self.fb_size
+        GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, 0)
         GL.glViewport(0, 0, fw, fh)
-        GL.glMatrixMode(GL.GL_PROJECTION)
-        GL.glLoadIdentity()
-        GL.glOrtho(0, fw, fh, 0, -1, 1)
-        GL.glMatrixMode(GL.GL_MODELVIEW)
-        GL.glLoadIdentity()
-        GL.glClearColor(0.08, 0.08, 0.1, 1)
-        GL.glClear(GL.GL_COLOR_BUFFER_BIT)
-        GL.glEnable(GL.GL_TEXTURE_2D)
-        GL.glTexEnvi(GL.GL_TEXTURE_ENV, GL.GL_TEXTURE_ENV_MODE, GL.GL_REPLACE)
         if self._items is None:
             self._items = self.overlay_items()  # counters move every frame: refreshed twice a second, not per draw
+            self._layout_key = None
         items = self._items
-        bar = self._update_text(items, (fw, fh))[0] if items else 0
         image = self.tex_shape if self.tex_shape and self.receiver.connected else None
-        rect = overlay_layout(items, (fw, fh), image)[3] if image else None
+        key = (fw, fh, image)
+        if key != self._layout_key:  # the layout (and the bar's texture) only when something in it changed
+            self._layout_key = key
+            bar = self._update_text(items, (fw, fh))[0] if items else 0
+            area = overlay_layout(items, (fw, fh), image)[3] if image else None
+            rect = None
+            if area is not None:
+                x0, y0 = int(area[0]), int(area[1])
+                rect = (x0, y0, max(x0 + 1, round(area[2])), max(y0 + 1, round(area[3])))
+            self._layout = (bar, rect)
+        bar, rect = self._layout
+        self._clear_around(rect, bar)
         if rect is not None:
-            GL.glDisable(GL.GL_BLEND)
-            GL.glBindTexture(GL.GL_TEXTURE_2D, self.tex)
-            self._quad(GL, *rect)
+            self._blit(self.fbo, image, rect)  # type: ignore[arg-type]
         if bar:
-            GL.glDisable(GL.GL_BLEND)
-            GL.glBindTexture(GL.GL_TEXTURE_2D, self.text_tex)
             w, h = self.text_shape
-            self._quad(GL, 0, 0, w, h)
-        GL.glDisable(GL.GL_TEXTURE_2D)
+            self._blit(self.text_fbo, (w, h), (0, 0, w, h))
         self.draws += 1
 
     def screenshot(self) -> np.ndarray:
