@@ -288,3 +288,14 @@ def test_the_view_extra_installs_everything_the_viewer_imports():
     dists = importlib.metadata.packages_distributions()
     missing = {m: dists.get(m) for m in third_party if not {d.lower() for d in dists.get(m, [])} & wanted}
     assert third_party >= {"glfw", "OpenGL"} and not missing, f"imported by the viewer but not in [view]: {missing}"
+
+
+def test_the_bgra8_test_pattern_is_the_same_picture_in_bgra_order():
+    """send-test --format bgra8 publishes what rgba8 shows, its bytes in B, G, R, A order."""
+    from texbridge.cli.viewer import TestPattern
+
+    rgba, bgra = np.empty((90, 160, 4), np.uint8), np.empty((90, 160, 4), np.uint8)
+    TestPattern(160, 90, "x").render(7, rgba)
+    TestPattern(160, 90, "x", bgra=True).render(7, bgra)
+    np.testing.assert_array_equal(bgra, rgba[..., [2, 1, 0, 3]])
+    assert not np.array_equal(bgra, rgba)

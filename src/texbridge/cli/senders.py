@@ -46,14 +46,16 @@ def _senders_table(rows: dict[str, tuple[str, ...]], active: str | None, title: 
 @click.option("--fps", default=60.0, show_default=True, help="Frames per second (0: as fast as possible).")
 @click.option("--frames", default=None, type=int, help="Stop after this many frames (default: until Ctrl-C).")
 @click.option("--backend", default="memfd", show_default=True, help=BACKEND_HELP)
+@click.option("--format", "fmt", default="rgba8", show_default=True, type=click.Choice(["rgba8", "bgra8"]),
+              help="The sender's pixel format (bgra8: Windows/Spout's usual order).")
 @namespace_option
 @friendly
-def send_test(name: str, size: tuple[int, int], fps: float, frames: int | None, backend: str) -> None:
+def send_test(name: str, size: tuple[int, int], fps: float, frames: int | None, backend: str, fmt: str) -> None:
     """Publish an animated test pattern (moving gradient, colour bars, frame counter) as sender NAME."""
     from .viewer import send_test as run
 
     w, h = size
-    click.secho(f"sending {name!r} {w}x{h} rgba8 at {fps:g} fps ({backend}); Ctrl-C to stop", fg="green")
+    click.secho(f"sending {name!r} {w}x{h} {fmt} at {fps:g} fps ({backend}); Ctrl-C to stop", fg="green")
     click.echo(f"  watch it:  texbridge view {name!r}      list senders:  texbridge senders")
     last = [time.monotonic()]
     interactive = sys.stdout.isatty()
@@ -65,7 +67,7 @@ def send_test(name: str, size: tuple[int, int], fps: float, frames: int | None, 
             click.echo(f"\r  frame {sender.frame_number:,}  {sender.fps:5.1f} fps  "
                        f"{sender.receivers} receiver(s)   ", nl=False)
 
-    sent = run(name, w, h, fps, frames, backend, status)
+    sent = run(name, w, h, fps, frames, backend, status, fmt=fmt)
     click.echo(f"\nsent {sent:,} frames; {name!r} retired")
 
 

@@ -69,7 +69,7 @@ class TestPattern:
     BARS = np.array([(255, 255, 255), (255, 255, 0), (0, 255, 255), (0, 255, 0), (255, 0, 255), (255, 0, 0),
                      (0, 0, 255), (0, 0, 0)], np.uint8)
 
-    def __init__(self, width: int, height: int, name: str = "") -> None:
+    def __init__(self, width: int, height: int, name: str = "", bgra: bool = False) -> None:
         self.width, self.height, self.name = width, height, name
         x = np.arange(2 * width) / width
         y = np.arange(height)[:, None] / max(1, height - 1)
@@ -83,6 +83,9 @@ class TestPattern:
         self._bars = np.empty((bar_h, width, 4), np.uint8)
         self._bars[..., :3] = self.BARS[(np.arange(width) * len(self.BARS)) // width][None, :, :]
         self._bars[..., 3] = 255
+        if bgra:  # the same picture in B, G, R, A byte order (the box and the text are grey: the same either way)
+            self._base[..., :3] = self._base[..., 2::-1].copy()
+            self._bars[..., :3] = self._bars[..., 2::-1].copy()
 
     def render(self, frame: int, out: np.ndarray) -> None:
         w, h = self.width, self.height
@@ -100,13 +103,14 @@ class TestPattern:
 
 
 def send_test(name: str, width: int, height: int, fps: float, frames: int | None, backend: str,
-              on_frame: Any = None) -> int:
-    """Publish the test pattern under `name` until Ctrl-C (or `frames`). Returns the frames sent."""
+              on_frame: Any = None, fmt: str = "rgba8") -> int:
+    """Publish the test pattern under `name` (format rgba8 or bgra8) until Ctrl-C (or `frames`). Returns the frames
+    sent."""
     from ..senders import Sender
 
-    pattern = TestPattern(width, height, name)
+    pattern = TestPattern(width, height, name, bgra=fmt == "bgra8")
     period = 1.0 / fps if fps > 0 else 0.0
-    with Sender(name, width, height, "rgba8", backend=backend, app_name="texbridge send-test") as sender:
+    with Sender(name, width, height, fmt, backend=backend, app_name="texbridge send-test") as sender:
         start = time.monotonic()
         try:
             while frames is None or sender.frame_number < frames:
@@ -238,6 +242,7 @@ class Viewer:
             GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_MIN_FILTER, GL.GL_NEAREST)
             GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_MAG_FILTER, GL.GL_NEAREST)
         self.tex_shape: tuple[int, int] | None = None
+        self.tex_bgra = False  # the texture's byte order (see _upload)
         self.text_shape = (0, 0)
         self.text_key: tuple[Any, ...] = ()
         self.text_at = 0.0
@@ -250,7 +255,7 @@ class Viewer:
         self._senders_at = 0.0
         self._items: list[list[str]] | None = None  # the overlay's lines as last drawn (None: recompute)
         self._layout_key: tuple[Any, ...] | None = None  # (window, image size) the layout below is for
-        self._layout: tuple[int, tuple[int, int, int, int] | None] = (0, None)  # (bar height, image rect)
+        self._layout: tuple[int, tuple[int, int, int, int] | None, bool] = (0, None, False)  # see _layout_for
         if self.first is not None:
             self._upload(self.first)
 
@@ -372,9 +377,12 @@ class Viewer:
                                                                                       + 4 * w]
         else:
             base = np.ascontiguousarray(data)
-        if self.tex_shape != (w, h):
-            self._storage(self.tex, self.fbo, w, h)
-            self.tex_shape = (w, h)
+        # Stored in the window's BGRA order when the image is shown 1:1 (then the blit is a plain copy) or already
+        # comes that way; else in the frame's own order, so the upload is a copy and the scaling quad swizzles.
+        order = bgra or self._layout_for((w, h))[2]
+        if self.tex_shape != (w, h) or self.tex_bgra != order:
+            self._storage(self.tex, self.fbo, w, h, order)
+            self.tex_shape, self.tex_bgra = (w, h), order
         GL.glBindTexture(GL.GL_TEXTURE_2D, self.tex)
         GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
         GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, row if row != w else 0)
@@ -383,14 +391,15 @@ class Viewer:
         GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, 0)
         self._dirty = True
 
-    def _storage(self, tex: int, fbo: int, w: int, h: int) -> None:
-        """(Re)allocate `tex` at w x h and attach it to `fbo`, the blit's source. The unsized GL_RGBA specified with
-        GL_BGRA data lets the driver store it as the window does (B8G8R8A8: Mesa picks the layout matching the
-        format only for unsized internal formats; GL_RGBA8 would be R8G8B8A8), so a 1:1 blit is a copy with no
-        conversion; RGBA frames are swizzled once, while uploading."""
+    def _storage(self, tex: int, fbo: int, w: int, h: int, bgra: bool) -> None:
+        """(Re)allocate `tex` at w x h, in B, G, R, A byte order or R, G, B, A, and attach it to `fbo`, the blit's
+        source. An unsized GL_RGBA specified with GL_BGRA data lets the driver store it as the window does
+        (B8G8R8A8: Mesa picks the layout matching the data only for unsized internal formats; GL_RGBA8 is always
+        R8G8B8A8), so a 1:1 blit is a copy with no conversion; RGBA frames are then swizzled while uploading."""
         GL = self.GL
         GL.glBindTexture(GL.GL_TEXTURE_2D, tex)
-        GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA, w, h, 0, GL.GL_BGRA, GL.GL_UNSIGNED_BYTE, None)
+        GL.glTexImage2D(GL.GL_TEXTURE_2D, 0, GL.GL_RGBA, w, h, 0, GL.GL_BGRA if bgra else GL.GL_RGBA,
+                        GL.GL_UNSIGNED_BYTE, None)
         GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, fbo)
         GL.glFramebufferTexture2D(GL.GL_READ_FRAMEBUFFER, GL.GL_COLOR_ATTACHMENT0, GL.GL_TEXTURE_2D, tex, 0)
         status = GL.glCheckFramebufferStatus(GL.GL_READ_FRAMEBUFFER)
@@ -434,7 +443,7 @@ class Viewer:
                     img[y:y + mh, x:x + mw][mask[:mh, :mw]] = (255, 255, 255, 255)
             GL = self.GL
             if self.text_shape != (img.shape[1], img.shape[0]):
-                self._storage(self.text_tex, self.text_fbo, img.shape[1], img.shape[0])
+                self._storage(self.text_tex, self.text_fbo, img.shape[1], img.shape[0], True)  # always 1:1
                 self.text_shape = (img.shape[1], img.shape[0])
             GL.glBindTexture(GL.GL_TEXTURE_2D, self.text_tex)
             GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
@@ -477,29 +486,56 @@ class Viewer:
         fw, fh = self.fb_size
         GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, 0)
         GL.glViewport(0, 0, fw, fh)
+        image = self.tex_shape if self.tex_shape and self.receiver.connected else None
+        bar, rect, one_to_one = self._layout_for(image)
+        self._clear_around(rect, bar)
+        if rect is not None and one_to_one:
+            self._blit(self.fbo, image, rect)  # type: ignore[arg-type]
+        elif rect is not None:  # scaled: a quad, cheaper than a scaling blit on llvmpipe (measured)
+            GL.glMatrixMode(GL.GL_PROJECTION)
+            GL.glLoadIdentity()
+            GL.glOrtho(0, fw, fh, 0, -1, 1)
+            GL.glMatrixMode(GL.GL_MODELVIEW)
+            GL.glLoadIdentity()
+            GL.glEnable(GL.GL_TEXTURE_2D)
+            GL.glTexEnvi(GL.GL_TEXTURE_ENV, GL.GL_TEXTURE_ENV_MODE, GL.GL_REPLACE)
+            GL.glBindTexture(GL.GL_TEXTURE_2D, self.tex)
+            self._quad(GL, *rect)
+            GL.glDisable(GL.GL_TEXTURE_2D)
+        if bar:
+            w, h = self.text_shape
+            self._blit(self.text_fbo, (w, h), (0, 0, w, h))
+        self.draws += 1
+
+    def _layout_for(self, image: tuple[int, int] | None) -> tuple[int, tuple[int, int, int, int] | None, bool]:
+        """(bar height, the image's rect in whole window pixels or None, whether it is shown 1:1), recomputed (and
+        the bar's texture redrawn) only when the overlay's lines, the window or the image size changed."""
+        fw, fh = self.fb_size
         if self._items is None:
             self._items = self.overlay_items()  # counters move every frame: refreshed twice a second, not per draw
             self._layout_key = None
-        items = self._items
-        image = self.tex_shape if self.tex_shape and self.receiver.connected else None
         key = (fw, fh, image)
-        if key != self._layout_key:  # the layout (and the bar's texture) only when something in it changed
+        if key != self._layout_key:
             self._layout_key = key
+            items = self._items
             bar = self._update_text(items, (fw, fh))[0] if items else 0
             area = overlay_layout(items, (fw, fh), image)[3] if image else None
             rect = None
             if area is not None:
                 x0, y0 = int(area[0]), int(area[1])
                 rect = (x0, y0, max(x0 + 1, round(area[2])), max(y0 + 1, round(area[3])))
-            self._layout = (bar, rect)
-        bar, rect = self._layout
-        self._clear_around(rect, bar)
-        if rect is not None:
-            self._blit(self.fbo, image, rect)  # type: ignore[arg-type]
-        if bar:
-            w, h = self.text_shape
-            self._blit(self.text_fbo, (w, h), (0, 0, w, h))
-        self.draws += 1
+            one = rect is not None and image is not None and (rect[2] - rect[0], rect[3] - rect[1]) == image
+            self._layout = (bar, rect, one)
+        return self._layout
+
+    @staticmethod
+    def _quad(GL: Any, x0: float, y0: float, x1: float, y1: float) -> None:
+        """A textured quad in window pixels, y down; texture row 0 (the image's top) at y0."""
+        GL.glBegin(GL.GL_QUADS)
+        for (tx, ty), (x, y) in (((0, 0), (x0, y0)), ((1, 0), (x1, y0)), ((1, 1), (x1, y1)), ((0, 1), (x0, y1))):
+            GL.glTexCoord2f(tx, ty)
+            GL.glVertex2f(x, y)
+        GL.glEnd()
 
     def screenshot(self) -> np.ndarray:
         """The window's pixels as (H, W, 4) uint8, top row first."""
