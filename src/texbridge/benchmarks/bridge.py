@@ -10,6 +10,10 @@ End-to-end rows, peers measured in the same run:
   processes of one namespace;
 - kill -9 of either bridge process: how long the other side takes to retire the mirrors, and how long a restarted
   bridge takes to link again (from its process start, and from the moment its CLI is up).
+
+Only the latency and keyed-mutex rows (a minute or two): `python -m texbridge.benchmarks.bridge --latency [--quick]`
+or `TEXBRIDGE_BENCH_BRIDGE_ROWS=latency texbridge bench --quick bridge`; `TEXBRIDGE_BENCH_BRIDGE=shm` (or `tcp`)
+picks the transports.
 """
 
 from __future__ import annotations
@@ -402,6 +406,8 @@ def _transport_rows(quick: bool) -> list[Row]:
 
 
 def run(quick: bool) -> list[Row]:
+    if os.environ.get("TEXBRIDGE_BENCH_BRIDGE_ROWS") == "latency":  # `texbridge bench bridge` with only those rows
+        return latency(quick)
     return _transport_rows(quick) + _e2e_rows(quick)
 
 
