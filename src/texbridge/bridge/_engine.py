@@ -56,6 +56,21 @@ KM_HOT_POLL_S = 100e-6
 EXPORT_CHUNKS = 8  # a large frame is copied into the link in up to this many row bands, each announced with progress()
 SPIN_MIN_S, SPIN_MAX_S = 30e-6, 250e-6  # half-width of the spin window around a periodic stream's next frame ...
 SPIN_SHARE = 0.05  # ... and at most this share of its period (two windows per frame: ≤ 10 % of a core per thread)
+
+
+def _spin_default() -> bool:
+    """Spin windows need a core to spare: on a machine of 1-3 CPUs the spinner takes the core the sender or the
+    receiver needs (measured on 2 cores: slower, not faster). TEXBRIDGE_BRIDGE_SPIN=1/0 forces them on/off."""
+    forced = os.environ.get("TEXBRIDGE_BRIDGE_SPIN", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return len(os.sched_getaffinity(0)) >= 4
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) >= 4
+
+
+SPIN_WINDOWS = _spin_default()
 EXPORT_BAND_BYTES = 512 * 1024  # ... of at least this many bytes: a smaller frame is one band (a band costs Python time)
 
 
@@ -131,8 +146,9 @@ class _Cadence:
     state, the bulk of the bridge's added latency), a spinner none. The frames' own times (`event`: any clock with
     a steady offset to ours, e.g. the sender's wall clock) give the period; the least recent transit (arrival -
     event) maps them to our clock, so a frame seen late (from a sleep) does not drag the window late. No window for
-    an irregular stream (too few frames within ±50 % of the period) or a period over a second; the window is
-    2 x (SPIN_MIN_S + 3 x jitter + transit spread), capped by SPIN_MAX_S and SPIN_SHARE of the period."""
+    an irregular stream (too few frames within ±50 % of the period) or a period over a second, nor on a machine
+    without a core to spare (SPIN_WINDOWS); the window is 2 x (SPIN_MIN_S + 3 x jitter + transit spread), capped
+    by SPIN_MAX_S and SPIN_SHARE of the period."""
 
     __slots__ = ("last", "dt", "jitter", "regular", "transit")
 
@@ -156,7 +172,7 @@ class _Cadence:
 
     def window(self, now: float) -> tuple[float, float] | None:
         """(start, end) on time.monotonic() of the spin window around the next frame; None: just sleep."""
-        if self.regular < 8 or self.last is None or not 0 < self.dt <= 1.0:
+        if not SPIN_WINDOWS or self.regular < 8 or self.last is None or not 0 < self.dt <= 1.0:
             return None
         transit = sorted(self.transit)
         fastest = transit[0]

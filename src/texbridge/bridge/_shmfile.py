@@ -33,7 +33,7 @@ from ..senders.ring import (_CLOSED, _FMT, _GEN, _HANDLES, _HEIGHT, _HSEQ, _LATE
                             _SLOT_MASK, _WIDTH, CONTROL_SIZE, MAX_SLOTS, ControlWords, RingReader, RingWriter, Stale,
                             _format_word)
 from . import _shmlayout as L
-from ._link import (FOLLOW_MIN_BYTES, HEARTBEAT_S, MAX_DAMAGE, MAX_STREAMS, MAX_USER_DATA, PEER_TIMEOUT_S, BridgeError,
+from ._link import (HEARTBEAT_S, MAX_DAMAGE, MAX_STREAMS, MAX_USER_DATA, PEER_TIMEOUT_S, BridgeError,
                     BridgePeerError, FrameMeta, LinkStats, StreamFormat)
 
 log = logging.getLogger("texbridge.bridge.shm")
@@ -72,9 +72,10 @@ class _Poller:
     With a `bell` (the peer's doorbell word: it bumps it and futex-wakes it at every message, committed frame and
     heartbeat) the whole wait is one GIL-free call that spins, then sleeps on the bell's futex and looks at the word
     every step: a peer on this kernel (two namespaces, a container, a host-side pair) wakes us at once, a peer across
-    a VM is seen within a step. Once a wake has reached us (`wakes_reach`, per link) we stop looking on our own: the
-    peer's wakes come (and the caller's timeout bounds what a peer that rings without waking would cost itself). A
-    peer that has never rung (an older or hostile one) is polled the plain way, ready() at every step."""
+    a VM is seen within a step. Once a wake has reached us (`wakes_reach`, per link) an idle wait stops looking on
+    its own: the peer's wakes come (and the caller's timeout bounds what a peer that rings without waking would cost
+    itself); while frames flow the looks go on, as they keep the CPU out of deep idle states. A peer that has never
+    rung (an older or hostile one) is polled the plain way, ready() at every step."""
 
     def __init__(self, spin_s: float = 50e-6, min_sleep: float = 20e-6, active_sleep: float = 100e-6,
                  idle_sleep: float = 1e-3, idle_after: float = 1.0) -> None:
@@ -96,12 +97,16 @@ class _Poller:
         deadline = start + max(timeout, 0.0)
         spin_s = max(self.spin_s if start - self._last_event < self.idle_after else 0.0, spin)  # idle: no spin
         if bell is not None and seen:  # the peer rings: wait on its bell alone, GIL-free
+            _tight_timers()  # the look-again steps are futex timeouts: 50 us of default slack would stretch them
             while True:
                 now = time.monotonic()
                 if now >= deadline:
                     return ready()
-                cap = (0.0 if self.wakes_reach  # the peer's wakes come: no need to look on our own
-                       else self.idle_sleep if now - self._last_event >= self.idle_after else self.active_sleep)
+                # while frames flow, look every active_sleep even when the peer's wakes reach us: a thread woken
+                # every 100 us keeps its CPU out of deep idle (a futex wake into deep idle, or into a halted vCPU,
+                # costs ~30-100 us more: measured); once idle, sleep until woken (or look every idle_sleep)
+                idle = now - self._last_event >= self.idle_after
+                cap = self.active_sleep if not idle else 0.0 if self.wakes_reach else self.idle_sleep
                 got = _core.wait_word(bell, 0, seen & 0xFFFFFFFF, deadline - now, spin_s, cap)
                 if got == 2:
                     self.wakes_reach = True
@@ -702,8 +707,9 @@ class _ShmWriter:
         self._metau[slot][L.M_PROGRESS] = 0
         self._u[L.C_WRITING] = ((self._begins << _SLOT_BITS) | slot) & _U64
         self._slot = slot
-        if self.fmt.nbytes >= FOLLOW_MIN_BYTES:
-            self._link._ring_bell()  # the peer may follow the rows as they come (read_into)
+        # the peer may follow the rows as they come (read_into); for a frame too small to follow, the early wake
+        # still pays: the peer's CPU is out of idle (and its waiter spinning) by the time the commit lands
+        self._link._ring_bell()
         return self._pixels[slot]
 
     def progress(self, rows: int) -> None:
