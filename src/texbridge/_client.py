@@ -105,13 +105,13 @@ class _Channel:
 
     def request(self, op: Op, fields: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> tuple[dict, list[int]]:
         with self.lock:
-            msg = self._send(op, fields, fds)
+            rid = self._send(op, fields, fds)
             while True:
                 reply, rfds = self._receive()
                 if reply.op is Op.EVENT:
                     _close(rfds)
                     continue
-                if reply.request_id != msg.request_id and reply.request_id != 0:
+                if reply.request_id != rid and reply.request_id != 0:
                     _close(rfds)
                     continue
                 if reply.op is Op.ERROR:
@@ -124,17 +124,17 @@ class _Channel:
         with self.lock:
             self._send(op, fields, ())
 
-    def _send(self, op: Op, fields: dict[str, Any], fds: list[int] | tuple[int, ...]) -> Message:
+    def _send(self, op: Op, fields: dict[str, Any], fds: list[int] | tuple[int, ...]) -> int:
+        """Send one request; its request id."""
         if self.sock is None:
             raise ClosedError("the session is closed")
-        msg = Message(op, self.conn.next_request_id(), fields, len(fds))
-        data = self.conn.send(msg)
+        rid, data = self.conn.request(op, fields, len(fds))
         try:
             send_frame(self.sock, data, fds)
         except OSError as e:
             self._raise_parting_error()  # the broker may have said why it hung up (e.g. uid not allowed)
             raise BrokenError(f"lost the broker while sending {op.value}: {e.strerror}") from None
-        return msg
+        return rid
 
     def _raise_parting_error(self) -> None:
         assert self.sock is not None
@@ -418,8 +418,11 @@ class Session:
                 _close(fds)
                 self._close_handle(fields.get("handle"))
                 raise
-            handle = Handle(fields["handle"])
-            if not self._add_ref(handle.value):  # dup and keep the fds only for the first reference
+            value = fields["handle"]
+            # the reply names the handle asked for: the caller's Handle object serves (a new one costs ~1 us)
+            handle = handle_or_name if type(handle_or_name) is Handle and handle_or_name.value == value \
+                else Handle(value)
+            if not self._add_ref(value):  # dup and keep the fds only for the first reference
                 self._held[handle.value] = _Held(packed, _keep(fds))
         mutex = None
         try:

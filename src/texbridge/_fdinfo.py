@@ -55,6 +55,20 @@ def inspect_fd(fd: int) -> FdFacts:
     return FdFacts("other", st.st_size)
 
 
+def sealed_size(fd: int) -> int:
+    """The size of a size-sealed memfd (shrink and grow both sealed), or -1 for any other fd: what an importer
+    needs to map it without fear of SIGBUS, in two syscalls (inspect_fd's classification is not needed here)."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return -1
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+    except OSError:
+        return -1
+    return st.st_size if seals & _SIZE_SEALED == _SIZE_SEALED else -1
+
+
+_SIZE_SEALED = F_SEAL_SHRINK | F_SEAL_GROW
 _KCMP_FILE = 0
 _SYS_KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343}.get(os.uname().machine)
 

@@ -86,8 +86,10 @@ SCHEMA: dict[Op, dict[str, tuple[type, bool]]] = {
 FD_LIMITS: dict[Op, tuple[int, int]] = {Op.REGISTER: (1, MAX_FDS), Op.REPLY: (0, MAX_FDS)}
 _FD_RANGE = {op: FD_LIMITS.get(op, (0, 0)) for op in Op}
 _WIRE_NAME = {op: op.value for op in Op}  # Op.value is a descriptor lookup (~0.3 us); every frame needs it
-_REQUIRED = {op: tuple(k for k, (_, required) in schema.items() if required) for op, schema in SCHEMA.items()}
+_REQUIRED = {op: frozenset(k for k, (_, required) in schema.items() if required) for op, schema in SCHEMA.items()}
+_TYPES = {op: {k: typ for k, (typ, _) in schema.items()} for op, schema in SCHEMA.items()}  # field -> exact type
 _unpackb = msgpack.unpackb
+_packb = msgpack.packb
 _UNPACK_LIMITS = dict(raw=False, strict_map_key=True, max_bin_len=MAX_FRAME, max_str_len=MAX_FRAME,
                       max_array_len=4096, max_map_len=1024, max_ext_len=0)
 
@@ -117,6 +119,17 @@ def encode(msg: Message) -> bytes:
     return data
 
 
+def _encode_plain(op: Op, request_id: int, fields: dict[str, Any]) -> bytes:
+    """encode() for a frame without fds (no fd range to check: 0 is legal for every op)."""
+    try:
+        data = _packb([VERSION, request_id, _WIRE_NAME[op], fields, 0], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise LocalProtocolError(f"cannot encode {op.value}: {e}") from None
+    if len(data) > MAX_FRAME:
+        raise LocalProtocolError(f"{op.value} is {len(data)} bytes; frames are at most {MAX_FRAME}")
+    return data
+
+
 def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
     """Parse one received frame that arrived with `nfds` fds. Anything illegal is a RemoteProtocolError.
 
@@ -140,16 +153,17 @@ def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
     op = _OPS.get(op_name) if type(op_name) is str else None
     if op is None:
         raise RemoteProtocolError(f"unknown op {echo(op_name)}")
-    if type(fields) is not dict or (fields and not all(type(k) is str for k in fields)):
+    # strict_map_key leaves str or bytes keys: only a bytes key can be wrong (checked in C, no generator)
+    if type(fields) is not dict or bytes in map(type, fields):
         raise RemoteProtocolError("fields must be a map with string keys")
     if type(declared) is not int or declared != nfds:
         raise RemoteProtocolError(f"{op.value} declares {echo(declared)} fds but {nfds} arrived")
     lo, hi = _FD_RANGE[op]
     if not lo <= nfds <= hi:
         raise RemoteProtocolError(f"{op.value} carries {lo}..{hi} fds, not {nfds}")
-    schema = SCHEMA.get(op)
-    if schema is not None:
-        _check_schema(op, schema, fields)
+    types = _TYPES.get(op)
+    if types is not None:
+        _check_schema(op, types, fields)
     return Message(op, request_id, fields, nfds)
 
 
@@ -163,24 +177,28 @@ def peek_request_id(data: bytes) -> int:
         return 0
 
 
-def _check_schema(op: Op, schema: dict[str, tuple[type, bool]], fields: dict[str, Any]) -> None:
+def _check_schema(op: Op, types: dict[str, type], fields: dict[str, Any]) -> None:
     """A request's fields against its schema (replies and events have none: whoever asked checks them)."""
     for key, value in fields.items():
-        spec = schema.get(key)
-        if spec is None:
+        typ = types.get(key)
+        if typ is None:
             raise RemoteProtocolError(f"{op.value}: unknown field {echo(key)}")
-        typ = spec[0]
         if type(value) is not typ:  # msgpack yields exact types; a bool is not an int here
             raise RemoteProtocolError(f"{op.value}: field {key!r} must be {typ.__name__}")
-        if typ is str and len(value) > MAX_NAME * 8:
-            raise RemoteProtocolError(f"{op.value}: field {key!r} is too long")
-        if typ is dict and not _shallow(value, MAX_DEPTH):
+        if typ is str:
+            if len(value) > MAX_NAME * 8:
+                raise RemoteProtocolError(f"{op.value}: field {key!r} is too long")
+        elif typ is dict and not _shallow(value, MAX_DEPTH):
             raise RemoteProtocolError(f"{op.value}: field {key!r} nests deeper than {MAX_DEPTH} levels")
-    missing = [k for k in _REQUIRED[op] if k not in fields]
-    if missing:
+    required = _REQUIRED[op]
+    if required and not fields.keys() >= required:
+        missing = sorted(required - fields.keys())
         raise RemoteProtocolError(f"{op.value}: missing field(s) {', '.join(missing)}")
-    if op in (Op.OPEN, Op.INFO) and ("handle" in fields) == ("name" in fields):
+    if op in _ONE_TARGET and ("handle" in fields) == ("name" in fields):
         raise RemoteProtocolError(f"{op.value}: give exactly one of handle or name")
+
+
+_ONE_TARGET = frozenset({Op.OPEN, Op.INFO})
 
 
 def _shallow(obj: object, limit: int) -> bool:
@@ -230,6 +248,16 @@ class Connection:
         elif msg.op not in RESPONSES:
             raise RemoteProtocolError(f"the broker sent a request ({msg.op.value})")
         return msg
+
+    def request(self, op: Op, fields: dict[str, Any], nfds: int = 0) -> tuple[int, bytes]:
+        """Client side: (request id, frame) for a new request; the same checks as send(), without building a
+        Message (every open and close passes here)."""
+        if op not in self._allowed:
+            raise LocalProtocolError(f"{op.value} is not allowed while {self.state.value}")
+        self._advance(op)
+        rid = self._next_id
+        self._next_id = rid + 1
+        return rid, encode(Message(op, rid, fields, nfds)) if nfds else _encode_plain(op, rid, fields)
 
     def send(self, msg: Message) -> bytes:
         if not self.broker_side:

@@ -16,6 +16,7 @@ _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * 4 * 4)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # plain ints: IntFlag arithmetic costs µs per frame
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+_SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
 # Spinning keeps a request/reply exchange on cores that are already awake: on a VM, waking an idle vCPU costs tens
 # of microseconds, more than the whole exchange. Only where there is a second core to spin on.
 SPIN_SECONDS = float(os.environ.get("TEXBRIDGE_SPIN_US", "500")) / 1e6 if (os.cpu_count() or 1) > 1 else 0.0
@@ -91,9 +92,10 @@ def recv_frame_spinning(sock: socket.socket, spin: SpinPolicy = SPIN) -> tuple[b
 
 def send_frame(sock: socket.socket, data: bytes, fds: Iterable[int] = ()) -> None:
     """Send one frame; the kernel installs copies of `fds` in the receiver (the caller keeps its own)."""
-    fds = list(fds)
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    sock.sendmsg([data], anc)
+    if fds:
+        sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())])
+    else:
+        sock.send(data)
 
 
 def close_fds(fds: Iterable[int]) -> None:

@@ -12,7 +12,7 @@ from .._d3d11 import d3d11_texture_desc
 from .._descriptor import FD_MEMORY, Descriptor, Usage, check_buffer_size, texture_layout
 from .._errors import InvalidDescriptor
 from .._formats import get_format
-from .._fdinfo import inspect_fd
+from .._fdinfo import sealed_size
 from .._memory_types import check_importer
 from .._sharedmem import SharedMapping, create_sealed
 from .._resources import Resource
@@ -95,8 +95,7 @@ class MemfdBackend:
             _no_options(options)
             check_importer(descriptor.memory, "memfd", "GPU memory has no CPU mapping: open it with one of those "
                            "and call .download() for a NumPy copy")
-            facts = inspect_fd(fd)
-            if not facts.size_sealed or facts.size < descriptor.required_size():
+            if sealed_size(fd) < descriptor.required_size():
                 raise InvalidDescriptor("memory is not a size-sealed memfd large enough for its descriptor")
             res = MemfdResource(descriptor, fd)
             owned.take(FD_MEMORY)  # the resource's now
