@@ -46,6 +46,11 @@ class Usage(enum.IntFlag):
     DEFAULT = SHADER_READ | RENDER_TARGET | TRANSFER_SRC | TRANSFER_DST | CPU_READ | CPU_WRITE
 
 
+_MUTEX_ONLY = (FD_MUTEX,)
+_ROLES = {(sync, mutex): (FD_MEMORY,) + (FD_SEMAPHORE,) * sync + (FD_MUTEX,) * mutex  # built once: every open asks
+          for sync in (False, True) for mutex in (False, True)}
+
+
 @dataclass(frozen=True, slots=True)
 class Descriptor:
     """What a resource is. Immutable; `validate()` is called by every constructor path that takes outside data."""
@@ -73,8 +78,8 @@ class Descriptor:
         """The fds that travel with this descriptor, in order: the memory, the GPU semaphore (gpu_sync), the keyed
         mutex state last (keyed_mutex). A keyed_mutex resource's memory is its state: one fd, FD_MUTEX."""
         if self.kind == "keyed_mutex":
-            return (FD_MUTEX,)
-        return (FD_MEMORY,) + (FD_SEMAPHORE,) * bool(self.gpu_sync) + (FD_MUTEX,) * bool(self.keyed_mutex)
+            return _MUTEX_ONLY
+        return _ROLES[bool(self.gpu_sync), bool(self.keyed_mutex)]
 
     @property
     def nfds(self) -> int:

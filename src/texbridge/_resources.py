@@ -201,10 +201,14 @@ class Resource:
         try:
             if mutex is not None:
                 mutex.close()
-            self._release()
         finally:
-            if holder is not None and handle is not None:
-                holder._drop(self, handle)
+            try:
+                # The broker reference goes first: our mappings keep the memory alive whatever the broker does,
+                # and the broker's CLOSE work then overlaps the unmapping here instead of delaying our next request.
+                if holder is not None and handle is not None:
+                    holder._drop(self, handle)
+            finally:
+                self._release()
 
     def __enter__(self) -> "Resource":
         return self

@@ -207,6 +207,11 @@ class FdStore:
         for k in [k for k in self._keepers if k.exited()]:
             self._bury(k)
 
+    @property
+    def lost(self) -> bool:
+        """Whether take_lost() has tokens to give (cheap: asked after every request)."""
+        return bool(self._lost)
+
     def take_lost(self) -> list[int]:
         """Tokens whose fds died with their keeper since the last call: the server retires their resources."""
         lost, self._lost = self._lost, []

@@ -146,6 +146,8 @@ class Registry:
         self.names: dict[str, int] = {}
         self.clients: dict[int, Client] = {}
         self.watchers: set[int] = set()  # client ids: events cost nothing when nobody watches
+        # bound handlers by op, built once: every request is dispatched through this
+        self._dispatch = {op: getattr(self, name) for op, name in _HANDLERS.items() if hasattr(self, name)}
         self.counters = {"requests": 0, "errors": 0, "registered": 0, "opened": 0, "retired": 0}
         self.error_codes: collections.Counter[str] = collections.Counter()
         self.last_errors: collections.deque[list] = collections.deque(maxlen=LAST_ERRORS)
@@ -214,11 +216,11 @@ class Registry:
         try:
             if client is None:
                 raise AccessDenied("not connected")
-            method = getattr(self, _HANDLERS[msg.op], None)
+            method = self._dispatch.get(msg.op)
             if method is None:
                 raise RemoteProtocolError(f"{msg.op.value} is not a request")
             kept = method(client, msg, fd_list, fx)
-            if not kept:
+            if fd_list and not kept:
                 fx.close.extend(fd for fd, _ in fd_list)
         except TexbridgeError as e:
             self.count_error(e, msg.op.value, client_id)

@@ -36,6 +36,7 @@ _MAX_QUEUE = 1024  # frames queued to a client that does not read; past this it 
 _UCRED = struct.Struct("3i")
 _KEEPER_CHECK = 0.5  # seconds between checks that the fd keepers are alive
 _REFUSED_EXTRA = 16  # connections over a uid's limit still answered (with the refusal) before they are just closed
+_BYE = Op.BYE  # a module constant: Op.BYE is an enum lookup on every frame
 _FD_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -385,7 +386,7 @@ class BrokerServer:
             fx = Effects()
             fx.error(peer.id, msg.request_id, TexbridgeError("internal broker error (see the broker log)"))
         self._apply(fx)
-        if msg.op is Op.BYE:
+        if msg.op is _BYE:
             peer.hangup = True
         return self._maybe_hangup(peer) or peer.id not in self.peers
 
@@ -397,6 +398,10 @@ class BrokerServer:
 
     # -- effects and sending --------------------------------------------------------------------------------------------
     def _apply(self, fx: Effects) -> None:
+        if not (fx.out or fx.close or fx.abandon or fx.shutdown):  # a quiet CLOSE that retired nothing
+            if self.store.lost:
+                self._retire_lost()
+            return
         for out in fx.out:
             peer = self.peers.get(out.client)
             if peer is None:

@@ -23,13 +23,14 @@ class OwnedFds:
 
     def __init__(self, fds: Sequence[int], roles: Sequence[str]) -> None:
         self._fds = list(fds)
-        self._roles = tuple(roles)
+        self._roles = roles if type(roles) is tuple else tuple(roles)
 
     @classmethod
     def for_import(cls, descriptor: Descriptor, fds: Sequence[int]) -> "OwnedFds":
         """What a backend's import_resource receives: the descriptor's fds up to the keyed mutex state, which the
         session keeps for itself."""
-        return cls(fds, [r for r in descriptor.fd_roles if r != FD_MUTEX])
+        roles = descriptor.fd_roles
+        return cls(fds, roles[:-1] if roles[-1] == FD_MUTEX else roles)
 
     def get(self, role: str) -> int:
         """The fd for `role`, still owned here; -1 when it did not come or was taken."""
