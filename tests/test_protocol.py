@@ -120,6 +120,36 @@ def test_decode_never_raises_anything_else(data, nfds):
         pass
 
 
+@pytest.mark.parametrize("garbage", [
+    frame(VERSION, 7, "list", {}, 0)[:-2],  # a frame cut inside an object: the decoder must not wait for the rest
+    frame(VERSION, 7, "list", {}, 0) + b"\x01",  # bytes after the object
+    b"\xc1",  # never valid msgpack
+    b"\x95\x01",  # an array header promising more
+    frame(VERSION, 7, "list", {}, 0) + frame(VERSION, 8, "list", {}, 0),  # two objects in one frame
+])
+def test_a_bad_frame_leaves_nothing_behind_for_the_next(garbage):
+    """A connection decodes with one long-lived msgpack Unpacker: whatever a bad frame left in it must not be read as
+    part of the next frame (a peer could otherwise splice frames or make every later frame fail)."""
+    broker = Connection(broker_side=True)
+    hello = frame(VERSION, 1, "hello", {"version": VERSION, "name": "t", "pid": 1}, 0)
+    assert broker.receive(hello, 0).op is Op.HELLO
+    for rid in (2, 3):
+        with pytest.raises(RemoteProtocolError):
+            broker.receive(garbage, 0)
+        got = broker.receive(frame(VERSION, rid, "open", {"handle": 5}, 0), 0)
+        assert (got.op, got.request_id, got.fields) == (Op.OPEN, rid, {"handle": 5})
+
+
+def test_encoding_failure_leaves_the_packer_clean():
+    """Each connection packs with one long-lived msgpack Packer: a message that cannot be encoded must not leave
+    half a frame in front of the next one."""
+    client = Connection(broker_side=False)
+    with pytest.raises(LocalProtocolError):
+        client.request(Op.HELLO, {"version": VERSION, "name": "t", "pid": 1, "x": [1, object()]})
+    rid, data = client.request(Op.LIST, {"offset": 0})
+    assert msgpack.unpackb(data) == [VERSION, rid, "list", {"offset": 0}, 0]
+
+
 @pytest.mark.parametrize("data, nfds", [
     (frame(True, 1, "list", {}, 0), 0),  # True == 1 in Python, not on the wire
     (frame(1.0, 1, "list", {}, 0), 0),

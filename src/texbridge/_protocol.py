@@ -124,7 +124,41 @@ def encode(msg: Message, pack: Callable[[Any], bytes] | None = None) -> bytes:
     return data
 
 
-def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
+class FrameUnpacker:
+    """msgpack.unpackb with the protocol's limits, minus parsing seven keyword arguments per frame (~0.5 us): one
+    msgpack Unpacker per connection, fed one whole frame at a time, and replaced after any frame it did not decode
+    exactly (garbage, a truncated object, bytes left over), so nothing of one frame can leak into the next."""
+
+    __slots__ = ("_unpacker", "_consumed")
+
+    def __init__(self) -> None:
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._unpacker = msgpack.Unpacker(**_UNPACK_LIMITS, max_buffer_size=MAX_FRAME)
+        self._consumed = 0
+
+    def __call__(self, data: bytes) -> Any:
+        unpacker = self._unpacker
+        try:
+            unpacker.feed(data)
+            obj = unpacker.unpack()
+        except BaseException:
+            self._fresh()
+            raise
+        self._consumed += len(data)
+        if unpacker.tell() != self._consumed:
+            self._fresh()
+            raise msgpack.ExtraData(obj, b"")
+        return obj
+
+
+def _unpack_once(data: bytes) -> Any:
+    return _unpackb(data, **_UNPACK_LIMITS)
+
+
+def decode(data: bytes, nfds: int, *, truncated: bool = False,
+           unpack: Callable[[bytes], Any] = _unpack_once) -> Message:
     """Parse one received frame that arrived with `nfds` fds. Anything illegal is a RemoteProtocolError.
 
     Every frame of every client passes here, so the checks are written for speed (`type(x) is int`: msgpack yields
@@ -134,7 +168,7 @@ def decode(data: bytes, nfds: int, *, truncated: bool = False) -> Message:
     if not data:
         raise RemoteProtocolError("empty frame")
     try:
-        obj = _unpackb(data, **_UNPACK_LIMITS)
+        obj = unpack(data)
     except Exception as e:  # msgpack raises a zoo of types on garbage; all mean the same thing here
         raise RemoteProtocolError(f"undecodable frame: {type(e).__name__}") from None
     if type(obj) is not list or len(obj) != 5:
@@ -224,6 +258,7 @@ class Connection:
         self.broker_side = broker_side
         self._next_id = 1
         self._pack = msgpack.Packer(use_bin_type=True).pack  # one per connection: used under its owner's lock
+        self._unpack = FrameUnpacker()
         self._set(State.AWAITING_HELLO)
 
     def _set(self, state: State) -> None:
@@ -235,7 +270,7 @@ class Connection:
         return rid
 
     def receive(self, data: bytes, nfds: int, *, truncated: bool = False) -> Message:
-        msg = decode(data, nfds, truncated=truncated)
+        msg = decode(data, nfds, truncated=truncated, unpack=self._unpack)
         if self.broker_side:
             if msg.op not in self._allowed:
                 raise RemoteProtocolError(f"{msg.op.value} is not allowed while {self.state.value}")
