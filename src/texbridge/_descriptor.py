@@ -95,9 +95,13 @@ class Descriptor:
 
     def required_size(self) -> int:
         """Bytes the memory must have for every CPU-visible byte the descriptor promises (memfd layouts)."""
-        if self.kind == "texture2d" and self.planes:
-            return max(off + pitch * self.height * self.array_size for off, pitch in self.planes)
-        return self.size
+        planes = self.planes
+        if self.kind != "texture2d" or not planes:
+            return self.size
+        if len(planes) == 1:  # every open of a memfd texture asks: no generator for the common case
+            off, pitch = planes[0]
+            return off + pitch * self.height * self.array_size
+        return max(off + pitch * self.height * self.array_size for off, pitch in planes)
 
     def validate(self) -> "Descriptor":
         _check(self.kind in KINDS, f"kind must be one of {KINDS}, not {echo(self.kind)}")

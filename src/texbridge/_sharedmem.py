@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import mmap
 import os
 
@@ -36,6 +37,13 @@ def map_fd(fd: int, size: int) -> mmap.mmap:
 
     Only for short-lived internal mappings closed by their user; anything that hands out views uses SharedMapping."""
     return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+@functools.cache
+def _ndarray():  # -> np.ndarray: NumPy is imported by users of views only (the broker never needs it)
+    import numpy as np
+
+    return np.ndarray
 
 
 class SharedMapping:
@@ -73,12 +81,12 @@ class SharedMapping:
     def array(self, shape: tuple[int, ...], dtype: object, offset: int = 0,
               strides: tuple[int, ...] | None = None):  # -> np.ndarray (NumPy is imported only by users of views)
         """A NumPy view whose .base keeps the mapping alive."""
-        import numpy as np
-
-        m = self._check()
+        m = self._mmap
+        if m is None:
+            self._check()  # raises ClosedError
         if self._owner is None:
             self._owner = (ctypes.c_char * self.size).from_buffer(m)
-        return np.ndarray(shape, dtype, buffer=self._owner, offset=offset, strides=strides)
+        return _ndarray()(shape, dtype, buffer=self._owner, offset=offset, strides=strides)
 
     def close(self) -> None:
         """Drop texbridge's references. Idempotent; never fails because views are alive."""

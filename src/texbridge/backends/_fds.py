@@ -34,16 +34,20 @@ class OwnedFds:
 
     def get(self, role: str) -> int:
         """The fd for `role`, still owned here; -1 when it did not come or was taken."""
-        i = self._roles.index(role) if role in self._roles else len(self._fds)
-        return self._fds[i] if i < len(self._fds) else -1
+        roles, fds = self._roles, self._fds
+        for i in range(min(len(roles), len(fds))):
+            if roles[i] == role:
+                return fds[i]
+        return -1
 
     def take(self, *roles: str) -> list[int]:
         """Hand over the fds for `roles` (those that came, in role order): the caller owns them from here on."""
         taken = []
-        for i, role in enumerate(self._roles[:len(self._fds)]):
-            if role in roles and self._fds[i] >= 0:
-                taken.append(self._fds[i])
-                self._fds[i] = -1
+        fds = self._fds
+        for i in range(min(len(self._roles), len(fds))):
+            if self._roles[i] in roles and fds[i] >= 0:
+                taken.append(fds[i])
+                fds[i] = -1
         return taken
 
     def take_one(self, role: str) -> int:
@@ -53,9 +57,10 @@ class OwnedFds:
 
     def close(self) -> None:
         """Close every fd not taken (idempotent)."""
-        fds, self._fds = self._fds, [-1] * len(self._fds)
-        for fd in fds:
+        fds = self._fds
+        for i, fd in enumerate(fds):
             if fd >= 0:
+                fds[i] = -1
                 os.close(fd)
 
     def __enter__(self) -> "OwnedFds":
