@@ -19,7 +19,10 @@ from .._fdinfo import inspect_fd, never_gpu
 
 
 class OwnedFds:
-    """fds by role (`Descriptor.fd_roles` order); fds past the roles are owned too, and only ever closed."""
+    """fds by role (`Descriptor.fd_roles` order); fds past the roles are owned too, and only ever closed.
+    (Every open passes here twice, the session's and the backend's: the methods are written for one or two fds.)"""
+
+    __slots__ = ("_fds", "_roles")
 
     def __init__(self, fds: Sequence[int], roles: Sequence[str]) -> None:
         self._fds = list(fds)
@@ -34,18 +37,21 @@ class OwnedFds:
 
     def get(self, role: str) -> int:
         """The fd for `role`, still owned here; -1 when it did not come or was taken."""
-        roles, fds = self._roles, self._fds
-        for i in range(min(len(roles), len(fds))):
-            if roles[i] == role:
-                return fds[i]
+        fds = self._fds
+        for i, r in enumerate(self._roles):
+            if r == role:
+                return fds[i] if i < len(fds) else -1
         return -1
 
     def take(self, *roles: str) -> list[int]:
         """Hand over the fds for `roles` (those that came, in role order): the caller owns them from here on."""
         taken = []
         fds = self._fds
-        for i in range(min(len(self._roles), len(fds))):
-            if self._roles[i] in roles and fds[i] >= 0:
+        n = len(fds)
+        for i, r in enumerate(self._roles):
+            if i >= n:
+                break
+            if r in roles and fds[i] >= 0:
                 taken.append(fds[i])
                 fds[i] = -1
         return taken
@@ -58,6 +64,8 @@ class OwnedFds:
     def close(self) -> None:
         """Close every fd not taken (idempotent)."""
         fds = self._fds
+        if max(fds, default=-1) < 0:  # the common case: every fd was taken
+            return
         for i, fd in enumerate(fds):
             if fd >= 0:
                 fds[i] = -1
