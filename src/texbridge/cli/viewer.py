@@ -241,8 +241,12 @@ class Viewer:
             GL.glBindTexture(GL.GL_TEXTURE_2D, t)
             GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_MIN_FILTER, GL.GL_NEAREST)
             GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_MAG_FILTER, GL.GL_NEAREST)
+            GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_WRAP_S, GL.GL_CLAMP_TO_EDGE)  # the scaled quad's edges
+            GL.glTexParameteri(GL.GL_TEXTURE_2D, GL.GL_TEXTURE_WRAP_T, GL.GL_CLAMP_TO_EDGE)
+        GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
         self.tex_shape: tuple[int, int] | None = None
         self.tex_bgra = False  # the texture's byte order (see _upload)
+        self._row_length = 0  # GL_UNPACK_ROW_LENGTH as set (GL calls cost ~10 us each from Python: only changes)
         self.text_shape = (0, 0)
         self.text_key: tuple[Any, ...] = ()
         self.text_at = 0.0
@@ -384,12 +388,15 @@ class Viewer:
             self._storage(self.tex, self.fbo, w, h, order)
             self.tex_shape, self.tex_bgra = (w, h), order
         GL.glBindTexture(GL.GL_TEXTURE_2D, self.tex)
-        GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
-        GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, row if row != w else 0)
+        self._unpack_row_length(row if row != w else 0)
         src = GL.GL_BGRA if bgra else GL.GL_RGBA
         GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, src, GL.GL_UNSIGNED_BYTE, base)
-        GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, 0)
         self._dirty = True
+
+    def _unpack_row_length(self, row: int) -> None:
+        if row != self._row_length:
+            self.GL.glPixelStorei(self.GL.GL_UNPACK_ROW_LENGTH, row)
+            self._row_length = row
 
     def _storage(self, tex: int, fbo: int, w: int, h: int, bgra: bool) -> None:
         """(Re)allocate `tex` at w x h, in B, G, R, A byte order or R, G, B, A, and attach it to `fbo`, the blit's
@@ -446,7 +453,7 @@ class Viewer:
                 self._storage(self.text_tex, self.text_fbo, img.shape[1], img.shape[0], True)  # always 1:1
                 self.text_shape = (img.shape[1], img.shape[0])
             GL.glBindTexture(GL.GL_TEXTURE_2D, self.text_tex)
-            GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
+            self._unpack_row_length(0)
             GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, img.shape[1], img.shape[0], GL.GL_RGBA,
                                GL.GL_UNSIGNED_BYTE, img)
         return bar, scale
@@ -457,9 +464,8 @@ class Viewer:
         GL = self.GL
         fh = self.fb_size[1]
         x0, y0, x1, y1 = rect
-        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, fbo)
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, fbo)  # left bound: screenshot() reads the window's again
         GL.glBlitFramebuffer(0, 0, size[0], size[1], x0, fh - y0, x1, fh - y1, GL.GL_COLOR_BUFFER_BIT, GL.GL_NEAREST)
-        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, 0)
 
     def _clear_around(self, rect: tuple[int, int, int, int] | None, top: int) -> None:
         """Clear the window below `top` except `rect` (y down): nothing at all when the image fills it, as a 1:1
@@ -484,14 +490,13 @@ class Viewer:
     def draw(self) -> None:
         GL = self.GL
         fw, fh = self.fb_size
-        GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, 0)
-        GL.glViewport(0, 0, fw, fh)
         image = self.tex_shape if self.tex_shape and self.receiver.connected else None
         bar, rect, one_to_one = self._layout_for(image)
         self._clear_around(rect, bar)
         if rect is not None and one_to_one:
             self._blit(self.fbo, image, rect)  # type: ignore[arg-type]
         elif rect is not None:  # scaled: a quad, cheaper than a scaling blit on llvmpipe (measured)
+            GL.glViewport(0, 0, fw, fh)
             GL.glMatrixMode(GL.GL_PROJECTION)
             GL.glLoadIdentity()
             GL.glOrtho(0, fw, fh, 0, -1, 1)
@@ -542,6 +547,7 @@ class Viewer:
         GL = self.GL
         fw, fh = self.glfw.get_framebuffer_size(self.window)
         GL.glPixelStorei(GL.GL_PACK_ALIGNMENT, 1)
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, 0)
         GL.glReadBuffer(GL.GL_BACK)
         raw = GL.glReadPixels(0, 0, fw, fh, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE)
         return np.frombuffer(raw, np.uint8).reshape(fh, fw, 4)[::-1].copy()
