@@ -349,10 +349,11 @@ def test_cadence_spins_only_around_a_periodic_streams_next_frame(monkeypatch):
     """The exporter and the importer spin only inside a window around a periodic stream's next frame (sleeping
     otherwise): centred on the frame's due time mapped to our clock by the fastest transit, no wider than
     SPIN_SHARE of the period, and none for an irregular or late stream, nor without a core to spare."""
-    from texbridge.bridge import _engine
-    from texbridge.bridge._engine import SPIN_MAX_S, SPIN_MIN_S, SPIN_SHARE, _Cadence
+    from texbridge.bridge import _link
+    from texbridge.bridge._link import SPIN_MAX_S, SPIN_MIN_S, SPIN_SHARE
+    from texbridge.bridge._link import Cadence as _Cadence
 
-    monkeypatch.setattr(_engine, "SPIN_WINDOWS", True)
+    monkeypatch.setattr(_link, "SPIN_WINDOWS", True)
 
     c = _Cadence()
     offset = 1000.0  # the frames' own clock (a sender's wall clock) runs 1000 s ahead of ours
@@ -381,11 +382,11 @@ def test_cadence_spins_only_around_a_periodic_streams_next_frame(monkeypatch):
         fast.tick(at, at)                             # but stays within SPIN_SHARE of the period
     s, e = fast.window(0.0195)
     assert (e - s) / 2 <= SPIN_SHARE * 0.0011
-    monkeypatch.setattr(_engine, "SPIN_WINDOWS", False)  # 1-3 CPUs (or TEXBRIDGE_BRIDGE_SPIN=0): never
+    monkeypatch.setattr(_link, "SPIN_WINDOWS", False)  # 1-3 CPUs (or TEXBRIDGE_BRIDGE_SPIN=0): never
     assert fast.window(0.0195) is None
     for env, want in (("1", True), ("0", False)):
         monkeypatch.setenv("TEXBRIDGE_BRIDGE_SPIN", env)
-        assert _engine._spin_default() is want
+        assert _link._spin_default() is want
 
 
 def test_a_receiver_spinning_for_a_due_frame_takes_it(runtime):

@@ -42,8 +42,8 @@ from ..senders.frame import realtime_offset_ns
 from ..senders.receiver import Receiver
 from ..senders.sender import Sender
 from . import _wire
-from ._link import (FOLLOW_MIN_BYTES, MAX_STREAMS, Backoff, BridgeAuthError, BridgeError, BridgePeerError, Endpoint,
-                    FrameMeta, Link, StreamFormat, StreamReader, StreamWriter)
+from ._link import (FOLLOW_MIN_BYTES, MAX_STREAMS, Backoff, BridgeAuthError, BridgeError, BridgePeerError, Cadence,
+                    Endpoint, FrameMeta, Link, StreamFormat, StreamReader, StreamWriter)
 
 log = logging.getLogger("texbridge.bridge")
 
@@ -54,23 +54,6 @@ MAX_ERRORS = 8  # peer errors kept for status
 KM_HOT_S = 0.25  # after keyed-mutex traffic, poll local waiters every KM_HOT_POLL_S (else every 2 ms) for this long
 KM_HOT_POLL_S = 100e-6
 EXPORT_CHUNKS = 8  # a large frame is copied into the link in up to this many row bands, each announced with progress()
-SPIN_MIN_S, SPIN_MAX_S = 30e-6, 250e-6  # half-width of the spin window around a periodic stream's next frame ...
-SPIN_SHARE = 0.05  # ... and at most this share of its period (two windows per frame: ≤ 10 % of a core per thread)
-
-
-def _spin_default() -> bool:
-    """Spin windows need a core to spare: on a machine of 1-3 CPUs the spinner takes the core the sender or the
-    receiver needs (measured on 2 cores: slower, not faster). TEXBRIDGE_BRIDGE_SPIN=1/0 forces them on/off."""
-    forced = os.environ.get("TEXBRIDGE_BRIDGE_SPIN", "")
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        return len(os.sched_getaffinity(0)) >= 4
-    except (AttributeError, OSError):
-        return (os.cpu_count() or 1) >= 4
-
-
-SPIN_WINDOWS = _spin_default()
 EXPORT_BAND_BYTES = 512 * 1024  # ... of at least this many bytes: a smaller frame is one band (a band costs Python time)
 
 
@@ -140,50 +123,6 @@ class _Rate:
         return len(self.events) / span, sum(n for _, n in self.events) / span
 
 
-class _Cadence:
-    """When a periodic stream's next frame is due here, so the thread waiting for it sleeps until just before and
-    spins across it: a sleeper pays a scheduler wake-up per frame (tens of microseconds, more from a deep idle
-    state, the bulk of the bridge's added latency), a spinner none. The frames' own times (`event`: any clock with
-    a steady offset to ours, e.g. the sender's wall clock) give the period; the least recent transit (arrival -
-    event) maps them to our clock, so a frame seen late (from a sleep) does not drag the window late. No window for
-    an irregular stream (too few frames within ±50 % of the period) or a period over a second, nor on a machine
-    without a core to spare (SPIN_WINDOWS); the window is 2 x (SPIN_MIN_S + 3 x jitter + transit spread), capped
-    by SPIN_MAX_S and SPIN_SHARE of the period."""
-
-    __slots__ = ("last", "dt", "jitter", "regular", "transit")
-
-    def __init__(self) -> None:
-        self.last: float | None = None
-        self.dt = self.jitter = 0.0
-        self.regular = 0
-        self.transit: deque[float] = deque(maxlen=32)
-
-    def tick(self, event: float, arrival: float) -> None:
-        if self.last is not None:
-            d = event - self.last
-            if self.dt and 0.5 * self.dt < d < 1.5 * self.dt:
-                self.jitter += (abs(d - self.dt) - self.jitter) / 8
-                self.dt += (d - self.dt) / 8
-                self.regular += 1
-            else:  # the first interval, a pause, a skipped frame, a new rate: learn afresh
-                self.dt, self.jitter, self.regular = max(d, 0.0), 0.0, 0
-        self.last = event
-        self.transit.append(arrival - event)
-
-    def window(self, now: float) -> tuple[float, float] | None:
-        """(start, end) on time.monotonic() of the spin window around the next frame; None: just sleep."""
-        if not SPIN_WINDOWS or self.regular < 8 or self.last is None or not 0 < self.dt <= 1.0:
-            return None
-        transit = sorted(self.transit)
-        fastest = transit[0]
-        margin = min(SPIN_MAX_S, SPIN_SHARE * self.dt,
-                     SPIN_MIN_S + 3 * self.jitter + (transit[len(transit) // 2] - fastest))
-        due = self.last + self.dt + fastest
-        if now > due + margin:
-            return None  # late (skipped, or the sender paused): no spinning until it comes
-        return due - margin, due + margin
-
-
 @dataclass
 class _Export:
     """A local sender streamed to the peer (its own thread)."""
@@ -196,7 +135,7 @@ class _Export:
     stop: threading.Event = field(default_factory=threading.Event)
     rate: _Rate = field(default_factory=_Rate)
     latency_ns: deque = field(default_factory=lambda: deque(maxlen=256))  # sender commit -> stream commit
-    cadence: _Cadence = field(default_factory=_Cadence)
+    cadence: Cadence = field(default_factory=Cadence)
     error: str = ""
     refused: bool = False  # the peer refused the stream (limits): not retired, not restarted
 
@@ -214,7 +153,7 @@ class _Import:
     rate: _Rate = field(default_factory=_Rate)
     drops: int = 0
     latency_ns: deque = field(default_factory=lambda: deque(maxlen=256))  # sender's capture -> mirror commit
-    cadence: _Cadence = field(default_factory=_Cadence)
+    cadence: Cadence = field(default_factory=Cadence)
 
 
 @dataclass

@@ -50,6 +50,7 @@ from .._errors import InvalidArgument
 from . import _codec as C
 from ._link import (
     HEARTBEAT_S,
+    Cadence,
     MAX_STREAMS,
     PEER_TIMEOUT_S,
     BridgeAuthError,
@@ -506,10 +507,12 @@ class _OutStream:
                 self.damage = tuple(meta.damage) or None
             self.pending = (self.filling, meta)
             self.filling = None
+            now = time.monotonic()
+            link._out_cadence.tick(now, now)
             if not self.queued and not self.blocked:
                 self.queued = True
                 link._queue.append(self)
-                link._cond.notify()
+                link._notify_writer()
 
     def abort(self) -> None:
         with self.link._lock:
@@ -559,7 +562,7 @@ class _OutStream:
             if (self.pending is not None or self.rekey) and not self.queued:
                 self.queued = True
                 self.link._queue.append(self)
-                self.link._cond.notify()
+                self.link._notify_writer()
 
     def encode(self, buf: np.ndarray, meta: FrameMeta, damage: tuple | None, key: bool,
                codec: int) -> list[Any]:
@@ -679,7 +682,13 @@ class TcpLink:
         self._peer_label = peer.label
         self._describe = describe
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        # work for the writer thread (a frame, a control message, an ack, death): a word it sleeps on GIL-free,
+        # bumped and futex-woken under the lock by whoever queues; it spins on it across the next frame of a
+        # periodic sender (`_out_cadence`, ticked at each commit) instead of paying a wake-up per frame
+        self._wbell = np.zeros(8, np.uint8)
+        self._wbellw = self._wbell.view(np.uint64)
+        self._wbell_n = itertools.count(1)
+        self._out_cadence = Cadence()
         self._queue: collections.deque[Any] = collections.deque()  # _OutStream tokens and bytes (control)
         self._ctrl_queued = 0
         self._inbox: collections.deque[dict[str, Any]] = collections.deque()
@@ -733,7 +742,7 @@ class TcpLink:
                 raise err
             self._ctrl_queued += 1
             self._queue.append(data)
-            self._cond.notify()
+            self._notify_writer()
 
     def receive(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -763,7 +772,7 @@ class TcpLink:
                 old.closed = True
             self._in[stream] = r
             self._queue.append(("ask-key", stream))  # ask for a keyframe: we have no base for deltas
-            self._cond.notify()
+            self._notify_writer()
         return r
 
     def wait(self, timeout: float, spin: float = 0.0) -> None:
@@ -775,6 +784,11 @@ class TcpLink:
     def _ring(self) -> None:
         self._bellw[0] = next(self._bell_n)
         _core.wake_word(self._bell, 0)
+
+    def _notify_writer(self) -> None:
+        """Work for the writer thread (the caller holds the lock, as it queued the work under it)."""
+        self._wbellw[0] = next(self._wbell_n)
+        _core.wake_word(self._wbell, 0)
 
     def stats(self) -> LinkStats:
         with self._lock:
@@ -788,7 +802,7 @@ class TcpLink:
                 return
             self._closed = True
             self._stats.alive = False
-            self._cond.notify_all()
+            self._notify_writer()
         self._shutdown()
         for t in (self._reader, self._writer):
             if t is not threading.current_thread():
@@ -822,7 +836,7 @@ class TcpLink:
             self._stats.alive = False
             self._stats.errors = (self._stats.errors + [str(err)])[-_ERRORS_KEPT:]
             log.warning("bridge link to %r died: %s", self._peer_label, err)
-            self._cond.notify_all()
+            self._notify_writer()
             self._shutdown()
         self._ring()
 
@@ -842,8 +856,20 @@ class TcpLink:
         try:
             while True:
                 with self._lock:
-                    if not self._queue and self.alive:
-                        self._cond.wait(HEARTBEAT_S / 4)
+                    idle = not self._queue and self.alive
+                    if idle:
+                        seen = int(self._wbellw[0])  # read under the lock: work queued after this bumps it
+                        now = time.monotonic()
+                        timeout, spin = HEARTBEAT_S / 4, 0.0
+                        win = self._out_cadence.window(now)
+                        if win is not None:
+                            if now < win[0]:
+                                timeout = min(timeout, win[0] - now)
+                            else:
+                                spin = timeout = win[1] - now
+                if idle:
+                    _core.wait_word(self._wbell, 0, seen & 0xFFFFFFFF, timeout, spin)
+                with self._lock:
                     if not self.alive:
                         return
                     item = self._queue.popleft() if self._queue else None
@@ -914,14 +940,14 @@ class TcpLink:
                                 if not w.blocked:
                                     w.queued = True
                                     self._queue.append(w)
-                                    self._cond.notify()
+                                    self._notify_writer()
                 elif kind == C.FRAME:
                     stream = self._read_frame(length)
                     with self._lock:  # acknowledged (coalesced per stream, ahead of queued frames)
                         if stream not in self._acks:
                             self._acks[stream] = 0
                             self._queue.appendleft(("ack", stream))
-                            self._cond.notify()
+                            self._notify_writer()
                         self._acks[stream] += 1
                 elif kind == C.ACK:
                     stream, count = C.ACK_BODY.unpack(self._inp.read(8))
