@@ -162,19 +162,15 @@ class StreamFormat:
     width: int
     height: int
     format: str
+    row_bytes: int = field(init=False, repr=False, compare=False)  # computed once: read on every frame's path
+    nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        get_format(self.format)  # raises InvalidArgument for an unknown format
+        bpp = get_format(self.format).bytes_per_pixel  # raises InvalidArgument for an unknown format
         if not (0 < self.width <= MAX_DIMENSION and 0 < self.height <= MAX_DIMENSION):
             raise InvalidArgument(f"stream size {self.width}x{self.height} outside 1..{MAX_DIMENSION}")
-
-    @property
-    def row_bytes(self) -> int:
-        return self.width * get_format(self.format).bytes_per_pixel
-
-    @property
-    def nbytes(self) -> int:
-        return self.row_bytes * self.height
+        object.__setattr__(self, "row_bytes", self.width * bpp)
+        object.__setattr__(self, "nbytes", self.width * bpp * self.height)
 
 
 @dataclass(frozen=True, slots=True)
