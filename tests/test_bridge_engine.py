@@ -8,6 +8,7 @@ Real processes and transports: tests/test_bridge_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -197,34 +198,37 @@ def test_per_peer_stream_limit_refuses_extra_streams_not_the_session(pair):
         assert p.B.connected and p.B.disconnects == 0
 
 
-def test_a_peer_of_another_protocol_version_is_refused(runtime):
-    rv = Rendezvous(("future", "good"))
-    evil_end, good_end = rv.endpoints()
+@contextlib.contextmanager
+def against_raw_peer(peer: str, limits: BridgeLimits | None = None):
+    """A Bridge labelled "good" in its own thread, and the far end of its in-memory link for the test to speak the
+    wire protocol by hand: yields (rendezvous, the peer's endpoint, bridge, bridge thread, session)."""
+    rv = Rendezvous((peer, "good"))
+    peer_end, good_end = rv.endpoints()
     s = tb.connect()
-    bridge = Bridge(good_end, label="good", session=s, status_file=False)
+    bridge = Bridge(good_end, label="good", session=s, status_file=False,
+                    **({"limits": limits} if limits is not None else {}))
     th = threading.Thread(target=bridge.run, daemon=True)
     th.start()
     try:
-        link: MemLink = until(lambda: evil_end.establish(0.2), what="link")
-        link.send({"t": "hello", "v": _wire.VERSION + 1, "label": "future", "max_w": 64, "max_h": 64})
-        until(lambda: any("version" in e for e in bridge.errors), what="version refused")
-        assert not bridge.connected or not link.alive
+        yield rv, peer_end, bridge, th, s
     finally:
         bridge.stop()
         th.join(10)
         s.close()
 
 
+def test_a_peer_of_another_protocol_version_is_refused(runtime):
+    with against_raw_peer("future") as (_, evil_end, bridge, _, _):
+        link: MemLink = until(lambda: evil_end.establish(0.2), what="link")
+        link.send({"t": "hello", "v": _wire.VERSION + 1, "label": "future", "max_w": 64, "max_h": 64})
+        until(lambda: any("version" in e for e in bridge.errors), what="version refused")
+        assert not bridge.connected or not link.alive
+
+
 @pytest.mark.parametrize("garbage", [{"t": "announce", "s": 99}, {"t": "format", "s": 0, "to": 1, "w": 0, "h": 1,
                                                                    "fmt": "rgba8"}, ["not", "a", "map"]])
 def test_a_malformed_peer_costs_its_session_not_the_bridge(runtime, garbage):
-    rv = Rendezvous(("evil", "good"))
-    evil_end, good_end = rv.endpoints()
-    s = tb.connect()
-    bridge = Bridge(good_end, label="good", session=s, status_file=False)
-    th = threading.Thread(target=bridge.run, daemon=True)
-    th.start()
-    try:
+    with against_raw_peer("evil") as (_, evil_end, bridge, th, _):
         link: MemLink = until(lambda: evil_end.establish(0.2), what="link")
         link.send(_wire.hello("evil", 64, 64))
         link.send(garbage)
@@ -234,10 +238,6 @@ def test_a_malformed_peer_costs_its_session_not_the_bridge(runtime, garbage):
         link2 = until(lambda: evil_end.establish(0.2), what="a new session")  # the bridge serves on
         link2.send(_wire.hello("evil", 64, 64))
         until(lambda: bridge.connected, what="connected again")
-    finally:
-        bridge.stop()
-        th.join(10)
-        s.close()
 
 
 def test_timestamps_and_user_data_travel_with_their_frames(pair):
@@ -260,14 +260,8 @@ def test_timestamps_and_user_data_travel_with_their_frames(pair):
 def test_a_hostile_but_well_formed_peer_is_held_to_the_limits(runtime):
     """A peer that announces more and bigger streams than allowed, resizes streams it never announced, retires
     twice and wants keys of resources that do not exist costs refusals, never the bridge or unbounded state."""
-    rv = Rendezvous(("evil", "good"))
-    evil_end, good_end = rv.endpoints()
-    s = tb.connect()
     limits = BridgeLimits(max_streams=4, max_bytes=64 * 64 * 4 * 3, max_width=256, max_height=256)
-    bridge = Bridge(good_end, label="good", session=s, status_file=False, limits=limits)
-    th = threading.Thread(target=bridge.run, daemon=True)
-    th.start()
-    try:
+    with against_raw_peer("evil", limits) as (rv, evil_end, bridge, th, s):
         link: MemLink = until(lambda: evil_end.establish(0.2), what="link")
         link.send(_wire.hello("evil", 64, 64))
         for i in range(12):  # 12 announcements: only 3 fit the byte limit, the rest are refused
@@ -285,10 +279,6 @@ def test_a_hostile_but_well_formed_peer_is_held_to_the_limits(runtime):
         assert replies and {m["t"] for m in replies} == {"closed"}  # each refusal told, nothing else
         rv.cut()
         until(lambda: not {i.name for i in list_senders(s) if i.bridged == "evil"}, what="mirrors retired")
-    finally:
-        bridge.stop()
-        th.join(10)
-        s.close()
 
 
 def test_keyed_mutex_buffers_and_bare_mutexes_cross_and_content_follows_whoever_waits(pair):
