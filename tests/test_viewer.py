@@ -299,3 +299,50 @@ def test_the_bgra8_test_pattern_is_the_same_picture_in_bgra_order():
     TestPattern(160, 90, "x", bgra=True).render(7, bgra)
     np.testing.assert_array_equal(bgra, rgba[..., [2, 1, 0, 3]])
     assert not np.array_equal(bgra, rgba)
+
+
+@pytest.mark.parametrize("fmt", ["rgba8", "bgra8"])
+def test_the_1_to_1_draw_path_is_pixel_exact_on_a_headless_context(fmt):
+    """The viewer's 1:1 draw without a window, so it runs on any GL the project runs on (llvmpipe here, NVIDIA on the
+    GPU machine, where no X server exists): Viewer._storage's texture (unsized GL_RGBA given BGRA data), a pitched
+    upload as a receiver's slot gives it, Viewer._blit's y-flipped glBlitFramebuffer into a BGRA-ordered framebuffer
+    like a window's back buffer, read back top row first."""
+    import types
+
+    from texbridge.backends._glcontext import headless_context
+    from texbridge.cli.viewer import Viewer
+
+    try:
+        ctx = headless_context()
+    except texbridge.TexbridgeError as e:
+        pytest.skip(f"no headless EGL GL context: {e}")
+    ctx.enter()
+    from OpenGL import GL
+
+    w, h, pitch = 96, 40, 96 * 4 + 64
+    v = types.SimpleNamespace(GL=GL, fb_size=(w, h))
+    GL.glPixelStorei(GL.GL_UNPACK_ALIGNMENT, 1)
+    GL.glPixelStorei(GL.GL_PACK_ALIGNMENT, 1)
+    win_tex, tex = GL.glGenTextures(2)
+    win_fbo, fbo = GL.glGenFramebuffers(2)
+    try:
+        Viewer._storage(v, win_tex, win_fbo, w, h, True)  # the "window": B, G, R, A like an X back buffer
+        Viewer._storage(v, tex, fbo, w, h, True)  # 1:1: the image stored in the window's order
+        rows = np.random.default_rng(7).integers(0, 256, (h, pitch), np.uint8)
+        frame = np.lib.stride_tricks.as_strided(rows, (h, w, 4), (pitch, 4, 1))
+        GL.glBindTexture(GL.GL_TEXTURE_2D, tex)
+        GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, pitch // 4)
+        GL.glTexSubImage2D(GL.GL_TEXTURE_2D, 0, 0, 0, w, h, GL.GL_BGRA if fmt == "bgra8" else GL.GL_RGBA,
+                           GL.GL_UNSIGNED_BYTE, rows)
+        GL.glPixelStorei(GL.GL_UNPACK_ROW_LENGTH, 0)
+        GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, win_fbo)
+        Viewer._blit(v, fbo, (w, h), (0, 0, w, h))
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, win_fbo)
+        raw = GL.glReadPixels(0, 0, w, h, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE)
+    finally:
+        GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, 0)
+        GL.glDeleteFramebuffers(2, [win_fbo, fbo])
+        GL.glDeleteTextures([win_tex, tex])
+    shown = np.frombuffer(raw, np.uint8).reshape(h, w, 4)[::-1]
+    want = frame if fmt == "rgba8" else frame[..., [2, 1, 0, 3]]
+    assert np.array_equal(shown, want)
