@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from ._sharedmem import F_GET_SEALS, F_SEAL_GROW, F_SEAL_SHRINK
 
 
+_SIZE_SEALED = F_SEAL_SHRINK | F_SEAL_GROW  # the seals that make a memfd's size permanent (no SIGBUS on map)
+
+
 @dataclass(frozen=True, slots=True)
 class FdFacts:
     """What the broker learns about a received fd before the pure registry decides on it."""
@@ -24,7 +27,7 @@ class FdFacts:
 
     @property
     def size_sealed(self) -> bool:
-        return self.kind == "memfd" and self.seals & (F_SEAL_SHRINK | F_SEAL_GROW) == F_SEAL_SHRINK | F_SEAL_GROW
+        return self.kind == "memfd" and self.seals & _SIZE_SEALED == _SIZE_SEALED
 
 
 def inspect_fd(fd: int) -> FdFacts:
@@ -68,7 +71,6 @@ def sealed_size(fd: int) -> int:
     return st.st_size if seals & _SIZE_SEALED == _SIZE_SEALED else -1
 
 
-_SIZE_SEALED = F_SEAL_SHRINK | F_SEAL_GROW
 _S_IFMT, _S_IFREG = 0o170000, stat.S_IFREG
 _KCMP_FILE = 0
 _SYS_KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343}.get(os.uname().machine)
